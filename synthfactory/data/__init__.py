@@ -1,0 +1,65 @@
+"""Data sources: real images in, one ImageSet out (float32 [N, 1, H, W] in [-1, 1], int64
+labels, class names, a manifest with a SHA-256 per image, the files skipped and why).
+
+The data layer knows nothing of training, privacy or the run directory.
+"""
+
+from __future__ import annotations
+
+from ..recipe import DataConfig
+from .common import DataError, ImageSet, build_image_set
+from .dicom import read_dicom_folder
+from .folder import read_folder
+from .hf import read_hf
+from .npz import read_npz
+from .phantom import CLASSES as PHANTOM_CLASSES
+from .phantom import read_phantom
+
+__all__ = ["DataError", "ImageSet", "load_images", "PHANTOM_CLASSES"]
+
+_DICOM_MODALITY = {"mri": "MR", "ct": "CT", "us": "US"}
+
+
+def load_images(cfg: DataConfig, modality: str) -> ImageSet:
+    """Read the recipe's data source into an ImageSet. Raises DataError naming a data field."""
+    skipped: list[dict] = []
+    steps = ["pad to a centred square with black, resize (bilinear, antialiased)"]
+    if cfg.source == "phantom":
+        spec = cfg.phantom
+        train, held, names = read_phantom(modality, cfg.image_size, spec.n_train, spec.n_heldout, spec.seed)
+        steps.insert(0, "procedural phantom, generated in [0, 1] and scaled to [-1, 1]")
+    elif cfg.source == "npz":
+        train, held, names = read_npz(cfg.path, cfg.train_split, cfg.heldout_split)
+        steps.insert(0, "fixed scaling by bit depth to [-1, 1]")
+    elif cfg.source == "folder":
+        train, held, names, skipped = read_folder(
+            cfg.path, cfg.train_split, cfg.heldout_split, cfg.heldout_fraction, cfg.split_seed
+        )
+        steps.insert(0, "grayscale; fixed scaling by bit depth to [-1, 1]")
+    elif cfg.source == "hf":
+        train, held, names = read_hf(cfg.path, cfg.train_split, cfg.heldout_split)
+        steps.insert(0, "grayscale; fixed scaling by bit depth to [-1, 1]")
+    elif cfg.source == "dicom":
+        window = (cfg.ct_window.center, cfg.ct_window.width)
+        train, held, names, skipped = read_dicom_folder(
+            cfg.path,
+            cfg.labels_csv,
+            cfg.train_split,
+            cfg.heldout_split,
+            cfg.heldout_fraction,
+            cfg.split_seed,
+            _DICOM_MODALITY[modality],
+            window,
+            cfg.percentiles,
+        )
+        steps.insert(
+            0,
+            "DICOM modality transform (rescale slope/intercept or LUT); CT window "
+            f"centre {window[0]:g} HU, width {window[1]:g} HU; other modalities per-image "
+            f"percentiles {cfg.percentiles[0]:g}-{cfg.percentiles[1]:g}; MONOCHROME1 inverted; "
+            "colour to luma",
+        )
+    else:  # pragma: no cover - the recipe's Literal forbids it
+        raise DataError("source", f"unknown source {cfg.source}")
+    steps.append("no statistic computed over the data set: preprocessing spends no privacy budget")
+    return build_image_set(train, held, cfg.classes, names, cfg.image_size, skipped, steps)

@@ -1,0 +1,180 @@
+"""What every data source hands on: an ImageSet of float32 images in [-1, 1], labels, class
+names and a manifest with a SHA-256 per image.
+
+Preprocessing here is per image only (pad to a square, resize, fixed scaling). Nothing computes
+a statistic over the private set, so preprocessing spends no privacy budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class DataError(ValueError):
+    """The data does not match the recipe. `field` is the recipe field under `data.`."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass
+class RawSplit:
+    """Images of one split as a source read them: any size, already scaled to [-1, 1]."""
+
+    images: list[np.ndarray] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+
+    def add(self, image: np.ndarray, label: str, source: str) -> None:
+        self.images.append(image)
+        self.labels.append(label)
+        self.sources.append(source)
+
+
+@dataclass
+class ImageSet:
+    """The private training split and the held-out split, ready for every later stage."""
+
+    train_images: np.ndarray  # float32 [N, 1, H, W] in [-1, 1]
+    train_labels: np.ndarray  # int64 [N], indices into class_names
+    heldout_images: np.ndarray
+    heldout_labels: np.ndarray
+    class_names: list[str]
+    manifest: list[dict]  # one entry per image: split, index, label, sha256, source
+    skipped: list[dict] = field(default_factory=list)  # files a source could not read, and why
+    preprocessing: list[str] = field(default_factory=list)  # what was done to the pixels
+
+    def manifest_sha256(self) -> str:
+        """One hash for the whole manifest; it names the data without copying any image."""
+        lines = "\n".join(json.dumps(m, sort_keys=True) for m in self.manifest)
+        return hashlib.sha256(lines.encode()).hexdigest()
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train_images.shape[-1])
+
+
+def uint_to_unit_range(img: np.ndarray) -> np.ndarray:
+    """Fixed scaling of an unsigned integer image (8 or 16 bit) to [-1, 1]."""
+    top = 65535.0 if img.dtype == np.uint16 else 255.0
+    return (img.astype(np.float32) / top) * 2.0 - 1.0
+
+
+def to_grayscale(img: np.ndarray) -> np.ndarray:
+    """[H, W] or [H, W, C] → [H, W] by ITU-R 601 luma (alpha, if any, is dropped)."""
+    if img.ndim == 2:
+        return img
+    if img.ndim == 3 and img.shape[-1] in (3, 4):
+        rgb = img[..., :3].astype(np.float64)
+        return rgb @ np.array([0.299, 0.587, 0.114])
+    if img.ndim == 3 and img.shape[-1] == 1:
+        return img[..., 0]
+    raise ValueError(f"cannot make a grayscale image from shape {img.shape}")
+
+
+def pad_square_resize(images: list[np.ndarray], size: int) -> np.ndarray:
+    """Zero-pad each image (black, -1) to a centred square, then resize to size×size.
+
+    Keeps the aspect ratio. Images of equal shape are resized in one batched call
+    (bilinear with antialiasing, so downsampling does not alias).
+    """
+    out = np.empty((len(images), 1, size, size), dtype=np.float32)
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, img in enumerate(images):
+        by_shape.setdefault(img.shape, []).append(i)
+    for shape, idx in by_shape.items():
+        h, w = shape
+        side = max(h, w)
+        batch = torch.from_numpy(np.stack([images[i] for i in idx]).astype(np.float32))[:, None]
+        if h != w:
+            top, left = (side - h) // 2, (side - w) // 2
+            batch = F.pad(batch, (left, side - w - left, top, side - h - top), value=-1.0)
+        if side != size:
+            batch = F.interpolate(
+                batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )
+        out[idx] = batch.clamp_(-1.0, 1.0).numpy()
+    return out
+
+
+def image_sha256(image: np.ndarray) -> str:
+    """SHA-256 of one image exactly as the model sees it (float32, C order)."""
+    return hashlib.sha256(np.ascontiguousarray(image, dtype=np.float32).tobytes()).hexdigest()
+
+
+def build_image_set(
+    train: RawSplit,
+    heldout: RawSplit,
+    classes: list[str],
+    available: list[str],
+    size: int,
+    skipped: list[dict] | None = None,
+    preprocessing: list[str] | None = None,
+) -> ImageSet:
+    """Keep the recipe's classes (in the recipe's order), resize, label and hash every image."""
+    missing = [c for c in classes if c not in available]
+    if missing:
+        raise DataError("classes", f"{missing} not in the data, whose classes are {available}")
+    index = {name: i for i, name in enumerate(classes)}
+    arrays, labels, manifest = {}, {}, []
+    for split, raw in (("train", train), ("heldout", heldout)):
+        keep = [i for i, lab in enumerate(raw.labels) if lab in index]
+        if not keep:
+            raise DataError(
+                "train_split" if split == "train" else "heldout_split",
+                f"the {split} split holds no image of the classes {classes}",
+            )
+        arrays[split] = pad_square_resize([raw.images[i] for i in keep], size)
+        labels[split] = np.array([index[raw.labels[i]] for i in keep], dtype=np.int64)
+        for j, i in enumerate(keep):
+            manifest.append(
+                {
+                    "split": split,
+                    "index": j,
+                    "label": raw.labels[i],
+                    "sha256": image_sha256(arrays[split][j]),
+                    "source": raw.sources[i],
+                }
+            )
+    return ImageSet(
+        train_images=arrays["train"],
+        train_labels=labels["train"],
+        heldout_images=arrays["heldout"],
+        heldout_labels=labels["heldout"],
+        class_names=list(classes),
+        manifest=manifest,
+        skipped=list(skipped or []),
+        preprocessing=list(preprocessing or []),
+    )
+
+
+def split_by_fraction(
+    items: list[tuple[str, str]], fraction: float | None, seed: int, field_name: str
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Stratified random split of (item, label) pairs into (train, held-out).
+
+    Splitting happens per item (a file), so all frames of one file land on the same side.
+    """
+    if fraction is None:
+        raise DataError(
+            field_name,
+            "the data has no train/held-out folders or split column; set data.heldout_fraction to split it",
+        )
+    rng = np.random.default_rng(seed)
+    train, held = [], []
+    for label in sorted({lab for _, lab in items}):
+        group = [it for it in items if it[1] == label]
+        order = rng.permutation(len(group))
+        n_held = int(round(fraction * len(group)))
+        if len(group) >= 2:
+            n_held = min(max(n_held, 1), len(group) - 1)
+        for rank, k in enumerate(order):
+            (held if rank < n_held else train).append(group[k])
+    return train, held

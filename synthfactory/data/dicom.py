@@ -1,0 +1,170 @@
+"""A folder of DICOM files, read with pydicom.
+
+Labels come from class subfolders (`path/<class>/...`, or `path/<split>/<class>/...`) or from a
+CSV with columns `file,label[,split]` (file paths relative to `path`). Pixels go through:
+
+1. decoding (pydicom; compressed transfer syntaxes through its plugins),
+2. PALETTE COLOR through the palette, colour (RGB, and YBR that pydicom decodes to RGB) to luma,
+3. the modality transform: RescaleSlope/RescaleIntercept (per frame for enhanced multi-frame
+   objects) or a Modality LUT,
+4. CT: the recipe's window (centre/width in HU) to [-1, 1]; MR, US and others: per-image
+   percentile scaling (no statistic over the data set, so no privacy budget is spent),
+5. MONOCHROME1 inverted so that bright always means high signal.
+
+Every frame of a multi-frame file becomes one image with the file's label; all frames of one
+file stay on the same side of the train/held-out split. A file that cannot be read is skipped
+and listed with the reason; reading goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_color_lut, apply_modality_lut
+
+from .common import DataError, RawSplit, split_by_fraction, to_grayscale
+
+
+class UnreadableDicom(Exception):
+    """A file that is not a usable DICOM image; the message is the reason recorded."""
+
+
+def _frame_rescale(ds: pydicom.Dataset, frame: int) -> tuple[float, float] | None:
+    """(slope, intercept) of one frame from the functional groups of an enhanced object."""
+    for seq_name, idx in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        seq = ds.get(seq_name)
+        if seq and len(seq) > idx:
+            pvt = seq[idx].get("PixelValueTransformationSequence")
+            if pvt and "RescaleSlope" in pvt[0] and "RescaleIntercept" in pvt[0]:
+                return float(pvt[0].RescaleSlope), float(pvt[0].RescaleIntercept)
+    return None
+
+
+def _modality_values(ds: pydicom.Dataset, frame_pixels: np.ndarray, frame: int) -> np.ndarray:
+    rescale = _frame_rescale(ds, frame)
+    if rescale is not None:
+        slope, intercept = rescale
+        return frame_pixels.astype(np.float64) * slope + intercept
+    return apply_modality_lut(frame_pixels, ds).astype(np.float64)
+
+
+def _to_unit_range(
+    values: np.ndarray, modality: str, window: tuple[float, float], percentiles: tuple[float, float]
+) -> np.ndarray:
+    if modality == "CT":
+        center, width = window
+        lo, hi = center - width / 2.0, center + width / 2.0
+    else:
+        lo, hi = np.percentile(values, percentiles)
+    if hi <= lo:
+        return np.full(values.shape, -1.0, dtype=np.float32)
+    return (np.clip((values - lo) / (hi - lo), 0.0, 1.0) * 2.0 - 1.0).astype(np.float32)
+
+
+def read_dicom_frames(
+    path: str | Path,
+    fallback_modality: str,
+    window: tuple[float, float],
+    percentiles: tuple[float, float],
+) -> list[np.ndarray]:
+    """All frames of one DICOM file as float32 [H, W] images in [-1, 1]."""
+    try:
+        ds = pydicom.dcmread(path)
+    except InvalidDicomError as e:
+        raise UnreadableDicom(f"not a DICOM file ({e})") from None
+    except Exception as e:  # truncated or corrupt files raise many kinds of errors
+        raise UnreadableDicom(f"cannot parse: {type(e).__name__}: {e}") from None
+    if "PixelData" not in ds:
+        raise UnreadableDicom("no pixel data (not an image object)")
+    try:
+        pixels = ds.pixel_array
+    except Exception as e:
+        raise UnreadableDicom(f"cannot decode pixels: {type(e).__name__}: {e}") from None
+
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if photometric == "PALETTE COLOR":
+        pixels = apply_color_lut(pixels, ds)
+    colour = pixels.ndim == (4 if n_frames > 1 else 3)
+    frames = pixels if n_frames > 1 else pixels[None]
+    modality = str(ds.get("Modality", "") or fallback_modality).upper()
+
+    out = []
+    for k, frame in enumerate(frames):
+        if colour:
+            # Colour pixels carry display values, not a modality quantity: no rescale or window.
+            values = to_grayscale(frame)
+            img = _to_unit_range(values, "OT", window, percentiles)
+        else:
+            values = _modality_values(ds, frame, k)
+            img = _to_unit_range(values, modality, window, percentiles)
+            if photometric == "MONOCHROME1":
+                img = -img
+        out.append(img)
+    return out
+
+
+def _labelled_files(root: Path, labels_csv: Path | None, train_split: str, heldout_split: str):
+    """([(file, label)] train, [(file, label)] held-out or None when a split is still needed)."""
+    if labels_csv is not None:
+        with open(labels_csv, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        if not rows or not {"file", "label"} <= set(rows[0]):
+            raise DataError("labels_csv", f"{labels_csv} needs the columns file,label[,split]")
+        has_split = "split" in rows[0]
+        items = [(str((root / r["file"]).resolve()), r["label"], r.get("split")) for r in rows]
+        if has_split:
+            train = [(f, lab) for f, lab, s in items if s == train_split]
+            held = [(f, lab) for f, lab, s in items if s == heldout_split]
+            return train, held
+        return [(f, lab) for f, lab, _ in items], None
+
+    def walk(base: Path) -> list[tuple[str, str]]:
+        found = []
+        for class_dir in sorted(p for p in base.iterdir() if p.is_dir()):
+            for f in sorted(class_dir.rglob("*")):
+                if f.is_file() and not f.name.startswith("."):
+                    found.append((str(f), class_dir.name))
+        return found
+
+    if (root / train_split).is_dir() and (root / heldout_split).is_dir():
+        return walk(root / train_split), walk(root / heldout_split)
+    return walk(root), None
+
+
+def read_dicom_folder(
+    root: Path,
+    labels_csv: Path | None,
+    train_split: str,
+    heldout_split: str,
+    heldout_fraction: float | None,
+    seed: int,
+    fallback_modality: str,
+    window: tuple[float, float],
+    percentiles: tuple[float, float],
+) -> tuple[RawSplit, RawSplit, list[str], list[dict]]:
+    train_items, held_items = _labelled_files(root, labels_csv, train_split, heldout_split)
+    if held_items is None:
+        train_items, held_items = split_by_fraction(train_items, heldout_fraction, seed, "heldout_fraction")
+    if not train_items:
+        raise DataError("path", f"no labelled files under {root}")
+    names = sorted({lab for _, lab in train_items + held_items})
+    skipped: list[dict] = []
+    splits = []
+    for items in (train_items, held_items):
+        raw = RawSplit()
+        for f, label in items:
+            try:
+                frames = read_dicom_frames(f, fallback_modality, window, percentiles)
+            except (UnreadableDicom, OSError) as e:
+                skipped.append({"file": f, "reason": str(e)})
+                continue
+            rel = Path(f).relative_to(root) if Path(f).is_relative_to(root) else Path(f)
+            for k, img in enumerate(frames):
+                raw.add(img, label, f"{rel}#frame{k}" if len(frames) > 1 else str(rel))
+        splits.append(raw)
+    return splits[0], splits[1], names, skipped

@@ -1,0 +1,60 @@
+"""A folder of PNG/JPEG images with one subfolder per class.
+
+Either `path/<train_split>/<class>/*` and `path/<heldout_split>/<class>/*`, or `path/<class>/*`
+split at random by `data.heldout_fraction`. Images become grayscale; 8- and 16-bit pixels are
+scaled to [-1, 1] by their bit depth. A file that cannot be decoded is skipped and listed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .common import DataError, RawSplit, split_by_fraction, uint_to_unit_range
+
+SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def _class_files(root: Path) -> list[tuple[str, str]]:
+    items = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for f in sorted(class_dir.rglob("*")):
+            if f.is_file() and f.suffix.lower() in SUFFIXES:
+                items.append((str(f), class_dir.name))
+    return items
+
+
+def read_image_file(path: str) -> np.ndarray:
+    with Image.open(path) as im:
+        if im.mode in ("I;16", "I;16B", "I;16L"):
+            return uint_to_unit_range(np.asarray(im, dtype=np.uint16))
+        if im.mode == "I":
+            return uint_to_unit_range(np.clip(np.asarray(im), 0, 65535).astype(np.uint16))
+        return uint_to_unit_range(np.asarray(im.convert("L"), dtype=np.uint8))
+
+
+def read_folder(
+    path: Path, train_split: str, heldout_split: str, heldout_fraction: float | None, seed: int
+) -> tuple[RawSplit, RawSplit, list[str], list[dict]]:
+    if (path / train_split).is_dir() and (path / heldout_split).is_dir():
+        train_items, held_items = _class_files(path / train_split), _class_files(path / heldout_split)
+    else:
+        train_items, held_items = split_by_fraction(
+            _class_files(path), heldout_fraction, seed, "heldout_fraction"
+        )
+    if not train_items:
+        raise DataError("path", f"no PNG/JPEG files in class subfolders under {path}")
+    names = sorted({lab for _, lab in train_items + held_items})
+    skipped: list[dict] = []
+    splits = []
+    for items in (train_items, held_items):
+        raw = RawSplit()
+        for f, label in items:
+            try:
+                raw.add(read_image_file(f), label, str(Path(f).relative_to(path)))
+            except (UnidentifiedImageError, OSError, ValueError) as e:
+                skipped.append({"file": f, "reason": f"{type(e).__name__}: {e}"})
+        splits.append(raw)
+    return splits[0], splits[1], names, skipped

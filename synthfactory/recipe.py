@@ -1,0 +1,292 @@
+"""Recipes: the YAML file a user writes, validated into typed pydantic models.
+
+This module is a leaf: it imports nothing else from synthfactory. It never touches image
+pixels and never writes a file. Every error names the recipe file and the dotted field.
+
+Paths *inside* a recipe that point at input data are resolved relative to the recipe file's
+own folder (so a recipe travels with its data); output locations are relative to the working
+directory the command runs in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SCHEMA_VERSION = 1
+
+
+class RecipeError(ValueError):
+    """A recipe is invalid. The message names the file and the field; nothing was written."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CTWindow(_Strict):
+    """CT display window in Hounsfield units, applied to DICOM CT before scaling to [-1, 1]."""
+
+    center: float = 40.0
+    width: float = Field(400.0, gt=0)
+
+
+class PhantomSpec(_Strict):
+    """Size and seed of the built-in procedural data set."""
+
+    n_train: int = Field(2000, ge=2)
+    n_heldout: int = Field(500, ge=2)
+    seed: int = 0
+
+
+class DataConfig(_Strict):
+    source: Literal["phantom", "npz", "folder", "dicom", "hf"]
+    path: Path | None = None
+    image_size: int = Field(ge=8, le=1024)
+    classes: list[str] = Field(min_length=1)
+    train_split: str = "train"
+    heldout_split: str = "test"
+    heldout_fraction: float | None = Field(None, gt=0, lt=1)
+    split_seed: int = 0
+    labels_csv: Path | None = None
+    ct_window: CTWindow = CTWindow()
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    phantom: PhantomSpec = PhantomSpec()
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError("classes: class names must be unique")
+        if self.source == "phantom":
+            if self.path is not None:
+                raise ValueError("path: the phantom source takes no path")
+        elif self.path is None:
+            raise ValueError(f"path: required for source '{self.source}'")
+        lo, hi = self.percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ValueError("percentiles: need 0 <= low < high <= 100")
+        if self.labels_csv is not None and self.source != "dicom":
+            raise ValueError("labels_csv: only the dicom source reads a label CSV")
+        return self
+
+
+class ModelConfig(_Strict):
+    """A class-conditional diffusers UNet2DModel and its DDPM noise schedule."""
+
+    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64], min_length=1, max_length=6)
+    layers_per_block: int = Field(1, ge=1, le=4)
+    attention: bool = True
+    norm_num_groups: int = Field(8, ge=1)
+    attention_head_dim: int = Field(8, ge=1)
+    num_train_timesteps: int = Field(1000, ge=10)
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        for width in self.block_out_channels:
+            if width % self.norm_num_groups:
+                raise ValueError(
+                    f"norm_num_groups: {self.norm_num_groups} does not divide block width {width}"
+                )
+            if width // self.norm_num_groups < 2:
+                # One channel per group makes GroupNorm an instance norm that subtracts the
+                # per-channel mean, which is exactly the time/class embedding added before it.
+                raise ValueError(
+                    f"norm_num_groups: {self.norm_num_groups} groups for width {width} leaves one "
+                    "channel per group, and GroupNorm would then erase the time and class "
+                    "conditioning; use fewer groups"
+                )
+        if self.attention and self.block_out_channels[-1] % self.attention_head_dim:
+            raise ValueError(
+                f"attention_head_dim: {self.attention_head_dim} does not divide the width "
+                f"{self.block_out_channels[-1]} of the attention level"
+            )
+        return self
+
+
+class TrainingConfig(_Strict):
+    steps: int | None = Field(None, ge=1)
+    epochs: float | None = Field(None, gt=0)
+    expected_batch_size: int = Field(ge=1)
+    learning_rate: float = Field(gt=0, le=1)
+    seed: int = 0
+    checkpoint_every: int = Field(50, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingConfig:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("steps: give exactly one of 'steps' or 'epochs'")
+        return self
+
+    def total_steps(self, n_train: int) -> int:
+        """Optimiser steps planned: `steps`, or `epochs` passes at sampling rate B/N."""
+        if self.steps is not None:
+            return self.steps
+        assert self.epochs is not None
+        return max(1, math.ceil(self.epochs * n_train / self.expected_batch_size))
+
+
+class PrivacyConfig(_Strict):
+    enabled: bool = True
+    target_epsilon: float | None = Field(None, gt=0)
+    delta: float | None = Field(None, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+    noise_seed: int | None = None
+    i_understand_this_is_not_private: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> PrivacyConfig:
+        if self.enabled:
+            if self.target_epsilon is None:
+                raise ValueError("target_epsilon: required when privacy is enabled")
+            if self.delta is None:
+                raise ValueError("delta: required when privacy is enabled")
+        elif not self.i_understand_this_is_not_private:
+            raise ValueError(
+                "enabled: training without differential privacy needs "
+                "'i_understand_this_is_not_private: true' as well"
+            )
+        return self
+
+
+class SamplingConfig(_Strict):
+    images_per_class: int = Field(ge=1)
+    ddim_steps: int = Field(50, ge=1, le=1000)
+    seed: int = 0
+    batch_size: int = Field(64, ge=1)
+
+
+class ThresholdRule(_Strict):
+    rule: Literal["heldout_percentile"] = "heldout_percentile"
+    percentile: float = Field(1.0, gt=0, le=100)
+
+
+class AuditConfig(_Strict):
+    threshold: ThresholdRule = ThresholdRule()
+    action: Literal["drop", "block"] = "drop"
+    block_size: int = Field(1024, ge=1)
+
+
+class OutputsConfig(_Strict):
+    formats: list[Literal["hf", "png"]] = Field(default_factory=lambda: ["hf"], min_length=1)
+    destination: Path = Path("runs")
+    audit_dir: Path = Path("privacy_audits")
+
+
+class Recipe(_Strict):
+    schema_version: Literal[1] = 1
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
+    description: str = ""
+    modality: Literal["mri", "ct", "us"]
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig
+    privacy: PrivacyConfig
+    sampling: SamplingConfig
+    audit: AuditConfig = AuditConfig()
+    outputs: OutputsConfig = OutputsConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        levels = len(self.model.block_out_channels)
+        factor = 2 ** (levels - 1)
+        if self.data.image_size % factor:
+            raise ValueError(
+                f"data.image_size: {self.data.image_size} is not divisible by {factor}, "
+                f"which {levels} UNet levels need"
+            )
+        return self
+
+    @property
+    def private(self) -> bool:
+        return self.privacy.enabled
+
+    def sha256(self) -> str:
+        """Hash of the validated recipe (canonical JSON), recorded in every report."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _field_name(loc: tuple[Any, ...], msg: str) -> tuple[str, str]:
+    """Dotted field path of a pydantic error; validator messages may name a sub-field first."""
+    parts = [str(p) for p in loc if not str(p).startswith("function-")]
+    prefix, sep, rest = msg.partition(": ")
+    if sep and prefix.replace("_", "").replace(".", "").isalnum() and " " not in prefix:
+        parts.append(prefix)
+        msg = rest
+    return ".".join(parts) or "<top level>", msg
+
+
+def _format_errors(path: Path, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        field, msg = _field_name(tuple(e["loc"]), msg)
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling and level)"
+        elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"{path}: {field}: {msg}")
+    return "\n".join(lines)
+
+
+def _resolve(base: Path, p: Path | None) -> Path | None:
+    if p is None:
+        return None
+    p = Path(os.path.expandvars(os.path.expanduser(str(p))))
+    return p if p.is_absolute() else (base / p).resolve()
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe; input paths come back absolute and checked to exist."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise RecipeError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: <top level>: a recipe is a YAML mapping of fields")
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(_format_errors(path, e)) from None
+
+    base = path.resolve().parent
+    data = recipe.data
+    resolved = {
+        "path": _resolve(base, data.path),
+        "labels_csv": _resolve(base, data.labels_csv),
+    }
+    for field, p in resolved.items():
+        if p is not None and not p.exists():
+            raise RecipeError(f"{path}: data.{field}: no such file or folder: {p}")
+    return recipe.model_copy(update={"data": data.model_copy(update=resolved)})
+
+
+def check_against_data(recipe: Recipe, recipe_path: str | Path, n_train: int) -> None:
+    """Checks that need the data (class names are checked by the data layer). Raises RecipeError."""
+    if n_train < 2:
+        raise RecipeError(f"{recipe_path}: data: the training split holds {n_train} images")
+    delta = recipe.privacy.delta
+    if recipe.privacy.enabled and delta is not None and delta >= 1 / n_train:
+        raise RecipeError(
+            f"{recipe_path}: privacy.delta: {delta:g} must be below 1/N = 1/{n_train} "
+            f"= {1 / n_train:.3g} (N = private training images); pick e.g. {0.1 / n_train:.1g}"
+        )
+    if recipe.training.expected_batch_size > n_train:
+        raise RecipeError(
+            f"{recipe_path}: training.expected_batch_size: {recipe.training.expected_batch_size} "
+            f"exceeds the {n_train} training images"
+        )
