@@ -1,0 +1,63 @@
+"""The generator: a class-conditional diffusers UNet2DModel and its DDPM noise schedule.
+
+Built from the recipe's `model` block and nothing else. No privacy code lives here: the model
+is a plain diffusers model that `privacy.py` wraps for DP-SGD and that `sample.py` drives with
+a DDIM scheduler derived from the same config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+
+from .recipe import ModelConfig
+
+
+def build_unet(cfg: ModelConfig, image_size: int, num_classes: int) -> UNet2DModel:
+    """A UNet with one down/up block per width; attention (if on) at the lowest resolution
+    level and in the middle block. Class conditioning through `num_class_embeds`."""
+    levels = len(cfg.block_out_channels)
+    attn = [cfg.attention and i == levels - 1 for i in range(levels)]
+    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn)
+    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
+    return UNet2DModel(
+        sample_size=image_size,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        down_block_types=down,
+        up_block_types=up,
+        add_attention=cfg.attention,
+        attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=cfg.norm_num_groups,
+        num_class_embeds=num_classes,
+    )
+
+
+def build_noise_scheduler(cfg: ModelConfig) -> DDPMScheduler:
+    """The training noise schedule; epsilon prediction."""
+    return DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_schedule=cfg.beta_schedule,
+        prediction_type="epsilon",
+        clip_sample=True,
+    )
+
+
+def sampling_scheduler(train_scheduler: DDPMScheduler) -> DDIMScheduler:
+    """DDIM over the same betas as training."""
+    return DDIMScheduler.from_config(train_scheduler.config)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_generator(checkpoint: Path) -> tuple[UNet2DModel, DDPMScheduler]:
+    """Model and scheduler from a checkpoint folder written by `train.py`."""
+    model = UNet2DModel.from_pretrained(checkpoint / "unet", low_cpu_mem_usage=False)
+    scheduler = DDPMScheduler.from_pretrained(checkpoint / "scheduler")
+    return model.eval(), scheduler

@@ -1,0 +1,157 @@
+"""DP-SGD with Opacus: per-example gradients, clipping, calibrated Gaussian noise, Poisson
+sampling, and the privacy accountant. ε is computed here and nowhere else.
+
+`make_private` wraps the caller's own model and optimizer (Opacus' GradSampleModule and
+DPOptimizer) and returns them with a Poisson sampler and an accountant attached to every
+optimizer step; `train.py` stays an ordinary PyTorch loop.
+
+Two traps this module handles (diffusers 0.42, Opacus 1.6):
+- diffusers' attention returns channels_last-strided tensors; Opacus' `hooks` mode unfolds
+  conv inputs as if contiguous and silently computes all-zero per-example gradients for the
+  convolutions that follow. Every Conv2d gets its input made contiguous first.
+- Poisson sampling yields empty batches; they still take an optimizer step (noise only), and
+  the accountant still counts them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import opacus
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import IAccountant, create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from opacus.validators import ModuleValidator
+
+ACCOUNTANTS = ("rdp", "prv")
+
+
+def _contiguous_inputs(module: torch.nn.Module, args: tuple) -> tuple:
+    return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def make_conv_inputs_contiguous(model: torch.nn.Module) -> list:
+    """Register a forward pre-hook on every Conv2d that makes its input contiguous.
+
+    Opacus' conv grad sampler reads the activation its forward hook captured; with this
+    pre-hook that activation is the contiguous tensor. Returns the hook handles.
+    """
+    return [
+        m.register_forward_pre_hook(_contiguous_inputs)
+        for m in model.modules()
+        if isinstance(m, torch.nn.Conv2d)
+    ]
+
+
+def calibrate_noise(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
+) -> float:
+    """Smallest noise multiplier σ (to 0.01 in ε) whose ε after `steps` steps is ≤ target."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+                epsilon_tolerance=0.01,
+            )
+        )
+
+
+def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
+    """ε of an accountant history [(σ, q, steps), ...] at δ. 0 for an empty history."""
+    if not history or sum(h[2] for h in history) == 0:
+        return 0.0
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [tuple(h) for h in history]
+    with warnings.catch_warnings():
+        # RDP: the bound is valid, only possibly loose, when the best order is the largest.
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(acc.get_epsilon(delta=delta))
+
+
+@dataclass
+class PrivateTraining:
+    """What `make_private` hands back: the wrapped model and optimizer, the sampler that draws
+    each logical batch, and the accountant that counts every step."""
+
+    module: GradSampleModule
+    optimizer: DPOptimizer
+    accountant: IAccountant
+    sampler: UniformWithReplacementSampler
+    sample_rate: float
+    noise_multiplier: float
+    max_grad_norm: float
+
+    def epsilon(self, delta: float) -> float:
+        return epsilon_of(self.accountant.history, delta, self.accountant.mechanism())
+
+    def empty_step(self) -> None:
+        """A step on an empty Poisson batch: zero clipped sum plus noise, counted by the
+        accountant like any other step (skipping it would change the sampling mechanism)."""
+        for p in self.optimizer.params:
+            p.grad_sample = p.new_zeros((0, *p.shape))
+        self.optimizer.step()
+
+
+def make_private(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    n_train: int,
+    expected_batch_size: int,
+    steps: int,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    accountant: str,
+    sample_generator: torch.Generator,
+    noise_generator: torch.Generator,
+) -> PrivateTraining:
+    """Wrap `model` and `optimizer` for DP-SGD with sampling rate q = expected_batch_size / N.
+
+    Loss convention: the caller averages per-example losses over the batch it got
+    (`loss_reduction="mean"`); Opacus undoes that average per example and the optimizer divides
+    the clipped, noised sum by the *expected* batch size, as DP-SGD with Poisson sampling needs.
+    """
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}")
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise ValueError(f"model is not compatible with DP-SGD: {errors}")
+    sample_rate = expected_batch_size / n_train
+    make_conv_inputs_contiguous(model)
+    module = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
+    module.forbid_grad_accumulation()  # Poisson sampling: one backward per logical batch
+    dp_optimizer = DPOptimizer(
+        optimizer,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size,
+        loss_reduction="mean",
+        generator=noise_generator,
+    )
+    acc = create_accountant(mechanism=accountant)
+    dp_optimizer.attach_step_hook(acc.get_optimizer_hook_fn(sample_rate=sample_rate))
+    sampler = UniformWithReplacementSampler(
+        num_samples=n_train, sample_rate=sample_rate, generator=sample_generator, steps=steps
+    )
+    return PrivateTraining(
+        module=module,
+        optimizer=dp_optimizer,
+        accountant=acc,
+        sampler=sampler,
+        sample_rate=sample_rate,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+    )
+
+
+def opacus_version() -> str:
+    return opacus.__version__

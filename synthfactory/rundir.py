@@ -1,0 +1,148 @@
+"""The run directory: the one hand-off between stages, and the record a reviewer opens.
+
+    runs/<run id>/                    run id = <recipe name>[-NOT-PRIVATE]-<UTC time>-<4 hex>
+      recipe.yaml                     the validated recipe, input paths made absolute
+      run.json                        id, recipe hash, versions, stages done (and when)
+      data/manifest.jsonl             one line per real image: split, index, label, sha256, source
+      data/data_report.json           counts per split and class, skipped files and why,
+                                      preprocessing, manifest hash
+      checkpoints/train_state.pt      resumable training state (model, optimizer, accountant
+                                      history, RNG states, step); written atomically
+      checkpoints/final/unet/         diffusers UNet2DModel (save_pretrained)
+      checkpoints/final/scheduler/    diffusers DDPMScheduler (save_pretrained)
+      privacy.json                    ε spent (accountant, steps taken), δ, σ, q, steps, C, ...
+      train_log.jsonl                 step, batch size, loss (computed on private data: internal)
+      samples/samples.npz             uint8 images [M, H, W], labels, per-sample seeds
+      audit/audit.json                the memorization audit (same file as under privacy_audits/)
+      audit/nearest.npz               nearest training index and distance per sample,
+                                      held-out→train distances
+      release/ (release-NOT-PRIVATE/) dataset/ (datasets save_to_disk), png/<class>/*.png,
+                                      release.json (what was released and on what grounds)
+
+Everything in a run directory except `release/` is internal: it names private images by
+index and hash, and holds a model trained on them. Only `release/` is meant to leave.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+STAGES = ("data", "train", "sample", "audit", "release")
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON so that a reader never sees half a file (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_path(path: Path) -> Path:
+    """A temporary sibling path to write to before `os.replace(tmp, path)`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def new_run_id(name: str, private: bool) -> str:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    marker = "" if private else "-NOT-PRIVATE"
+    return f"{name}{marker}-{stamp}-{secrets.token_hex(2)}"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def run_id(self) -> str:
+        return self.root.name
+
+    @property
+    def recipe(self) -> Path:
+        return self.root / "recipe.yaml"
+
+    @property
+    def run_json(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "data" / "manifest.jsonl"
+
+    @property
+    def data_report(self) -> Path:
+        return self.root / "data" / "data_report.json"
+
+    @property
+    def train_state(self) -> Path:
+        return self.root / "checkpoints" / "train_state.pt"
+
+    @property
+    def final_checkpoint(self) -> Path:
+        return self.root / "checkpoints" / "final"
+
+    @property
+    def privacy(self) -> Path:
+        return self.root / "privacy.json"
+
+    @property
+    def train_log(self) -> Path:
+        return self.root / "train_log.jsonl"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "samples" / "samples.npz"
+
+    @property
+    def audit_json(self) -> Path:
+        return self.root / "audit" / "audit.json"
+
+    @property
+    def nearest(self) -> Path:
+        return self.root / "audit" / "nearest.npz"
+
+    def release_dir(self, private: bool) -> Path:
+        return self.root / ("release" if private else "release-NOT-PRIVATE")
+
+    # -- run.json: which stages are done -------------------------------------------------
+    def info(self) -> dict:
+        return read_json(self.run_json) if self.run_json.exists() else {}
+
+    def mark_done(self, stage: str, **details: Any) -> None:
+        info = self.info()
+        info.setdefault("stages", {})[stage] = {
+            "done": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **details,
+        }
+        write_json_atomic(self.run_json, info)
+
+    def is_done(self, stage: str) -> bool:
+        return stage in self.info().get("stages", {})
+
+    def invalidate_from(self, stage: str) -> None:
+        """Forget `stage` and every later stage (they rest on its outputs)."""
+        info = self.info()
+        later = STAGES[STAGES.index(stage) :]
+        info["stages"] = {k: v for k, v in info.get("stages", {}).items() if k not in later}
+        write_json_atomic(self.run_json, info)
