@@ -1,0 +1,149 @@
+"""Command line: `synthfactory run|validate|resume|train|sample|audit|release`.
+
+Exit codes: 0 done; 2 invalid recipe or data (nothing written); 3 release refused (the audit
+blocked it); 1 anything else. This is the only module that prints.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .audit.gate import ordinal
+from .export import ReleaseRefused
+from .recipe import RecipeError
+from .run import StageOptions, check, create_run, open_run, run_remaining, run_stage, summary
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Differentially private, memorization-audited synthetic medical image datasets.",
+)
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+RunDirArg = Annotated[Path, typer.Argument(help="Run directory (runs/<run id>).", show_default=False)]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+AuditDir = Annotated[
+    Path | None,
+    typer.Option("--audit-dir", help="Where reports go (default: the recipe's outputs.audit_dir)."),
+]
+
+
+def _fail(code: int, message: str) -> None:
+    typer.secho(message, err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def _guard(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except RecipeError as e:
+        _fail(2, f"error: {e}")
+    except ReleaseRefused as e:
+        _fail(3, f"release refused: {e}")
+
+
+def _print_summary(run_path: Path) -> None:
+    from .rundir import RunDir
+
+    s = summary(RunDir(run_path))
+    echo = typer.echo
+    echo("")
+    echo(f"run        {s['run_dir']}")
+    p = s.get("privacy")
+    if p:
+        if p["private"]:
+            other = ", ".join(f"{k} {v:.3f}" for k, v in p["epsilon_other_accountant"].items())
+            echo(
+                f"privacy    ε = {p['epsilon']:.3f} spent of target {p['target_epsilon']:g} at δ = {p['delta']:g} "
+                f"({p['accountant']}; {other}); σ = {p['noise_multiplier']:.4f}, q = {p['sample_rate']:.4g}, "
+                f"{p['steps_taken']} steps, C = {p['max_grad_norm']:g}"
+            )
+        else:
+            typer.secho("privacy    NOT PRIVATE: trained without differential privacy", fg=typer.colors.RED)
+    a = s.get("audit")
+    if a:
+        echo(
+            f"audit      {a['n_samples']} generated, {a['n_flagged']} suspected copies "
+            f"(threshold {a['threshold']:.4g} = {ordinal(a['percentile'])} percentile of held-out→train), "
+            f"{a['n_dropped']} dropped, {a['n_released']} released; decision: {a['decision']}"
+        )
+        echo(f"report     {Path(s['report']) / 'audit.md'}")
+    if s.get("release"):
+        echo(f"dataset    {Path(s['release']) / 'dataset'}   (datasets.load_from_disk)")
+        echo(f"release    {s['release']}")
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each stage.")] = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+
+
+@app.command()
+def validate(recipe: RecipeArg) -> None:
+    """Check a recipe and its data; print what a run would do. Writes nothing."""
+    c = _guard(check, recipe)
+    imgs = c.images
+    typer.echo(f"{recipe}: valid")
+    typer.echo(
+        f"data       {len(imgs.train_labels)} training, {len(imgs.heldout_labels)} held-out images "
+        f"({imgs.image_size}×{imgs.image_size}), classes {imgs.class_names}"
+    )
+    if imgs.skipped:
+        typer.echo(
+            f"skipped    {len(imgs.skipped)} unreadable files, e.g. {imgs.skipped[0]['file']}: {imgs.skipped[0]['reason']}"
+        )
+    plan = c.plan
+    line = f"training   {plan['steps']} steps, q = {plan['sample_rate']:.4g}"
+    if c.recipe.private:
+        eps = ", ".join(f"{k} {v:.3f}" for k, v in plan["epsilon"].items())
+        line += f", σ = {plan['noise_multiplier']:.4f} → ε {eps} at δ = {c.recipe.privacy.delta:g}"
+    else:
+        line += ", NOT PRIVATE"
+    typer.echo(line)
+
+
+@app.command()
+def run(
+    recipe: RecipeArg,
+    out: Annotated[Path | None, typer.Option("--out", help="Parent folder of the run directory.")] = None,
+    audit_dir: AuditDir = None,
+    quiet: Quiet = False,
+) -> None:
+    """Run every stage: data, train, sample, audit, release."""
+    c = _guard(check, recipe)
+    run_dir = create_run(c, out)
+    typer.echo(f"run directory: {run_dir.root}", err=True)
+    _guard(run_remaining, c.recipe, c.images, run_dir, StageOptions(progress=not quiet, audit_root=audit_dir))
+    _print_summary(run_dir.root)
+
+
+@app.command()
+def resume(run_dir: RunDirArg, audit_dir: AuditDir = None, quiet: Quiet = False) -> None:
+    """Finish an interrupted run: training continues from its last checkpoint."""
+    recipe, images, rd = _guard(open_run, run_dir)
+    _guard(run_remaining, recipe, images, rd, StageOptions(progress=not quiet, audit_root=audit_dir))
+    _print_summary(rd.root)
+
+
+def _stage_command(stage: str, doc: str):
+    def command(run_dir: RunDirArg, audit_dir: AuditDir = None, quiet: Quiet = False) -> None:
+        recipe, images, rd = _guard(open_run, run_dir)
+        _guard(run_stage, stage, recipe, images, rd, StageOptions(progress=not quiet, audit_root=audit_dir))
+        _print_summary(rd.root)
+
+    command.__doc__ = doc
+    return command
+
+
+app.command("train")(_stage_command("train", "Train (or finish training) the model of a run."))
+app.command("sample")(_stage_command("sample", "Generate the synthetic samples of a run."))
+app.command("audit")(_stage_command("audit", "Run the memorization audit on a run's samples."))
+app.command("release")(_stage_command("release", "Write the samples that passed the audit."))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

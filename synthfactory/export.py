@@ -1,0 +1,139 @@
+"""Release: write the samples that passed the memorization audit, and nothing else.
+
+The release reads samples/samples.npz and audit/audit.json from the run directory, refuses if
+the audit blocked the release or does not match the samples on disk, and writes each requested
+format through a writer `(ReleasedSet, folder) -> None` in WRITERS (Hub push and DICOM plug in
+here). The release folder is built aside and moved into place in one rename.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import __version__
+from .rundir import RunDir, atomic_path, read_json, write_json_atomic
+from .sample import Samples
+
+
+class ReleaseRefused(RuntimeError):
+    """The audit blocked the release, or the run directory is inconsistent."""
+
+
+@dataclass
+class ReleasedSet:
+    """Only audited, passed samples."""
+
+    images: np.ndarray  # uint8 [K, H, W]
+    labels: np.ndarray  # int64 [K]
+    seeds: np.ndarray  # int64 [K]
+    sample_index: np.ndarray  # int64 [K], index into samples.npz
+    nn_distance: np.ndarray  # float32 [K]
+    class_names: list[str]
+
+
+def audited_set(run_dir: RunDir) -> tuple[ReleasedSet, dict]:
+    """The releasable samples and the audit they passed. Raises ReleaseRefused."""
+    if not run_dir.audit_json.exists():
+        raise ReleaseRefused(f"{run_dir.root}: no audit/audit.json; run the audit stage first")
+    audit = read_json(run_dir.audit_json)
+    samples = Samples.load(run_dir.samples)
+    if audit["decision"] == "block":
+        raise ReleaseRefused(
+            f"the memorization audit blocked the release: {audit['summary']['n_flagged']} of "
+            f"{audit['summary']['n_samples']} samples look copied (see {run_dir.audit_json})"
+        )
+    if audit.get("samples_sha256") != samples.sha256() or audit["run_id"] != run_dir.run_id:
+        raise ReleaseRefused("samples.npz changed after the audit; run the audit again before releasing")
+    passed = np.array([s["index"] for s in audit["samples"] if not s["flagged"]], dtype=np.int64)
+    dist = np.array([s["nn_distance"] for s in audit["samples"]], dtype=np.float32)
+    released = ReleasedSet(
+        images=samples.images[passed],
+        labels=samples.labels[passed],
+        seeds=samples.seeds[passed],
+        sample_index=passed,
+        nn_distance=dist[passed],
+        class_names=list(audit["data"]["class_names"]),
+    )
+    return released, audit
+
+
+def write_hf(rs: ReleasedSet, folder: Path) -> None:
+    """A `datasets.DatasetDict` with a train split, saved with save_to_disk."""
+    import datasets
+
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "label": datasets.ClassLabel(names=rs.class_names),
+            "nn_distance": datasets.Value("float32"),
+            "sample_seed": datasets.Value("int64"),
+            "sample_index": datasets.Value("int64"),
+        }
+    )
+
+    def rows():
+        for i in range(len(rs.labels)):
+            yield {
+                "image": Image.fromarray(rs.images[i], mode="L"),
+                "label": int(rs.labels[i]),
+                "nn_distance": float(rs.nn_distance[i]),
+                "sample_seed": int(rs.seeds[i]),
+                "sample_index": int(rs.sample_index[i]),
+            }
+
+    ds = datasets.Dataset.from_list(list(rows()), features=features)
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(folder / "dataset"))
+
+
+def write_png(rs: ReleasedSet, folder: Path) -> None:
+    """png/<class>/<sample index>.png, 8-bit grayscale."""
+    for name in rs.class_names:
+        (folder / "png" / name).mkdir(parents=True, exist_ok=True)
+    for img, label, idx in zip(rs.images, rs.labels, rs.sample_index, strict=True):
+        Image.fromarray(img, mode="L").save(folder / "png" / rs.class_names[label] / f"{idx:06d}.png")
+
+
+WRITERS: dict[str, Callable[[ReleasedSet, Path], None]] = {"hf": write_hf, "png": write_png}
+
+
+def release(run_dir: RunDir, formats: list[str], private: bool) -> tuple[Path, dict]:
+    """Write the audited samples in each format; returns the release folder and release.json."""
+    rs, audit = audited_set(run_dir)
+    final = run_dir.release_dir(private)
+    tmp = atomic_path(final)
+    tmp.mkdir(parents=True)
+    try:
+        for fmt in formats:
+            WRITERS[fmt](rs, tmp)
+        info = {
+            "synthfactory_version": __version__,
+            "run_id": run_dir.run_id,
+            "private": private,
+            "recipe_sha256": audit["recipe_sha256"],
+            "privacy": audit["privacy"],
+            "audit": {
+                "schema": audit["schema"],
+                "decision": audit["decision"],
+                "threshold": audit["threshold"]["value"],
+                **audit["summary"],
+            },
+            "class_names": rs.class_names,
+            "class_counts": {n: int((rs.labels == i).sum()) for i, n in enumerate(rs.class_names)},
+            "formats": formats,
+            "n_released": int(len(rs.labels)),
+        }
+        write_json_atomic(tmp / "release.json", info)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final, info
