@@ -117,28 +117,29 @@ def run(
     c = _guard(check, recipe)
     run_dir = create_run(c, out)
     typer.echo(f"run directory: {run_dir.root}", err=True)
-    _guard(run_remaining, c.recipe, c.images, run_dir, StageOptions(progress=not quiet, audit_root=audit_dir))
+    _guard(run_remaining, c, run_dir, StageOptions(progress=not quiet, audit_root=audit_dir))
     _print_summary(run_dir.root)
 
 
 @app.command()
 def resume(run_dir: RunDirArg, audit_dir: AuditDir = None, quiet: Quiet = False) -> None:
     """Finish an interrupted run: training continues from its last checkpoint."""
-    recipe, images, rd = _guard(open_run, run_dir)
-    _guard(run_remaining, recipe, images, rd, StageOptions(progress=not quiet, audit_root=audit_dir))
+    checked, rd = _guard(open_run, run_dir)
+    _guard(run_remaining, checked, rd, StageOptions(progress=not quiet, audit_root=audit_dir))
     _print_summary(rd.root)
 
 
 def _stage_command(stage: str, doc: str):
     def command(run_dir: RunDirArg, audit_dir: AuditDir = None, quiet: Quiet = False) -> None:
-        recipe, images, rd = _guard(open_run, run_dir)
-        _guard(run_stage, stage, recipe, images, rd, StageOptions(progress=not quiet, audit_root=audit_dir))
+        checked, rd = _guard(open_run, run_dir)
+        _guard(run_stage, stage, checked, rd, StageOptions(progress=not quiet, audit_root=audit_dir))
         _print_summary(rd.root)
 
     command.__doc__ = doc
     return command
 
 
+app.command("pretrain")(_stage_command("pretrain", "Run the public (non-DP) pre-training of a run."))
 app.command("train")(_stage_command("train", "Train (or finish training) the model of a run."))
 app.command("sample")(_stage_command("sample", "Generate the synthetic samples of a run."))
 app.command("audit")(_stage_command("audit", "Run the memorization audit on a run's samples."))

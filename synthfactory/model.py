@@ -56,8 +56,23 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def load_generator(checkpoint: Path) -> tuple[UNet2DModel, DDPMScheduler]:
-    """Model and scheduler from a checkpoint folder written by `train.py`."""
-    model = UNet2DModel.from_pretrained(checkpoint / "unet", low_cpu_mem_usage=False)
+def load_unet(folder: Path) -> UNet2DModel:
+    """A UNet2DModel saved with save_pretrained."""
+    return UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False)
+
+
+def load_generator(checkpoint: Path, ema: bool = False) -> tuple[UNet2DModel, DDPMScheduler]:
+    """Model (the EMA weights if asked and present) and scheduler from `checkpoints/final`."""
+    folder = checkpoint / ("unet_ema" if ema and (checkpoint / "unet_ema").is_dir() else "unet")
+    model = load_unet(folder)
     scheduler = DDPMScheduler.from_pretrained(checkpoint / "scheduler")
     return model.eval(), scheduler
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` → CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("training.device: cuda asked for, but no CUDA device is available")
+    return torch.device(name)

@@ -1,9 +1,19 @@
 """DP-SGD with Opacus: per-example gradients, clipping, calibrated Gaussian noise, Poisson
 sampling, and the privacy accountant. ε is computed here and nowhere else.
 
-`make_private` wraps the caller's own model and optimizer (Opacus' GradSampleModule and
-DPOptimizer) and returns them with a Poisson sampler and an accountant attached to every
-optimizer step; `train.py` stays an ordinary PyTorch loop.
+`make_private` wraps the caller's own model and optimizer (Opacus' DPOptimizer, and its
+GradSampleModule unless the torch.func path is chosen) and returns them with a Poisson sampler
+and an accountant attached to every optimizer step; `train.py` stays an ordinary PyTorch loop.
+
+Noise multiplicity: an example may be fed as K rows (K noise draws). Its gradient is the mean
+of its K row gradients, formed *before* clipping (`PrivateTraining.per_example_backward`), so
+one example still contributes one clipped gradient of norm ≤ C and the accountant is unchanged.
+Clipping each row instead would give the example a sensitivity of K·C.
+
+Per-example gradient paths (`privacy.per_example_gradients`):
+- `hooks`: Opacus GradSampleModule hooks (fast layer-wise formulas), K rows folded by a mean;
+- `functorch`: Opacus GradSampleModule with per-layer torch.func for every layer;
+- `vmap`: torch.func `vmap(grad(loss of one example over its K rows))` on the whole model.
 
 Two traps this module handles (diffusers 0.42, Opacus 1.6):
 - diffusers' attention returns channels_last-strided tensors; Opacus' `hooks` mode unfolds
@@ -16,18 +26,25 @@ Two traps this module handles (diffusers 0.42, Opacus 1.6):
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import opacus
 import torch
+from diffusers.models.attention_processor import AttnProcessor
 from opacus import GradSampleModule
 from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
+from torch.func import functional_call, grad_and_value, vmap
 
 ACCOUNTANTS = ("rdp", "prv")
+MODES = ("hooks", "functorch", "vmap")
+
+RowLoss = Callable[..., torch.Tensor]
+"""row_loss(model, *rows) -> per-row loss [rows]; `model` is called like the original module."""
 
 
 def _contiguous_inputs(module: torch.nn.Module, args: tuple) -> tuple:
@@ -79,16 +96,20 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant
 
 @dataclass
 class PrivateTraining:
-    """What `make_private` hands back: the wrapped model and optimizer, the sampler that draws
-    each logical batch, and the accountant that counts every step."""
+    """What `make_private` hands back: the model to run forward passes through, the DP
+    optimizer, the sampler that draws each logical batch, and the accountant that counts
+    every step."""
 
-    module: GradSampleModule
+    module: torch.nn.Module  # GradSampleModule (hooks, functorch) or the plain model (vmap)
     optimizer: DPOptimizer
     accountant: IAccountant
     sampler: UniformWithReplacementSampler
     sample_rate: float
     noise_multiplier: float
     max_grad_norm: float
+    mode: str = "hooks"
+    model: torch.nn.Module | None = None  # the unwrapped model
+    params: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # trainable, by name
 
     def epsilon(self, delta: float) -> float:
         return epsilon_of(self.accountant.history, delta, self.accountant.mechanism())
@@ -99,6 +120,43 @@ class PrivateTraining:
         for p in self.optimizer.params:
             p.grad_sample = p.new_zeros((0, *p.shape))
         self.optimizer.step()
+
+    def per_example_backward(
+        self, row_loss: RowLoss, rows: tuple[torch.Tensor, ...], n_examples: int, k: int
+    ) -> float:
+        """Set `p.grad_sample` [n_examples, ...] for every trainable parameter: each example's
+        gradient of the mean loss over its k consecutive rows. Returns the mean row loss."""
+        if any(len(r) != n_examples * k for r in rows):
+            raise ValueError(f"expected {n_examples}×{k} rows")
+        if self.mode == "vmap":
+            return self._vmap_backward(row_loss, rows, n_examples, k)
+        loss = row_loss(self.module, *rows).mean()
+        loss.backward()
+        if k > 1:
+            for p in self.params.values():
+                p.grad_sample = p.grad_sample.view(n_examples, k, *p.shape).mean(1)
+        return float(loss.detach())
+
+    def _vmap_backward(self, row_loss: RowLoss, rows: tuple[torch.Tensor, ...], n: int, k: int) -> float:
+        model = self.model
+        fixed = {name: t.detach() for name, t in model.named_parameters() if name not in self.params}
+        fixed.update(dict(model.named_buffers()))
+        trainable = {name: p.detach() for name, p in self.params.items()}
+
+        def example_loss(params, *example_rows):
+            def call(*args, **kwargs):
+                return functional_call(model, {**fixed, **params}, args, kwargs)
+
+            return row_loss(call, *example_rows).mean()
+
+        # vmap over examples, each a batch of its k rows: the k rows are averaged inside the
+        # example's loss, so memory holds one gradient per example, not one per row.
+        shaped = [r.reshape(n, k, *r.shape[1:]) for r in rows]
+        in_dims = (None,) + (0,) * len(shaped)
+        grads, losses = vmap(grad_and_value(example_loss), in_dims=in_dims)(trainable, *shaped)
+        for name, p in self.params.items():
+            p.grad_sample = grads[name]
+        return float(losses.mean())
 
 
 def make_private(
@@ -113,6 +171,7 @@ def make_private(
     accountant: str,
     sample_generator: torch.Generator,
     noise_generator: torch.Generator,
+    mode: str = "hooks",
 ) -> PrivateTraining:
     """Wrap `model` and `optimizer` for DP-SGD with sampling rate q = expected_batch_size / N.
 
@@ -122,13 +181,28 @@ def make_private(
     """
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}")
+    if mode not in MODES:
+        raise ValueError(f"per-example gradient mode must be one of {MODES}")
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise ValueError(f"model is not compatible with DP-SGD: {errors}")
     sample_rate = expected_batch_size / n_train
-    make_conv_inputs_contiguous(model)
-    module = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
-    module.forbid_grad_accumulation()  # Poisson sampling: one backward per logical batch
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if optimized != {id(p) for p in params.values()}:
+        raise ValueError("the optimizer must hold exactly the model's trainable parameters")
+    if mode == "vmap":
+        # diffusers' default attention (scaled_dot_product_attention) has no vmap rule and
+        # falls back to a slow loop; the classic processor computes the same attention.
+        if hasattr(model, "set_attn_processor"):
+            model.set_attn_processor(AttnProcessor())
+        module = model
+    else:
+        make_conv_inputs_contiguous(model)
+        module = GradSampleModule(
+            model, batch_first=True, loss_reduction="mean", strict=True, force_functorch=mode == "functorch"
+        )
+        module.forbid_grad_accumulation()  # one backward per physical batch, then fold/clip
     dp_optimizer = DPOptimizer(
         optimizer,
         noise_multiplier=noise_multiplier,
@@ -150,6 +224,9 @@ def make_private(
         sample_rate=sample_rate,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
+        mode=mode,
+        model=model,
+        params=params,
     )
 
 

@@ -111,18 +111,40 @@ class ModelConfig(_Strict):
         return self
 
 
+class TimestepSampling(_Strict):
+    """Which noise levels a training example is drawn at.
+
+    `uniform`: DDPM timesteps uniformly. `lognormal`: EDM-style, the noise level σ = √((1−ᾱ)/ᾱ)
+    drawn log-normally (ln σ ~ N(p_mean, p_std²)) and mapped to the nearest DDPM timestep; DPDM
+    found weighting toward high noise best under DP (its default p_mean −1.2, p_std 1.2).
+    """
+
+    distribution: Literal["uniform", "lognormal"] = "uniform"
+    p_mean: float = -1.2
+    p_std: float = Field(1.2, gt=0)
+
+
 class TrainingConfig(_Strict):
     steps: int | None = Field(None, ge=1)
     epochs: float | None = Field(None, gt=0)
     expected_batch_size: int = Field(ge=1)
+    max_physical_batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(gt=0, le=1)
     seed: int = 0
     checkpoint_every: int = Field(50, ge=1)
+    timesteps: TimestepSampling = TimestepSampling()
+    ema_decay: float | None = Field(0.999, gt=0, lt=1)
+    label_dropout: float = Field(0.1, ge=0, lt=1)
+    trainable: Literal["all"] | list[str] = "all"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     @model_validator(mode="after")
     def _check(self) -> TrainingConfig:
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("steps: give exactly one of 'steps' or 'epochs'")
+        if isinstance(self.trainable, list) and not self.trainable:
+            raise ValueError("trainable: 'all', or a non-empty list of parameter-name patterns")
         return self
 
     def total_steps(self, n_train: int) -> int:
@@ -139,6 +161,8 @@ class PrivacyConfig(_Strict):
     delta: float | None = Field(None, gt=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
     accountant: Literal["rdp", "prv"] = "rdp"
+    noise_multiplicity: int = Field(4, ge=1, le=64)
+    per_example_gradients: Literal["hooks", "functorch", "vmap"] = "vmap"
     noise_seed: int | None = None
     i_understand_this_is_not_private: bool = False
 
@@ -162,6 +186,30 @@ class SamplingConfig(_Strict):
     ddim_steps: int = Field(50, ge=1, le=1000)
     seed: int = 0
     batch_size: int = Field(64, ge=1)
+    guidance_scale: float = Field(1.0, ge=0)
+    use_ema: bool = True
+
+
+class PretrainConfig(_Strict):
+    """Public pre-training, without DP, before the private (DP) stage.
+
+    Either `data` (a source the recipe declares public; trained here for `steps`) or
+    `checkpoint` (a diffusers UNet2DModel folder saved with save_pretrained). Nothing of the
+    private set may be in it: exact duplicates of private images are refused.
+    """
+
+    data: DataConfig | None = None
+    checkpoint: Path | None = None
+    steps: int = Field(500, ge=1)
+    expected_batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(1e-3, gt=0, le=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> PretrainConfig:
+        if (self.data is None) == (self.checkpoint is None):
+            raise ValueError("data: give exactly one of 'data' (public images) or 'checkpoint'")
+        return self
 
 
 class ThresholdRule(_Strict):
@@ -191,6 +239,7 @@ class Recipe(_Strict):
     training: TrainingConfig
     privacy: PrivacyConfig
     sampling: SamplingConfig
+    pretrain: PretrainConfig | None = None
     audit: AuditConfig = AuditConfig()
     outputs: OutputsConfig = OutputsConfig()
 
@@ -202,6 +251,32 @@ class Recipe(_Strict):
             raise ValueError(
                 f"data.image_size: {self.data.image_size} is not divisible by {factor}, "
                 f"which {levels} UNet levels need"
+            )
+        if self.sampling.guidance_scale != 1.0 and self.training.label_dropout == 0:
+            raise ValueError(
+                "sampling.guidance_scale: classifier-free guidance needs an unconditional model; "
+                "set training.label_dropout > 0 or guidance_scale: 1.0"
+            )
+        if self.pretrain is not None and self.pretrain.data is not None:
+            pd = self.pretrain.data
+            if pd.image_size != self.data.image_size:
+                raise ValueError(
+                    f"pretrain.data.image_size: {pd.image_size} differs from data.image_size "
+                    f"{self.data.image_size}"
+                )
+            if pd.classes != self.data.classes and self.training.label_dropout == 0:
+                raise ValueError(
+                    "pretrain.data.classes: differ from data.classes, so pre-training is "
+                    "class-agnostic (the null label), which needs training.label_dropout > 0"
+                )
+        if (
+            self.privacy.enabled
+            and self.privacy.noise_multiplicity > 1
+            and self.training.max_physical_batch_size * self.privacy.noise_multiplicity > 8192
+        ):
+            raise ValueError(
+                "training.max_physical_batch_size: times privacy.noise_multiplicity exceeds "
+                "8192 rows per forward pass"
             )
         return self
 
@@ -264,15 +339,29 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(_format_errors(path, e)) from None
 
     base = path.resolve().parent
-    data = recipe.data
-    resolved = {
-        "path": _resolve(base, data.path),
-        "labels_csv": _resolve(base, data.labels_csv),
-    }
-    for field, p in resolved.items():
-        if p is not None and not p.exists():
-            raise RecipeError(f"{path}: data.{field}: no such file or folder: {p}")
-    return recipe.model_copy(update={"data": data.model_copy(update=resolved)})
+
+    def resolved_data(data: DataConfig, prefix: str) -> DataConfig:
+        paths = {"path": _resolve(base, data.path), "labels_csv": _resolve(base, data.labels_csv)}
+        for field, p in paths.items():
+            if p is not None and not p.exists():
+                raise RecipeError(f"{path}: {prefix}.{field}: no such file or folder: {p}")
+        return data.model_copy(update=paths)
+
+    update: dict[str, Any] = {"data": resolved_data(recipe.data, "data")}
+    if recipe.pretrain is not None:
+        pre = recipe.pretrain
+        pre_update: dict[str, Any] = {}
+        if pre.data is not None:
+            pre_update["data"] = resolved_data(pre.data, "pretrain.data")
+        if pre.checkpoint is not None:
+            ckpt = _resolve(base, pre.checkpoint)
+            if not (ckpt / "config.json").is_file():
+                raise RecipeError(
+                    f"{path}: pretrain.checkpoint: {ckpt} is not a diffusers model folder (no config.json)"
+                )
+            pre_update["checkpoint"] = ckpt
+        update["pretrain"] = pre.model_copy(update=pre_update)
+    return recipe.model_copy(update=update)
 
 
 def check_against_data(recipe: Recipe, recipe_path: str | Path, n_train: int) -> None:

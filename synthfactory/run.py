@@ -19,30 +19,51 @@ from . import __version__
 from .audit import run_audit
 from .data import DataError, ImageSet, load_images
 from .export import release
+from .model import load_unet, resolve_device
 from .recipe import Recipe, RecipeError, check_against_data, load_recipe
 from .rundir import STAGES, RunDir, new_run_id, read_json, write_json_atomic
 from .sample import generate
-from .train import plan_training, train
+from .train import initial_model, plan_training, pretrain, train, trainable_names
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Checked:
-    """A recipe that validated against its data, with the data and the training plan."""
+    """A recipe that validated against its data: the private images, the public pre-training
+    images (if any) and the training plan."""
 
     recipe: Recipe
     images: ImageSet
     plan: dict
+    public: ImageSet | None = None
+
+
+def _load(recipe: Recipe, recipe_path: str | Path) -> tuple[ImageSet, ImageSet | None]:
+    try:
+        images = load_images(recipe.data, recipe.modality)
+    except DataError as e:
+        raise RecipeError(f"{recipe_path}: data.{e.field}: {e}") from None
+    public = None
+    if recipe.pretrain is not None and recipe.pretrain.data is not None:
+        try:
+            public = load_images(recipe.pretrain.data, recipe.modality)
+        except DataError as e:
+            raise RecipeError(f"{recipe_path}: pretrain.data.{e.field}: {e}") from None
+        private_hashes = {m["sha256"] for m in images.manifest}
+        shared = sum(m["sha256"] in private_hashes for m in public.manifest)
+        if shared:
+            raise RecipeError(
+                f"{recipe_path}: pretrain.data: {shared} of its images are exact copies of private "
+                "images; data declared public must not contain the private set"
+            )
+    return images, public
 
 
 def check(recipe_path: str | Path) -> Checked:
     """Validate a recipe and its data without writing anything. Raises RecipeError."""
     recipe = load_recipe(recipe_path)
-    try:
-        images = load_images(recipe.data, recipe.modality)
-    except DataError as e:
-        raise RecipeError(f"{recipe_path}: data.{e.field}: {e}") from None
+    images, public = _load(recipe, recipe_path)
     check_against_data(recipe, recipe_path, len(images.train_labels))
     try:
         plan = plan_training(recipe, len(images.train_labels))
@@ -50,7 +71,26 @@ def check(recipe_path: str | Path) -> Checked:
         raise RecipeError(
             f"{recipe_path}: privacy.target_epsilon: cannot be reached with these steps and batch size ({e})"
         ) from None
-    return Checked(recipe, images, plan)
+    model = initial_model(recipe, images.image_size, len(images.class_names), None)
+    try:
+        trainable_names(model, recipe.training.trainable)
+    except ValueError as e:
+        raise RecipeError(f"{recipe_path}: training.trainable: {e}") from None
+    if recipe.pretrain is not None and recipe.pretrain.checkpoint is not None:
+        try:
+            model.load_state_dict(load_unet(recipe.pretrain.checkpoint).state_dict())
+        except (RuntimeError, OSError, ValueError) as e:
+            raise RecipeError(
+                f"{recipe_path}: pretrain.checkpoint: does not fit the recipe's model "
+                f"(classes + null class = {model.config.num_class_embeds} embeddings): {str(e)[:300]}"
+            ) from None
+    try:
+        device = resolve_device(recipe.training.device)
+    except ValueError as e:
+        raise RecipeError(f"{recipe_path}: {e}") from None
+    if recipe.training.precision == "bf16" and device.type != "cuda":
+        raise RecipeError(f"{recipe_path}: training.precision: bf16 needs a CUDA device; use fp32 on the CPU")
+    return Checked(recipe, images, plan, public)
 
 
 def _versions() -> dict:
@@ -117,23 +157,20 @@ def create_run(checked: Checked, destination: Path | None = None) -> RunDir:
     return run_dir
 
 
-def open_run(path: str | Path) -> tuple[Recipe, ImageSet, RunDir]:
+def open_run(path: str | Path) -> tuple[Checked, RunDir]:
     """Reload a run's recipe and data, and check the data is what the run started from."""
     run_dir = RunDir(Path(path))
     if not run_dir.run_json.exists():
         raise RecipeError(f"{path}: not a run directory (no run.json)")
     recipe = load_recipe(run_dir.recipe)
-    try:
-        images = load_images(recipe.data, recipe.modality)
-    except DataError as e:
-        raise RecipeError(f"{run_dir.recipe}: data.{e.field}: {e}") from None
+    images, public = _load(recipe, run_dir.recipe)
     expected = read_json(run_dir.data_report)["manifest_sha256"]
     if images.manifest_sha256() != expected:
         raise RecipeError(
             f"{run_dir.recipe}: data: the images differ from those this run started with "
             f"(manifest {images.manifest_sha256()[:12]} ≠ {expected[:12]}); start a new run"
         )
-    return recipe, images, run_dir
+    return Checked(recipe, images, plan_training(recipe, len(images.train_labels)), public), run_dir
 
 
 @dataclass
@@ -142,20 +179,32 @@ class StageOptions:
     audit_root: Path | None = None
 
 
-def run_stage(stage: str, recipe: Recipe, images: ImageSet, run_dir: RunDir, opts: StageOptions) -> None:
+def run_stage(stage: str, checked: Checked, run_dir: RunDir, opts: StageOptions) -> None:
     """Run one stage and record it in run.json; later stages are invalidated first."""
+    recipe, images = checked.recipe, checked.images
     run_dir.invalidate_from(stage)
     if stage == "data":
         write_data_stage(run_dir, images)
         return
-    if stage == "train":
+    if stage == "pretrain":
+        if recipe.pretrain is None:
+            run_dir.mark_done("pretrain", skipped="the recipe has no public pre-training")
+            return
+        record = pretrain(recipe, images, checked.public, run_dir, progress=opts.progress)
+        run_dir.mark_done("pretrain", kind=record["kind"])
+    elif stage == "train":
         result = train(recipe, images, run_dir, progress=opts.progress)
         run_dir.mark_done(
             "train", steps=result.steps, epsilon=result.epsilon, seconds=round(result.seconds, 1)
         )
     elif stage == "sample":
         samples = generate(recipe, run_dir, len(images.class_names), progress=opts.progress)
-        run_dir.mark_done("sample", n_samples=int(len(samples.labels)))
+        run_dir.mark_done(
+            "sample",
+            n_samples=int(len(samples.labels)),
+            weights="ema" if recipe.sampling.use_ema and recipe.training.ema_decay else "last",
+            guidance_scale=recipe.sampling.guidance_scale,
+        )
     elif stage == "audit":
         res = run_audit(recipe, run_dir, images, opts.audit_root)
         run_dir.mark_done("audit", decision=res.decision, report=str(res.report_dir))
@@ -166,12 +215,12 @@ def run_stage(stage: str, recipe: Recipe, images: ImageSet, run_dir: RunDir, opt
         raise ValueError(f"unknown stage {stage}")
 
 
-def run_remaining(recipe: Recipe, images: ImageSet, run_dir: RunDir, opts: StageOptions) -> None:
+def run_remaining(checked: Checked, run_dir: RunDir, opts: StageOptions) -> None:
     """Run every stage not yet done, in order (this is how an interrupted run resumes)."""
     for stage in STAGES:
         if not run_dir.is_done(stage):
             log.info("stage %s", stage)
-            run_stage(stage, recipe, images, run_dir, opts)
+            run_stage(stage, checked, run_dir, opts)
 
 
 def summary(run_dir: RunDir) -> dict:

@@ -6,10 +6,13 @@
       data/manifest.jsonl             one line per real image: split, index, label, sha256, source
       data/data_report.json           counts per split and class, skipped files and why,
                                       preprocessing, manifest hash
-      checkpoints/train_state.pt      resumable training state (model, optimizer, accountant
+      checkpoints/pretrained/         public pre-training (if the recipe has one): unet/, pretrain.json
+      checkpoints/train_state.pt      resumable training state (model, EMA, optimizer, accountant
                                       history, RNG states, step); written atomically
-      checkpoints/final/unet/         diffusers UNet2DModel (save_pretrained)
+      checkpoints/final/unet/         diffusers UNet2DModel, last weights (save_pretrained)
+      checkpoints/final/unet_ema/     the EMA of the weights (what sampling uses by default)
       checkpoints/final/scheduler/    diffusers DDPMScheduler (save_pretrained)
+      checkpoints/final/synthfactory.json  class names, null (unconditional) class, EMA decay
       privacy.json                    ε spent (accountant, steps taken), δ, σ, q, steps, C, ...
       train_log.jsonl                 step, batch size, loss (computed on private data: internal)
       samples/samples.npz             uint8 images [M, H, W], labels, per-sample seeds
@@ -34,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-STAGES = ("data", "train", "sample", "audit", "release")
+STAGES = ("data", "pretrain", "train", "sample", "audit", "release")
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -97,6 +100,10 @@ class RunDir:
     @property
     def train_state(self) -> Path:
         return self.root / "checkpoints" / "train_state.pt"
+
+    @property
+    def pretrained(self) -> Path:
+        return self.root / "checkpoints" / "pretrained"
 
     @property
     def final_checkpoint(self) -> Path:

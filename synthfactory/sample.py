@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
-from .model import load_generator, sampling_scheduler
+from .model import load_generator, resolve_device, sampling_scheduler
 from .progress import progress_bar
 from .recipe import Recipe
-from .rundir import RunDir, atomic_path
+from .rundir import RunDir, atomic_path, read_json
 
 
 def sample_seed(base_seed: int, index: int) -> int:
@@ -47,17 +47,34 @@ def ddim_sample(
     seeds: list[int],
     steps: int,
     image_size: int,
+    guidance_scale: float = 1.0,
+    null_class: int | None = None,
 ) -> torch.Tensor:
-    """Deterministic DDIM (η = 0) from per-image seeded noise. Returns [B, 1, H, W] in [-1, 1]."""
+    """Deterministic DDIM (η = 0) from per-image seeded noise. Returns [B, 1, H, W] in [-1, 1].
+
+    With classifier-free guidance (scale w ≠ 1 and a null class): ε = ε_∅ + w·(ε_y − ε_∅).
+    """
+    device = next(model.parameters()).device
     noise = [
         torch.randn((1, image_size, image_size), generator=torch.Generator().manual_seed(s)) for s in seeds
     ]
-    x = torch.stack(noise)
+    x = torch.stack(noise).to(device)
+    labels = labels.to(device)
+    guided = guidance_scale != 1.0
+    if guided and null_class is None:
+        raise ValueError("guidance needs a model trained with label dropout (a null class)")
     scheduler.set_timesteps(steps)
     for t in scheduler.timesteps:
-        eps = model(x, t, class_labels=labels).sample
+        if guided:
+            both = model(
+                torch.cat([x, x]), t, class_labels=torch.cat([labels, torch.full_like(labels, null_class)])
+            ).sample
+            cond, uncond = both.chunk(2)
+            eps = uncond + guidance_scale * (cond - uncond)
+        else:
+            eps = model(x, t, class_labels=labels).sample
         x = scheduler.step(eps, t, x, eta=0.0).prev_sample
-    return x.clamp(-1.0, 1.0)
+    return x.clamp(-1.0, 1.0).cpu()
 
 
 @dataclass
@@ -87,9 +104,11 @@ class Samples:
 
 def generate(recipe: Recipe, run_dir: RunDir, num_classes: int, progress: bool = True) -> Samples:
     """`sampling.images_per_class` images of every class, written to samples/samples.npz."""
-    model, train_scheduler = load_generator(run_dir.final_checkpoint)
-    scheduler = sampling_scheduler(train_scheduler)
     cfg = recipe.sampling
+    model, train_scheduler = load_generator(run_dir.final_checkpoint, ema=cfg.use_ema)
+    info = read_json(run_dir.final_checkpoint / "synthfactory.json")
+    model.to(resolve_device(recipe.training.device))
+    scheduler = sampling_scheduler(train_scheduler)
     size = int(model.config.sample_size)
     labels = np.repeat(np.arange(num_classes, dtype=np.int64), cfg.images_per_class)
     seeds = np.array([sample_seed(cfg.seed, i) for i in range(len(labels))], dtype=np.int64)
@@ -98,7 +117,14 @@ def generate(recipe: Recipe, run_dir: RunDir, num_classes: int, progress: bool =
         for start in range(0, len(labels), cfg.batch_size):
             sl = slice(start, start + cfg.batch_size)
             x = ddim_sample(
-                model, scheduler, torch.from_numpy(labels[sl]), seeds[sl].tolist(), cfg.ddim_steps, size
+                model,
+                scheduler,
+                torch.from_numpy(labels[sl]),
+                seeds[sl].tolist(),
+                cfg.ddim_steps,
+                size,
+                cfg.guidance_scale,
+                info["null_class"],
             )
             images[sl] = to_uint8(x)
             bar.update(len(x))

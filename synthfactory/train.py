@@ -1,61 +1,155 @@
-"""Train the class-conditional diffusion model, with DP-SGD unless the recipe opts out.
+"""Train the class-conditional diffusion model: optional public pre-training (no DP), then the
+private stage with DP-SGD unless the recipe opts out.
 
-An ordinary PyTorch loop: draw a Poisson batch, compute the per-example denoising loss, back-
-propagate, step. Privacy (per-example clipping, noise, accounting) comes from `privacy.py`.
-The loop checkpoints atomically every `training.checkpoint_every` steps; a run that was killed
-resumes from the last checkpoint with the accountant's history, so ε is never under-reported.
+An ordinary PyTorch loop: draw a Poisson batch, turn each example into K rows (K noise levels
+and noise draws), compute the per-example gradient of the mean loss over its rows, clip, add
+noise, step, update the EMA. Privacy (folding, clipping, noise, accounting) comes from
+`privacy.py`. A logical batch is processed in physical chunks of at most
+`training.max_physical_batch_size` examples; clipped gradients accumulate across chunks and the
+noise is added once per logical batch.
 
-Randomness: model initialisation and the diffusion noise use `training.seed`. The DP noise and
-the Poisson sampling use a secret seed from the OS (kept in the internal checkpoint so a resume
-continues the same streams) unless `privacy.noise_seed` is set, which is for tests only: anyone
-who knows that seed knows the noise.
+The loop checkpoints atomically every `training.checkpoint_every` steps (model, EMA, optimizer,
+RNG states, the accountant's history); a killed run resumes from its last checkpoint, replaying
+the rolled-back steps with the same batches and noise, so ε is never under-reported.
+
+Randomness: model initialisation, noise levels and diffusion noise use `training.seed`. The DP
+noise and the Poisson sampling use a secret seed from the OS (kept in the internal checkpoint)
+unless `privacy.noise_seed` is set, which is for tests only: anyone who knows it knows the noise.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
 import secrets
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.training_utils import EMAModel
 
 from . import __version__
 from .data import ImageSet
-from .model import build_noise_scheduler, build_unet, count_parameters
+from .model import build_noise_scheduler, build_unet, count_parameters, load_unet, resolve_device
 from .privacy import PrivateTraining, calibrate_noise, epsilon_of, make_private, opacus_version
 from .progress import progress_bar
-from .recipe import Recipe
-from .rundir import RunDir, atomic_path, write_json_atomic
+from .recipe import Recipe, TimestepSampling
+from .rundir import RunDir, atomic_path, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 
-def diffusion_loss(
-    model: torch.nn.Module,
-    scheduler: DDPMScheduler,
-    x0: torch.Tensor,
-    labels: torch.Tensor,
-    timesteps: torch.Tensor,
-    noise: torch.Tensor,
+# --- the loss and how examples become rows ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Draws:
+    """How each example becomes k training rows: noise levels, noise, label dropout."""
+
+    k: int = 1
+    timesteps: TimestepSampling = field(default_factory=TimestepSampling)
+    label_dropout: float = 0.0
+    null_class: int | None = None
+
+
+def sample_timesteps(
+    n: int, scheduler: DDPMScheduler, cfg: TimestepSampling, gen: torch.Generator
 ) -> torch.Tensor:
-    """Per-example epsilon-prediction loss [B]: mean squared error over each example's pixels."""
-    noisy = scheduler.add_noise(x0, noise, timesteps)
-    pred = model(noisy, timesteps, class_labels=labels).sample
-    return (pred - noise).pow(2).flatten(1).mean(1)
+    """n DDPM timesteps: uniform, or EDM-style log-normal noise levels mapped to the nearest
+    timestep (σ_t = √((1−ᾱ_t)/ᾱ_t) increases with t)."""
+    steps = scheduler.config.num_train_timesteps
+    if cfg.distribution == "uniform":
+        return torch.randint(0, steps, (n,), generator=gen)
+    log_sigma_t = 0.5 * torch.log((1 - scheduler.alphas_cumprod) / scheduler.alphas_cumprod).double()
+    target = cfg.p_mean + cfg.p_std * torch.randn(n, generator=gen, dtype=torch.float64)
+    hi = torch.searchsorted(log_sigma_t, target).clamp(1, steps - 1)
+    closer_low = (target - log_sigma_t[hi - 1]).abs() <= (log_sigma_t[hi] - target).abs()
+    return torch.where(closer_low, hi - 1, hi)
 
 
-def draw_diffusion_noise(
-    x0: torch.Tensor, num_train_timesteps: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass
+class RowDraws:
+    """The random part of a logical batch's rows: timesteps, (dropped) labels and noise for
+    each of its n·k rows, drawn once for the whole batch so that how the batch is split into
+    physical chunks changes nothing."""
+
+    t: torch.Tensor
+    labels: torch.Tensor
+    noise: torch.Tensor
+
+    def rows(self, x0: torch.Tensor, scheduler: DDPMScheduler, a: int, b: int, k: int):
+        """(noisy, timesteps, labels, noise) rows of examples a..b."""
+        sl = slice(a * k, b * k)
+        x = x0[a:b].repeat_interleave(k, 0)
+        t, noise = self.t[sl], self.noise[sl]
+        return scheduler.add_noise(x, noise, t), t, self.labels[sl], noise
+
+
+def draw_rows(
+    x0: torch.Tensor, labels: torch.Tensor, scheduler: DDPMScheduler, draws: Draws, gen: torch.Generator
+) -> RowDraws:
+    n = len(x0) * draws.k
+    t = sample_timesteps(n, scheduler, draws.timesteps, gen)
+    noise = torch.randn((n, *x0.shape[1:]), generator=gen)
+    y = labels.repeat_interleave(draws.k, 0)
+    if draws.label_dropout > 0:
+        drop = torch.rand(n, generator=gen) < draws.label_dropout
+        y = torch.where(drop, torch.full_like(y, draws.null_class), y)
+    return RowDraws(t=t, labels=y, noise=noise)
+
+
+def make_rows(
+    x0: torch.Tensor, labels: torch.Tensor, scheduler: DDPMScheduler, draws: Draws, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(noisy, timesteps, labels, noise) for len(x0)·k rows, each example's k rows together."""
+    return draw_rows(x0, labels, scheduler, draws, gen).rows(x0, scheduler, 0, len(x0), draws.k)
+
+
+def make_row_loss(device: torch.device, bf16: bool) -> Callable[..., torch.Tensor]:
+    """Per-row epsilon-prediction loss; the forward pass in bf16 autocast if asked (CUDA)."""
+
+    def row_loss(model, noisy, t, labels, noise) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            pred = model(noisy, t, class_labels=labels).sample
+        return (pred.float() - noise).pow(2).flatten(1).mean(1)
+
+    return row_loss
+
+
+denoising_loss = make_row_loss(torch.device("cpu"), False)
+
+
+def diffusion_loss(model, scheduler: DDPMScheduler, x0, labels, timesteps, noise) -> torch.Tensor:
+    """Per-example epsilon-prediction loss [B] at given timesteps and noise."""
+    return denoising_loss(model, scheduler.add_noise(x0, noise, timesteps), timesteps, labels, noise)
+
+
+def draw_diffusion_noise(x0: torch.Tensor, num_train_timesteps: int, generator: torch.Generator):
     """Uniform DDPM timesteps and Gaussian noise for a batch."""
     t = torch.randint(0, num_train_timesteps, (x0.shape[0],), generator=generator)
     return t, torch.randn(x0.shape, generator=generator)
+
+
+# --- one step ------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepSettings:
+    draws: Draws = field(default_factory=Draws)
+    max_physical: int | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    row_loss: Callable[..., torch.Tensor] = denoising_loss
+
+
+def _chunks(n: int, size: int | None):
+    size = size or n
+    return [(start, min(start + size, n)) for start in range(0, n, size)]
 
 
 def dp_step(
@@ -64,30 +158,109 @@ def dp_step(
     x0: torch.Tensor,
     labels: torch.Tensor,
     generator: torch.Generator,
+    settings: StepSettings | None = None,
 ) -> float:
-    """One DP-SGD step on one Poisson batch (possibly empty). Returns the batch's mean loss."""
-    private.optimizer.zero_grad(set_to_none=True)
-    if x0.shape[0] == 0:
+    """One DP-SGD step on one Poisson batch (possibly empty): per chunk of examples, per-example
+    gradients over k rows, clipped and summed; noise once at the end. Returns the mean loss."""
+    s = settings or StepSettings()
+    opt = private.optimizer
+    opt.zero_grad(set_to_none=True)
+    n = len(x0)
+    if n == 0:
         private.empty_step()
         return float("nan")
-    t, noise = draw_diffusion_noise(x0, scheduler.config.num_train_timesteps, generator)
-    loss = diffusion_loss(private.module, scheduler, x0, labels, t, noise).mean()
-    loss.backward()
-    private.optimizer.step()
-    return float(loss.detach())
+    total = 0.0
+    drawn = draw_rows(x0, labels, scheduler, s.draws, generator)
+    chunks = _chunks(n, s.max_physical)
+    for j, (a, b) in enumerate(chunks):
+        rows = tuple(r.to(s.device) for r in drawn.rows(x0, scheduler, a, b, s.draws.k))
+        total += private.per_example_backward(s.row_loss, rows, b - a, s.draws.k) * (b - a)
+        last = j == len(chunks) - 1
+        opt.signal_skip_step(do_skip=not last)  # accumulate clipped sums; noise only at the end
+        opt.step()
+        if not last:
+            opt.zero_grad(set_to_none=True)  # keeps the accumulated clipped sum
+    return total / n
 
 
-@dataclass
-class TrainResult:
-    steps: int
-    epsilon: float | None
-    checkpoint: Path
-    privacy: dict
-    seconds: float
+def plain_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: DDPMScheduler,
+    x0: torch.Tensor,
+    labels: torch.Tensor,
+    generator: torch.Generator,
+    settings: StepSettings,
+) -> float:
+    """One non-private step (public pre-training, or a recipe that opted out of DP)."""
+    optimizer.zero_grad(set_to_none=True)
+    n, k = len(x0), settings.draws.k
+    total = 0.0
+    drawn = draw_rows(x0, labels, scheduler, settings.draws, generator)
+    for a, b in _chunks(n, settings.max_physical):
+        rows = tuple(r.to(settings.device) for r in drawn.rows(x0, scheduler, a, b, k))
+        loss = settings.row_loss(model, *rows).sum() / (n * k)
+        loss.backward()
+        total += float(loss.detach()) * n
+    optimizer.step()
+    return total / n
 
 
-def _generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(seed) % (2**63))
+# --- building the model -------------------------------------------------------------------------
+
+
+def num_class_embeds(recipe: Recipe, n_classes: int) -> int:
+    """Classes, plus one null class when labels are dropped for classifier-free guidance."""
+    return n_classes + (1 if recipe.training.label_dropout > 0 else 0)
+
+
+def null_class(recipe: Recipe, n_classes: int) -> int | None:
+    return n_classes if recipe.training.label_dropout > 0 else None
+
+
+def trainable_names(model: torch.nn.Module, patterns) -> list[str]:
+    """Parameter names the private stage trains: all, or those matching any glob pattern."""
+    names = [n for n, _ in model.named_parameters()]
+    if patterns == "all":
+        return names
+    missing = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if missing:
+        raise ValueError(f"patterns {missing} match no parameter (names look like {names[:3]})")
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+
+
+def initial_model(recipe: Recipe, image_size: int, n_classes: int, run_dir: RunDir | None) -> UNet2DModel:
+    """The recipe's UNet, from the pre-trained checkpoint of this run when there is one."""
+    with torch.random.fork_rng():
+        torch.manual_seed(recipe.training.seed)
+        model = build_unet(recipe.model, image_size, num_class_embeds(recipe, n_classes))
+    if run_dir is not None and (run_dir.pretrained / "unet").is_dir():
+        model.load_state_dict(load_unet(run_dir.pretrained / "unet").state_dict())
+    return model
+
+
+def _generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(int(seed) % (2**63))
+
+
+def _settings(recipe: Recipe, n_classes: int, device: torch.device, k: int) -> StepSettings:
+    bf16 = recipe.training.precision == "bf16"
+    if bf16 and device.type != "cuda":
+        raise ValueError("training.precision: bf16 needs a CUDA device; use fp32 on the CPU")
+    return StepSettings(
+        draws=Draws(
+            k=k,
+            timesteps=recipe.training.timesteps,
+            label_dropout=recipe.training.label_dropout,
+            null_class=null_class(recipe, n_classes),
+        ),
+        max_physical=recipe.training.max_physical_batch_size,
+        device=device,
+        row_loss=make_row_loss(device, bf16),
+    )
+
+
+# --- the training plan and the privacy record -----------------------------------------------------
 
 
 def _planned(recipe: Recipe, n_train: int) -> dict:
@@ -112,9 +285,19 @@ def plan_training(recipe: Recipe, n_train: int) -> dict:
 
 
 def privacy_record(
-    recipe: Recipe, images: ImageSet, plan: dict, history: list, steps_taken: int, dp_seed_source: str
+    recipe: Recipe,
+    images: ImageSet,
+    plan: dict,
+    history: list,
+    steps_taken: int,
+    dp_seed_source: str,
+    trainable: dict | None = None,
+    pretrained: dict | None = None,
 ) -> dict:
     """The privacy ledger written to privacy.json and carried into every report."""
+    public = ["model architecture and hyper-parameters from the recipe (no data)"]
+    if pretrained:
+        public.append(pretrained["statement"])
     rec = {
         "private": recipe.private,
         "mechanism": (
@@ -127,10 +310,17 @@ def privacy_record(
         "sample_rate": plan["sample_rate"],
         "steps_planned": plan["steps"],
         "steps_taken": steps_taken,
+        "noise_multiplicity": recipe.privacy.noise_multiplicity if recipe.private else 1,
+        "per_example_gradients": recipe.privacy.per_example_gradients if recipe.private else None,
         "data_manifest_sha256": images.manifest_sha256(),
         "recipe_sha256": recipe.sha256(),
         "preprocessing": images.preprocessing,
-        "public_inputs": ["model architecture and hyper-parameters from the recipe (no data)"],
+        "public_inputs": public,
+        "private_inputs": {
+            "data": f"the '{recipe.data.train_split}' split of the {recipe.data.source} source "
+            f"({len(images.train_labels)} images, classes {images.class_names})",
+            "trained_parameters": trainable,
+        },
         "not_covered_by_epsilon": [
             "the memorization audit reads the private training images after training; which "
             "samples it drops (and their nearest-neighbour distances) depend on them beyond ε",
@@ -138,6 +328,8 @@ def privacy_record(
             "secure_mode is not used)",
         ],
     }
+    if pretrained:
+        rec["pretraining"] = pretrained
     if recipe.private:
         delta = recipe.privacy.delta
         acc = recipe.privacy.accountant
@@ -160,6 +352,9 @@ def privacy_record(
     return rec
 
 
+# --- checkpoints ----------------------------------------------------------------------------------
+
+
 def _truncate_log(path: Path, step: int) -> None:
     """Keep the log lines of steps the checkpoint holds; later ones were rolled back."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,36 +370,164 @@ def _save_state(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def save_final(
+    model: UNet2DModel, ema: EMAModel | None, scheduler: DDPMScheduler, folder: Path, info: dict
+) -> None:
+    """checkpoints/final/{unet, unet_ema, scheduler, synthfactory.json}, moved in atomically."""
+    tmp = atomic_path(folder)
+    model.save_pretrained(tmp / "unet")
+    if ema is not None:
+        ema_model = UNet2DModel.from_config(model.config)
+        ema.copy_to(ema_model.parameters())
+        ema_model.save_pretrained(tmp / "unet_ema")
+    scheduler.save_pretrained(tmp / "scheduler")
+    write_json_atomic(tmp / "synthfactory.json", info)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epsilon: float | None
+    checkpoint: Path
+    privacy: dict
+    seconds: float
+
+
+# --- public pre-training ------------------------------------------------------------------------
+
+
+def pretrain(
+    recipe: Recipe, images: ImageSet, public: ImageSet | None, run_dir: RunDir, progress: bool = True
+) -> dict:
+    """Non-private training on data the recipe declares public (or a given checkpoint), written
+    to checkpoints/pretrained/. Returns the record of what was public."""
+    cfg = recipe.pretrain
+    assert cfg is not None
+    n_classes = len(images.class_names)
+    device = resolve_device(recipe.training.device)
+    model = initial_model(recipe, images.image_size, n_classes, None)
+    if cfg.checkpoint is not None:
+        model.load_state_dict(load_unet(cfg.checkpoint).state_dict())
+        digest = _folder_sha256(cfg.checkpoint)
+        record = {
+            "kind": "checkpoint",
+            "checkpoint": str(cfg.checkpoint),
+            "weights_sha256": digest,
+            "statement": f"initial weights from the checkpoint {cfg.checkpoint} (sha256 {digest[:12]}), "
+            "declared public by the recipe",
+        }
+    else:
+        assert public is not None
+        conditional = public.class_names == images.class_names
+        labels = torch.from_numpy(public.train_labels)
+        if not conditional:
+            labels = torch.full_like(labels, null_class(recipe, n_classes))
+        model.to(device).train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+        scheduler = build_noise_scheduler(recipe.model)
+        settings = _settings(recipe, n_classes, device, k=1)
+        gen = _generator(cfg.seed)
+        x_all = torch.from_numpy(public.train_images)
+        n = len(x_all)
+        batch = min(cfg.expected_batch_size, n)
+        with progress_bar(cfg.steps, "pretrain", "step", progress) as bar:
+            for _ in range(cfg.steps):
+                idx = torch.randperm(n, generator=gen)[:batch]
+                loss = plain_step(model, optimizer, scheduler, x_all[idx], labels[idx], gen, settings)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+        record = {
+            "kind": "data",
+            "source": recipe.pretrain.data.source,
+            "path": str(recipe.pretrain.data.path) if recipe.pretrain.data.path else None,
+            "n_images": n,
+            "classes": public.class_names,
+            "class_conditional": conditional,
+            "steps": cfg.steps,
+            "manifest_sha256": public.manifest_sha256(),
+            "statement": f"pre-training without DP on {n} images from the {recipe.pretrain.data.source} "
+            f"source, declared public by the recipe ({cfg.steps} steps; "
+            + ("class-conditional" if conditional else "class-agnostic, null label")
+            + "); none of them is an exact copy of a private image",
+        }
+    model.to("cpu").eval()
+    tmp = atomic_path(run_dir.pretrained)
+    model.save_pretrained(tmp / "unet")
+    write_json_atomic(tmp / "pretrain.json", record)
+    if run_dir.pretrained.exists():
+        shutil.rmtree(run_dir.pretrained)
+    os.replace(tmp, run_dir.pretrained)
+    return record
+
+
+def _folder_sha256(folder: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(f.relative_to(folder).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+# --- the private stage ----------------------------------------------------------------------------
+
+
 def train(recipe: Recipe, images: ImageSet, run_dir: RunDir, progress: bool = True) -> TrainResult:
     """Train (or resume training) and write checkpoints/final and privacy.json."""
     n_train = len(images.train_labels)
+    n_classes = len(images.class_names)
     plan = _planned(recipe, n_train)
     steps_total = plan["steps"]
+    device = resolve_device(recipe.training.device)
+    k = recipe.privacy.noise_multiplicity if recipe.private else 1
+    settings = _settings(recipe, n_classes, device, k)
     x_all = torch.from_numpy(images.train_images)
     y_all = torch.from_numpy(images.train_labels)
 
-    with torch.random.fork_rng():
-        torch.manual_seed(recipe.training.seed)
-        model = build_unet(recipe.model, images.image_size, len(images.class_names))
+    model = initial_model(recipe, images.image_size, n_classes, run_dir)
+    names = trainable_names(model, recipe.training.trainable)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in names)
+    model.to(device)
+    trainable = {
+        "patterns": recipe.training.trainable,
+        "parameters": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
+        "of": count_parameters(model),
+    }
     scheduler = build_noise_scheduler(recipe.model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.training.learning_rate)
+    optimizer = torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad], lr=recipe.training.learning_rate
+    )
+    decay = recipe.training.ema_decay
+    ema = EMAModel(model.parameters(), decay=decay) if decay else None
+    pretrained = (
+        read_json(run_dir.pretrained / "pretrain.json")
+        if (run_dir.pretrained / "pretrain.json").exists()
+        else None
+    )
 
     state = None
     if run_dir.train_state.exists():
-        state = torch.load(run_dir.train_state, weights_only=True)
+        state = torch.load(run_dir.train_state, weights_only=True, map_location="cpu")
         if state["recipe_sha256"] != recipe.sha256() or state["manifest_sha256"] != images.manifest_sha256():
             raise RuntimeError(
                 f"{run_dir.train_state} belongs to another recipe or data set; "
                 "start a new run instead of resuming this one"
             )
+        if state["device"] != device.type:
+            raise RuntimeError(f"{run_dir.train_state} was written on {state['device']}; resume it there")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         log.info("resuming training at step %d of %d", state["step"], steps_total)
 
     step = state["step"] if state else 0
     train_gen = _generator(recipe.training.seed + 1)
-    if state:
-        train_gen.set_state(state["train_rng"])
     if recipe.privacy.noise_seed is not None:
         dp_seed, dp_seed_source = (
             recipe.privacy.noise_seed,
@@ -217,13 +540,13 @@ def train(recipe: Recipe, images: ImageSet, run_dir: RunDir, progress: bool = Tr
         )
     if state:
         dp_seed, dp_seed_source = state["dp_seed"], state["dp_seed_source"]
-    sample_gen, noise_gen = _generator(dp_seed), _generator(dp_seed + 1)
+    sample_gen, noise_gen = _generator(dp_seed), _generator(dp_seed + 1, device)
     if state:
+        train_gen.set_state(state["train_rng"])
         sample_gen.set_state(state["sample_rng"])
         noise_gen.set_state(state["noise_rng"])
 
     private: PrivateTraining | None = None
-    history: list = list(state["accountant_history"]) if state else []
     if recipe.private:
         private = make_private(
             model,
@@ -236,10 +559,14 @@ def train(recipe: Recipe, images: ImageSet, run_dir: RunDir, progress: bool = Tr
             accountant=recipe.privacy.accountant,
             sample_generator=sample_gen,
             noise_generator=noise_gen,
+            mode=recipe.privacy.per_example_gradients,
         )
-        private.accountant.history = [tuple(h) for h in history]
+        private.accountant.history = [tuple(h) for h in (state["accountant_history"] if state else [])]
         batches = iter(private.sampler)
     model.train()
+
+    started = time.perf_counter()
+    previous_seconds = state.get("seconds", 0.0) if state else 0.0
 
     def checkpoint() -> None:
         _save_state(
@@ -248,12 +575,14 @@ def train(recipe: Recipe, images: ImageSet, run_dir: RunDir, progress: bool = Tr
                 "step": step,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
                 "accountant_history": [tuple(h) for h in (private.accountant.history if private else [])],
                 "train_rng": train_gen.get_state(),
                 "sample_rng": sample_gen.get_state(),
                 "noise_rng": noise_gen.get_state(),
                 "dp_seed": dp_seed,
                 "dp_seed_source": dp_seed_source,
+                "device": device.type,
                 "recipe_sha256": recipe.sha256(),
                 "manifest_sha256": images.manifest_sha256(),
                 "synthfactory_version": __version__,
@@ -262,14 +591,14 @@ def train(recipe: Recipe, images: ImageSet, run_dir: RunDir, progress: bool = Tr
         )
 
     log.info(
-        "training %s parameters for %d steps, q=%.4g, sigma=%s",
-        count_parameters(model),
+        "training %s of %s parameters for %d steps, q=%.4g, sigma=%s, K=%d",
+        trainable["parameters"],
+        trainable["of"],
         steps_total,
         plan["sample_rate"],
         plan["noise_multiplier"],
+        k,
     )
-    started = time.perf_counter()
-    previous_seconds = state.get("seconds", 0.0) if state else 0.0
     _truncate_log(run_dir.train_log, step)
     with (
         open(run_dir.train_log, "a") as logfile,
@@ -278,15 +607,12 @@ def train(recipe: Recipe, images: ImageSet, run_dir: RunDir, progress: bool = Tr
         while step < steps_total:
             if private is not None:
                 idx = torch.as_tensor(next(batches), dtype=torch.long)
-                loss = dp_step(private, scheduler, x_all[idx], y_all[idx], train_gen)
+                loss = dp_step(private, scheduler, x_all[idx], y_all[idx], train_gen, settings)
             else:
                 idx = torch.randperm(n_train, generator=train_gen)[: recipe.training.expected_batch_size]
-                optimizer.zero_grad(set_to_none=True)
-                t, noise = draw_diffusion_noise(x_all[idx], scheduler.config.num_train_timesteps, train_gen)
-                loss_t = diffusion_loss(model, scheduler, x_all[idx], y_all[idx], t, noise).mean()
-                loss_t.backward()
-                optimizer.step()
-                loss = float(loss_t.detach())
+                loss = plain_step(model, optimizer, scheduler, x_all[idx], y_all[idx], train_gen, settings)
+            if ema is not None:
+                ema.step(model.parameters())
             step += 1
             logfile.write(json.dumps({"step": step, "batch": int(len(idx)), "loss": loss}) + "\n")
             bar.update(1)
@@ -297,21 +623,28 @@ def train(recipe: Recipe, images: ImageSet, run_dir: RunDir, progress: bool = Tr
     seconds = time.perf_counter() - started + previous_seconds
 
     history = [tuple(h) for h in private.accountant.history] if private else []
-    record = privacy_record(recipe, images, plan, history, step, dp_seed_source)
+    record = privacy_record(recipe, images, plan, history, step, dp_seed_source, trainable, pretrained)
     record["train_seconds"] = round(seconds, 1)
-    record["parameters"] = count_parameters(model)
+    record["device"] = str(device)
+    record["ema_decay"] = decay
+    record["label_dropout"] = recipe.training.label_dropout
+    record["timesteps"] = recipe.training.timesteps.model_dump()
     if recipe.private and record["epsilon"] > recipe.privacy.target_epsilon + 1e-9:
         raise RuntimeError(f"accountant ε {record['epsilon']:.4f} exceeds the target; refusing to go on")
 
-    final = run_dir.final_checkpoint
-    tmp_final = atomic_path(final)
-    model.eval()
-    model.save_pretrained(tmp_final / "unet")
-    scheduler.save_pretrained(tmp_final / "scheduler")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp_final, final)
+    model.to("cpu").eval()
+    info = {
+        "class_names": images.class_names,
+        "null_class": null_class(recipe, n_classes),
+        "ema_decay": decay,
+        "steps": step,
+    }
+    save_final(model, ema, scheduler, run_dir.final_checkpoint, info)
     write_json_atomic(run_dir.privacy, record)
     return TrainResult(
-        steps=step, epsilon=record["epsilon"], checkpoint=final, privacy=record, seconds=seconds
+        steps=step,
+        epsilon=record["epsilon"],
+        checkpoint=run_dir.final_checkpoint,
+        privacy=record,
+        seconds=seconds,
     )

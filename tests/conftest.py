@@ -104,8 +104,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory):
     path = write_recipe(base, tiny_recipe())
     checked = check(path)
     run_dir = create_run(checked, base / "runs")
-    for stage in ("train", "sample"):
-        run_stage(stage, checked.recipe, checked.images, run_dir, StageOptions(progress=False))
+    for stage in ("pretrain", "train", "sample"):
+        run_stage(stage, checked, run_dir, StageOptions(progress=False))
     return checked, run_dir
 
 

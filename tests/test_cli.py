@@ -30,7 +30,14 @@ def test_run_end_to_end(tmp_path: Path) -> None:
     assert f"dataset    {run_root / 'release' / 'dataset'}" in result.output
     assert f"report     {tmp_path / 'pa' / 'tiny' / run_root.name / 'audit.md'}" in result.output
     assert "ε = " in result.output and "spent of target 10" in result.output
-    assert set(read_json(run_dir.run_json)["stages"]) == {"data", "train", "sample", "audit", "release"}
+    assert set(read_json(run_dir.run_json)["stages"]) == {
+        "data",
+        "pretrain",
+        "train",
+        "sample",
+        "audit",
+        "release",
+    }
     ds = datasets.load_from_disk(str(run_root / "release" / "dataset"))["train"]
     assert ds.features["label"].names == ["no_lesion", "lesion"]
     assert len(ds) == read_json(run_dir.audit_json)["summary"]["n_released"] > 0
@@ -57,7 +64,14 @@ def test_interrupted_run_resumes(tiny_run, tmp_path: Path) -> None:
     write_json_atomic(root / "run.json", info)
     result = run_cli("resume", str(root), "--audit-dir", str(tmp_path / "pa"), "-q")
     assert result.exit_code == 0, result.output
-    assert set(read_json(root / "run.json")["stages"]) == {"data", "train", "sample", "audit", "release"}
+    assert set(read_json(root / "run.json")["stages"]) == {
+        "data",
+        "pretrain",
+        "train",
+        "sample",
+        "audit",
+        "release",
+    }
     assert (root / "release" / "dataset").is_dir()
 
 
@@ -68,8 +82,8 @@ def test_block_exits_3_and_releases_nothing(tmp_path: Path) -> None:
 
     checked = check(write_recipe(tmp_path, tiny_recipe(audit={"action": "block"})))
     run_dir = create_run(checked, tmp_path / "runs")
-    for stage in ("train", "sample"):
-        run_stage(stage, checked.recipe, checked.images, run_dir, StageOptions(progress=False))
+    for stage in ("pretrain", "train", "sample"):
+        run_stage(stage, checked, run_dir, StageOptions(progress=False))
     plant((checked, run_dir))  # samples now include exact copies of training images
     result = run_cli("resume", str(run_dir.root), "--audit-dir", str(tmp_path / "pa"), "-q")
     assert result.exit_code == 3, result.output

@@ -16,7 +16,14 @@ from torch.func import functional_call, grad, vmap
 from synthfactory.model import build_noise_scheduler, build_unet
 from synthfactory.privacy import calibrate_noise, epsilon_of, make_private
 from synthfactory.recipe import ModelConfig, load_recipe
-from synthfactory.train import diffusion_loss, dp_step, draw_diffusion_noise
+from synthfactory.train import (
+    Draws,
+    StepSettings,
+    denoising_loss,
+    dp_step,
+    draw_diffusion_noise,
+    make_rows,
+)
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 TINY = ModelConfig(
@@ -41,7 +48,7 @@ def reference_per_example_grads(model, scheduler, x0, labels, t, noise) -> dict[
     return vmap(grad(loss_one), in_dims=(None, 0, 0, 0, 0))(params, x0, labels, t, noise)
 
 
-def private_for(model, n_train=100, batch=4, sigma=0.0, clip=1.0, steps=10):
+def private_for(model, n_train=100, batch=4, sigma=0.0, clip=1.0, steps=10, mode="hooks"):
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     return make_private(
         model,
@@ -54,6 +61,7 @@ def private_for(model, n_train=100, batch=4, sigma=0.0, clip=1.0, steps=10):
         accountant="rdp",
         sample_generator=torch.Generator().manual_seed(1),
         noise_generator=torch.Generator().manual_seed(2),
+        mode=mode,
     )
 
 
@@ -63,8 +71,9 @@ def batch_for(size: int, n_classes: int, b: int, seed: int = 0):
     return x0, torch.randint(0, n_classes, (b,), generator=g)
 
 
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "vmap"])
 @pytest.mark.parametrize("recipe_path", RECIPES, ids=lambda p: p.stem)
-def test_per_example_gradients_match_torch_func_for_recipe_architecture(recipe_path: Path) -> None:
+def test_per_example_gradients_match_torch_func_for_recipe_architecture(recipe_path: Path, mode: str) -> None:
     recipe = load_recipe(recipe_path)
     n_classes, size = len(recipe.data.classes), recipe.data.image_size
     torch.manual_seed(0)
@@ -76,8 +85,9 @@ def test_per_example_gradients_match_torch_func_for_recipe_architecture(recipe_p
     )
     ref = reference_per_example_grads(model, scheduler, x0, y, t, noise)
 
-    private = private_for(model)
-    diffusion_loss(private.module, scheduler, x0, y, t, noise).mean().backward()
+    private = private_for(model, mode=mode)
+    rows = (scheduler.add_noise(x0, noise, t), t, y, noise)
+    private.per_example_backward(denoising_loss, rows, len(x0), 1)
     checked = 0
     for name, p in model.named_parameters():
         gs, r = p.grad_sample, ref[name]
@@ -91,7 +101,8 @@ def test_per_example_gradients_match_torch_func_for_recipe_architecture(recipe_p
     assert checked > 0.9 * len(list(model.parameters()))
 
 
-def test_each_example_is_clipped_before_summing() -> None:
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "vmap"])
+def test_each_example_is_clipped_before_summing(mode: str) -> None:
     torch.manual_seed(0)
     model = build_unet(TINY, 16, 3)
     scheduler = build_noise_scheduler(TINY)
@@ -107,7 +118,7 @@ def test_each_example_is_clipped_before_summing() -> None:
     expected = {n: torch.einsum("i,i...->...", factor, ref[n]) / expected_batch for n in names}
     unclipped = {n: ref[n].sum(0) / expected_batch for n in names}
 
-    private = private_for(model, batch=expected_batch, sigma=0.0, clip=clip)
+    private = private_for(model, batch=expected_batch, sigma=0.0, clip=clip, mode=mode)
     dp_step(private, scheduler, x0, y, gen)
     got = dict(model.named_parameters())
     total_err = sum((got[n].grad - expected[n]).pow(2).sum() for n in names).sqrt()
@@ -206,3 +217,127 @@ def test_accountant_counts_every_step() -> None:
     assert private.accountant.history == [(1.1, 0.2, 5)]
     assert private.epsilon(1e-3) == pytest.approx(epsilon_of([(1.1, 0.2, 5)], 1e-3, "rdp"))
     assert private.epsilon(1e-3) > epsilon_of([(1.1, 0.2, 4)], 1e-3, "rdp")
+
+
+# --- noise multiplicity: K rows per example, folded before clipping ----------------------------
+
+
+def brute_force_example_grads(model, rows, n, k) -> dict[str, torch.Tensor]:
+    """One backward pass per example, in float64: grad of the mean loss over its k rows."""
+    ref = copy.deepcopy(model).double()
+    out = {name: [] for name, _ in ref.named_parameters()}
+    for i in range(n):
+        ref.zero_grad()
+        ex = [r[i * k : (i + 1) * k] for r in rows]
+        ex = [e.double() if e.is_floating_point() else e for e in ex]
+        denoising_loss(ref, *ex).mean().backward()
+        for name, p in ref.named_parameters():
+            out[name].append(p.grad.detach().clone())
+    return {name: torch.stack(g) for name, g in out.items()}
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "vmap"])
+def test_k_rows_are_folded_into_one_gradient_per_example_before_clipping(mode: str) -> None:
+    torch.manual_seed(0)
+    model = build_unet(TINY, 16, 3)
+    scheduler = build_noise_scheduler(TINY)
+    n, k = 3, 4
+    x0, y = batch_for(16, 3, n)
+    rows = make_rows(x0, y, scheduler, Draws(k=k), torch.Generator().manual_seed(4))
+    ref = brute_force_example_grads(model, rows, n, k)
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    private = make_private(
+        model,
+        opt,
+        n_train=100,
+        expected_batch_size=4,
+        steps=2,
+        noise_multiplier=0.0,
+        max_grad_norm=1.0,
+        accountant="rdp",
+        sample_generator=torch.Generator(),
+        noise_generator=torch.Generator(),
+        mode=mode,
+    )
+    private.per_example_backward(denoising_loss, rows, n, k)
+    for name, p in model.named_parameters():
+        got, want = p.grad_sample.double(), ref[name]
+        assert got.shape == want.shape == (n, *p.shape), name
+        err = (got - want).abs().max().item()
+        assert err <= 2e-4 * want.abs().max().item() + 1e-7, f"{mode} {name}: {err:.3g}"
+
+
+def test_clipping_k_rows_separately_would_inflate_the_sensitivity() -> None:
+    """Why folding matters: clipping each of the K rows gives an example up to K·C of influence."""
+    torch.manual_seed(0)
+    n, k, clip = 2, 8, 1e-3
+    model = build_unet(TINY, 16, 3)
+    scheduler = build_noise_scheduler(TINY)
+    x0, y = batch_for(16, 3, n)
+    rows = make_rows(x0, y, scheduler, Draws(k=k), torch.Generator().manual_seed(4))
+    ref = brute_force_example_grads(model, rows, n, k)
+    per_row = brute_force_example_grads(model, rows, n * k, 1)
+
+    def clipped_sum_norm(g: dict) -> float:
+        norms = torch.stack([v.flatten(1).norm(dim=1) for v in g.values()], 1).norm(dim=1)
+        f = (clip / norms).clamp(max=1)
+        return float(torch.stack([torch.einsum("i,i...->...", f, v).norm() for v in g.values()]).norm())
+
+    folded = clipped_sum_norm(ref)
+    rowwise = clipped_sum_norm(per_row)
+    assert folded <= n * clip * (1 + 1e-6)
+    assert rowwise > 2 * folded  # the wrong way: each example moves the sum by up to k·C
+
+
+def test_physical_chunks_give_the_same_clipped_sum_and_noise_once() -> None:
+    torch.manual_seed(0)
+    scheduler = build_noise_scheduler(TINY)
+    x0, y = batch_for(16, 3, 5)
+    grads = []
+    for chunk in (None, 2):
+        torch.manual_seed(0)
+        model = build_unet(TINY, 16, 3)
+        private = private_for(model, batch=5, sigma=0.0, clip=1e-3)
+        settings = StepSettings(draws=Draws(k=2), max_physical=chunk)
+        dp_step(private, scheduler, x0, y, torch.Generator().manual_seed(9), settings)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        assert private.accountant.history == [(0.0, 0.05, 1)]  # one logical step, however many chunks
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-9)
+    # With noise: the noise is added once per logical batch, not once per chunk.
+    torch.manual_seed(0)
+    model = build_unet(TINY, 16, 3)
+    clean = grads[1]
+    private = private_for(model, batch=5, sigma=3.0, clip=1e-3)
+    dp_step(
+        private,
+        scheduler,
+        x0,
+        y,
+        torch.Generator().manual_seed(9),
+        StepSettings(draws=Draws(k=2), max_physical=2),
+    )
+    noise = torch.cat([p.grad.flatten() for p in model.parameters()]) - clean
+    assert abs(noise.std().item() / (3.0 * 1e-3 / 5) - 1) < 0.02
+
+
+def test_epsilon_is_the_same_for_k_1_and_k_8() -> None:
+    scheduler = build_noise_scheduler(TINY)
+    x_all, y_all = batch_for(16, 2, 40)
+    eps = {}
+    for k in (1, 8):
+        torch.manual_seed(0)
+        model = build_unet(TINY, 16, 2)
+        private = private_for(model, n_train=40, batch=8, sigma=1.1, steps=3)
+        for idx in private.sampler:
+            idx = torch.as_tensor(idx, dtype=torch.long)
+            dp_step(
+                private,
+                scheduler,
+                x_all[idx],
+                y_all[idx],
+                torch.Generator().manual_seed(0),
+                StepSettings(draws=Draws(k=k)),
+            )
+        eps[k] = (private.accountant.history, private.epsilon(1e-3))
+    assert eps[1] == eps[8]

@@ -36,3 +36,18 @@ def test_each_image_depends_on_its_seed_not_its_batch(tiny_run) -> None:
 def test_sample_seeds_are_stable() -> None:
     assert sample_seed(0, 0) == sample_seed(0, 0) != sample_seed(0, 1) != sample_seed(1, 0)
     assert 0 <= sample_seed(123, 456) < 2**63
+
+
+def test_classifier_free_guidance(tiny_run) -> None:
+    import pytest
+
+    _, run_dir = tiny_run
+    model, train_sched = load_generator(run_dir.final_checkpoint, ema=True)
+    sched = sampling_scheduler(train_sched)
+    seeds, labels = [sample_seed(0, i) for i in range(2)], torch.tensor([0, 1])
+    plain = ddim_sample(model, sched, labels, seeds, 3, 16)
+    guided = ddim_sample(model, sched, labels, seeds, 3, 16, guidance_scale=3.0, null_class=2)
+    same = ddim_sample(model, sched, labels, seeds, 3, 16, guidance_scale=1.0, null_class=2)
+    assert torch.equal(plain, same) and not torch.allclose(plain, guided)
+    with pytest.raises(ValueError, match="null class"):
+        ddim_sample(model, sched, labels, seeds, 3, 16, guidance_scale=3.0, null_class=None)
