@@ -100,11 +100,41 @@ def write_png(rs: ReleasedSet, folder: Path) -> None:
         Image.fromarray(img, mode="L").save(folder / "png" / rs.class_names[label] / f"{idx:06d}.png")
 
 
+def write_grid(rs: ReleasedSet, path: Path, per_class: int = 10) -> None:
+    """A figure of released samples, one row per class (synthetic images only, all audited)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_rows = len(rs.class_names)
+    fig, axes = plt.subplots(
+        n_rows, per_class, figsize=(0.9 * per_class + 1.6, 0.95 * n_rows + 0.3), dpi=110, squeeze=False
+    )
+    for r, name in enumerate(rs.class_names):
+        picks = np.flatnonzero(rs.labels == r)[:per_class]
+        for c in range(per_class):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(picks):
+                ax.imshow(rs.images[picks[c]], cmap="gray", vmin=0, vmax=255)
+        axes[r, 0].text(-0.15, 0.5, name, transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=7)
+    fig.suptitle("synthetic samples that passed the memorization audit", fontsize=8)
+    fig.subplots_adjust(
+        left=1.5 / (0.9 * per_class + 1.6), right=0.99, top=0.93, bottom=0.01, wspace=0.05, hspace=0.05
+    )
+    fig.savefig(path)
+    plt.close(fig)
+
+
 WRITERS: dict[str, Callable[[ReleasedSet, Path], None]] = {"hf": write_hf, "png": write_png}
 
 
-def release(run_dir: RunDir, formats: list[str], private: bool) -> tuple[Path, dict]:
-    """Write the audited samples in each format; returns the release folder and release.json."""
+def release(
+    run_dir: RunDir, formats: list[str], private: bool, report_dir: Path | None = None
+) -> tuple[Path, dict]:
+    """Write the audited samples in each format, and a per-class grid of them (also into the
+    audit report folder); returns the release folder and release.json."""
     rs, audit = audited_set(run_dir)
     final = run_dir.release_dir(private)
     tmp = atomic_path(final)
@@ -112,6 +142,9 @@ def release(run_dir: RunDir, formats: list[str], private: bool) -> tuple[Path, d
     try:
         for fmt in formats:
             WRITERS[fmt](rs, tmp)
+        write_grid(rs, tmp / "sample_grid.png")
+        if report_dir is not None and report_dir.is_dir():
+            shutil.copy(tmp / "sample_grid.png", report_dir / "sample_grid.png")
         info = {
             "synthfactory_version": __version__,
             "run_id": run_dir.run_id,

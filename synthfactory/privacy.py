@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import opacus
 import torch
-from diffusers.models.attention_processor import AttnProcessor
+from diffusers.models.attention_processor import Attention, AttnProcessor
 from opacus import GradSampleModule
 from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -194,8 +194,9 @@ def make_private(
     if mode == "vmap":
         # diffusers' default attention (scaled_dot_product_attention) has no vmap rule and
         # falls back to a slow loop; the classic processor computes the same attention.
-        if hasattr(model, "set_attn_processor"):
-            model.set_attn_processor(AttnProcessor())
+        for m in model.modules():
+            if isinstance(m, Attention):
+                m.set_processor(AttnProcessor())
         module = model
     else:
         make_conv_inputs_contiguous(model)

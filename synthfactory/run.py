@@ -209,7 +209,10 @@ def run_stage(stage: str, checked: Checked, run_dir: RunDir, opts: StageOptions)
         res = run_audit(recipe, run_dir, images, opts.audit_root)
         run_dir.mark_done("audit", decision=res.decision, report=str(res.report_dir))
     elif stage == "release":
-        folder, info = release(run_dir, list(recipe.outputs.formats), recipe.private)
+        report = run_dir.info().get("stages", {}).get("audit", {}).get("report")
+        folder, info = release(
+            run_dir, list(recipe.outputs.formats), recipe.private, Path(report) if report else None
+        )
         run_dir.mark_done("release", folder=str(folder), n_released=info["n_released"])
     else:
         raise ValueError(f"unknown stage {stage}")

@@ -37,6 +37,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 STAGES = ("data", "pretrain", "train", "sample", "audit", "release")
 
 
@@ -44,6 +47,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     """Write JSON so that a reader never sees half a file (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(obj, fh, indent=2, sort_keys=False)

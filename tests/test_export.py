@@ -22,8 +22,12 @@ def test_release_holds_only_audited_passed_samples(run_copy, tmp_path) -> None:
     passed = [s["index"] for s in audit["samples"] if not s["flagged"]]
     assert flagged and passed
 
-    folder, info = release(run_dir, ["hf", "png"], private=True)
+    folder, info = release(
+        run_dir, ["hf", "png"], private=True, report_dir=tmp_path / "pa" / "tiny" / run_dir.run_id
+    )
     assert folder == run_dir.root / "release"
+    assert (folder / "sample_grid.png").stat().st_size > 1000
+    assert (tmp_path / "pa" / "tiny" / run_dir.run_id / "sample_grid.png").is_file()
     dd = datasets.load_from_disk(str(folder / "dataset"))
     ds = dd["train"]
     assert ds.features["label"].names == ["no_lesion", "lesion"]

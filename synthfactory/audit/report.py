@@ -111,6 +111,10 @@ def write_markdown(path: Path, audit: dict) -> None:
         "",
         "![distances](distances.png)",
         "",
+        "## Released samples",
+        "",
+        "![released samples](sample_grid.png) (written by the release stage: audited, passed samples only)",
+        "",
         "## Closest pairs (INTERNAL: real images)",
         "",
         "[internal/closest_pairs.png](internal/closest_pairs.png): the synthetic samples closest to a "
