@@ -59,6 +59,8 @@ class DataConfig(_Strict):
     ct_window: CTWindow = CTWindow()
     percentiles: tuple[float, float] = (0.5, 99.5)
     phantom: PhantomSpec = PhantomSpec()
+    max_train_images: int | None = Field(None, ge=2)
+    max_heldout_images: int | None = Field(None, ge=2)
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -215,6 +217,25 @@ class PretrainConfig(_Strict):
         return self
 
 
+class ClassifierConfig(_Strict):
+    """The fixed CNN used for TSTR and TRTR (and as the feature extractor for fidelity)."""
+
+    epochs: int = Field(30, ge=1)
+    patience: int = Field(5, ge=1)
+    batch_size: int = Field(128, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    seed: int = 0
+
+
+class EvaluationConfig(_Strict):
+    enabled: bool = True
+    classifier: ClassifierConfig = ClassifierConfig()
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    max_real_train: int | None = Field(None, ge=10)
+    max_real_features: int = Field(5000, ge=10)
+    prdc_k: int = Field(5, ge=1)
+
+
 class ThresholdRule(_Strict):
     rule: Literal["heldout_percentile"] = "heldout_percentile"
     percentile: float = Field(1.0, gt=0, le=100)
@@ -244,6 +265,7 @@ class Recipe(_Strict):
     sampling: SamplingConfig
     pretrain: PretrainConfig | None = None
     audit: AuditConfig = AuditConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     outputs: OutputsConfig = OutputsConfig()
 
     @model_validator(mode="after")
@@ -323,8 +345,68 @@ def _resolve(base: Path, p: Path | None) -> Path | None:
     return p if p.is_absolute() else (base / p).resolve()
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe; input paths come back absolute and checked to exist."""
+def parse_override(text: str) -> tuple[str, Any]:
+    """`privacy.target_epsilon=1` → ("privacy.target_epsilon", 1.0); the value is YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set {text}: expected FIELD=VALUE, e.g. privacy.target_epsilon=1")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"--set {text}: the value is not valid YAML ({e})") from None
+
+
+def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
+    """A copy of a raw recipe mapping with dotted fields set."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        node = out
+        keys = dotted.split(".")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {dotted}: '{k}' is not a section")
+        node[keys[-1]] = value
+    return out
+
+
+def smoke_overrides(raw: dict) -> dict[str, Any]:
+    """Shrink a recipe to seconds on the same real data: a tiny model, a few steps, a few
+    hundred images. For CI and for checking a recipe end to end; the numbers mean nothing."""
+    training = raw.get("training", {}) if isinstance(raw.get("training"), dict) else {}
+    out: dict[str, Any] = {
+        "name": f"{raw.get('name', 'recipe')}-smoke",
+        "model.block_out_channels": [16, 32],
+        "model.layers_per_block": 1,
+        "model.attention": True,
+        "model.norm_num_groups": 4,
+        "model.attention_head_dim": 8,
+        "training.steps": 2,
+        "training.epochs": None,
+        "training.expected_batch_size": min(16, int(training.get("expected_batch_size", 16))),
+        "training.max_physical_batch_size": 16,
+        "training.checkpoint_every": 1,
+        "privacy.noise_multiplicity": 2,
+        "sampling.images_per_class": 4,
+        "sampling.ddim_steps": 2,
+        "data.max_train_images": 400,
+        "data.max_heldout_images": 200,
+        "evaluation.classifier.epochs": 1,
+        "evaluation.max_real_features": 200,
+    }
+    if isinstance(raw.get("pretrain"), dict):
+        out["pretrain.steps"] = 2
+        if isinstance(raw["pretrain"].get("data"), dict):
+            out["pretrain.data.max_train_images"] = 200
+            out["pretrain.data.max_heldout_images"] = 20
+    return out
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None, smoke: bool = False) -> Recipe:
+    """Read and validate a recipe (with `--set` overrides and the smoke variant applied);
+    input paths come back absolute and checked to exist."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
@@ -336,6 +418,10 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: <top level>: a recipe is a YAML mapping of fields")
+    if smoke:
+        raw = apply_overrides(raw, smoke_overrides(raw))
+    if overrides:
+        raw = apply_overrides(raw, overrides)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:

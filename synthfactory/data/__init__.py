@@ -62,4 +62,11 @@ def load_images(cfg: DataConfig, modality: str) -> ImageSet:
     else:  # pragma: no cover - the recipe's Literal forbids it
         raise DataError("source", f"unknown source {cfg.source}")
     steps.append("no statistic computed over the data set: preprocessing spends no privacy budget")
-    return build_image_set(train, held, cfg.classes, names, cfg.image_size, skipped, steps)
+    limits = (cfg.max_train_images, cfg.max_heldout_images)
+    if any(v is not None for v in limits):
+        steps.append(
+            f"random subset (seed {cfg.split_seed}) of at most {limits[0]} training and {limits[1]} held-out images"
+        )
+    return build_image_set(
+        train, held, cfg.classes, names, cfg.image_size, skipped, steps, limits=limits, seed=cfg.split_seed
+    )

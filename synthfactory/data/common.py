@@ -117,15 +117,21 @@ def build_image_set(
     size: int,
     skipped: list[dict] | None = None,
     preprocessing: list[str] | None = None,
+    limits: tuple[int | None, int | None] = (None, None),
+    seed: int = 0,
 ) -> ImageSet:
-    """Keep the recipe's classes (in the recipe's order), resize, label and hash every image."""
+    """Keep the recipe's classes (in the recipe's order), optionally a random subset of at most
+    `limits` = (train, held-out) images, resize, label and hash every image."""
     missing = [c for c in classes if c not in available]
     if missing:
         raise DataError("classes", f"{missing} not in the data, whose classes are {available}")
     index = {name: i for i, name in enumerate(classes)}
     arrays, labels, manifest = {}, {}, []
-    for split, raw in (("train", train), ("heldout", heldout)):
+    for (split, raw), limit in zip((("train", train), ("heldout", heldout)), limits, strict=True):
         keep = [i for i, lab in enumerate(raw.labels) if lab in index]
+        if limit is not None and len(keep) > limit:
+            rng = np.random.default_rng([seed, len(keep)])
+            keep = sorted(rng.choice(keep, size=limit, replace=False).tolist())
         if not keep:
             raise DataError(
                 "train_split" if split == "train" else "heldout_split",
