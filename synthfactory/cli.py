@@ -14,7 +14,7 @@ import typer
 
 from .audit.gate import ordinal
 from .export import ReleaseRefused
-from .recipe import RecipeError
+from .recipe import RecipeError, parse_override
 from .run import StageOptions, check, create_run, open_run, run_remaining, run_stage, summary
 
 app = typer.Typer(
@@ -26,6 +26,16 @@ app = typer.Typer(
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
 RunDirArg = Annotated[Path, typer.Argument(help="Run directory (runs/<run id>).", show_default=False)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+Sets = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a recipe field: --set privacy.target_epsilon=1 (repeatable)."),
+]
+Smoke = Annotated[
+    bool,
+    typer.Option(
+        "--smoke", help="Tiny model, few steps, a few hundred images: checks the path, not quality."
+    ),
+]
 AuditDir = Annotated[
     Path | None,
     typer.Option("--audit-dir", help="Where reports go (default: the recipe's outputs.audit_dir)."),
@@ -75,6 +85,12 @@ def _print_summary(run_path: Path) -> None:
     if s.get("release"):
         echo(f"dataset    {Path(s['release']) / 'dataset'}   (datasets.load_from_disk)")
         echo(f"release    {s['release']}")
+    e = s.get("evaluation")
+    if e:
+        echo(
+            f"utility    TSTR {e['tstr']:.3f} / TRTR {e['trtr']:.3f} = {e['ratio']:.2f} (chance {e['chance']:.3f}); "
+            f"Fréchet distance {e['fd']:.2f} (real vs real {e['fd_real']:.2f})"
+        )
 
 
 @app.callback()
@@ -82,10 +98,14 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
 
 
+def _overrides(sets: list[str] | None) -> dict:
+    return dict(_guard(parse_override, item) for item in sets or [])
+
+
 @app.command()
-def validate(recipe: RecipeArg) -> None:
+def validate(recipe: RecipeArg, set_: Sets = None, smoke: Smoke = False) -> None:
     """Check a recipe and its data; print what a run would do. Writes nothing."""
-    c = _guard(check, recipe)
+    c = _guard(check, recipe, _overrides(set_), smoke)
     imgs = c.images
     typer.echo(f"{recipe}: valid")
     typer.echo(
@@ -111,10 +131,12 @@ def run(
     recipe: RecipeArg,
     out: Annotated[Path | None, typer.Option("--out", help="Parent folder of the run directory.")] = None,
     audit_dir: AuditDir = None,
+    set_: Sets = None,
+    smoke: Smoke = False,
     quiet: Quiet = False,
 ) -> None:
-    """Run every stage: data, train, sample, audit, release."""
-    c = _guard(check, recipe)
+    """Run every stage: data, pretrain, train, sample, audit, release, evaluate."""
+    c = _guard(check, recipe, _overrides(set_), smoke)
     run_dir = create_run(c, out)
     typer.echo(f"run directory: {run_dir.root}", err=True)
     _guard(run_remaining, c, run_dir, StageOptions(progress=not quiet, audit_root=audit_dir))
@@ -144,6 +166,9 @@ app.command("train")(_stage_command("train", "Train (or finish training) the mod
 app.command("sample")(_stage_command("sample", "Generate the synthetic samples of a run."))
 app.command("audit")(_stage_command("audit", "Run the memorization audit on a run's samples."))
 app.command("release")(_stage_command("release", "Write the samples that passed the audit."))
+app.command("evaluate")(
+    _stage_command("evaluate", "TSTR/TRTR, fidelity and diversity of the released samples.")
+)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -18,6 +18,7 @@ import yaml
 from . import __version__
 from .audit import run_audit
 from .data import DataError, ImageSet, load_images
+from .evaluate import evaluate
 from .export import release
 from .model import load_unet, resolve_device
 from .recipe import Recipe, RecipeError, check_against_data, load_recipe
@@ -60,9 +61,10 @@ def _load(recipe: Recipe, recipe_path: str | Path) -> tuple[ImageSet, ImageSet |
     return images, public
 
 
-def check(recipe_path: str | Path) -> Checked:
-    """Validate a recipe and its data without writing anything. Raises RecipeError."""
-    recipe = load_recipe(recipe_path)
+def check(recipe_path: str | Path, overrides: dict | None = None, smoke: bool = False) -> Checked:
+    """Validate a recipe (with overrides, or its smoke variant) and its data without writing
+    anything. Raises RecipeError."""
+    recipe = load_recipe(recipe_path, overrides, smoke)
     images, public = _load(recipe, recipe_path)
     check_against_data(recipe, recipe_path, len(images.train_labels))
     try:
@@ -214,6 +216,13 @@ def run_stage(stage: str, checked: Checked, run_dir: RunDir, opts: StageOptions)
             run_dir, list(recipe.outputs.formats), recipe.private, Path(report) if report else None
         )
         run_dir.mark_done("release", folder=str(folder), n_released=info["n_released"])
+    elif stage == "evaluate":
+        if not recipe.evaluation.enabled:
+            run_dir.mark_done("evaluate", skipped="evaluation.enabled is false")
+            return
+        report = run_dir.info().get("stages", {}).get("audit", {}).get("report")
+        res = evaluate(recipe, images, run_dir, Path(report) if report else None)
+        run_dir.mark_done("evaluate", tstr_over_trtr=res.evaluation["tstr_over_trtr_accuracy"])
     else:
         raise ValueError(f"unknown stage {stage}")
 
@@ -248,6 +257,16 @@ def summary(run_dir: RunDir) -> dict:
     rel = info.get("stages", {}).get("release")
     if rel:
         out["release"] = rel["folder"]
+    if run_dir.evaluation.exists():
+        ev = read_json(run_dir.evaluation)
+        out["evaluation"] = {
+            "tstr": ev["tstr"]["accuracy"],
+            "trtr": ev["trtr"]["accuracy"],
+            "ratio": ev["tstr_over_trtr_accuracy"],
+            "chance": ev["tstr"]["chance_accuracy"],
+            "fd": ev["fidelity"]["frechet_distance"],
+            "fd_real": ev["fidelity"]["frechet_distance_real_train_vs_heldout"],
+        }
     return out
 
 

@@ -20,7 +20,8 @@
       audit/nearest.npz               nearest training index and distance per sample,
                                       held-out→train distances
       release/ (release-NOT-PRIVATE/) dataset/ (datasets save_to_disk), png/<class>/*.png,
-                                      release.json (what was released and on what grounds)
+                                      sample_grid.png, release.json (what was released and why)
+      evaluation.json                 TSTR/TRTR, fidelity, diversity of the released samples
 
 Everything in a run directory except `release/` is internal: it names private images by
 index and hash, and holds a model trained on them. Only `release/` is meant to leave.
@@ -40,7 +41,7 @@ from typing import Any
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-STAGES = ("data", "pretrain", "train", "sample", "audit", "release")
+STAGES = ("data", "pretrain", "train", "sample", "audit", "release", "evaluate")
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -132,6 +133,10 @@ class RunDir:
     @property
     def nearest(self) -> Path:
         return self.root / "audit" / "nearest.npz"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation.json"
 
     def release_dir(self, private: bool) -> Path:
         return self.root / ("release" if private else "release-NOT-PRIVATE")

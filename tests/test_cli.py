@@ -10,7 +10,7 @@ from conftest import tiny_recipe, write_recipe
 from typer.testing import CliRunner
 
 from synthfactory.cli import app
-from synthfactory.rundir import RunDir, read_json, write_json_atomic
+from synthfactory.rundir import STAGES, RunDir, read_json, write_json_atomic
 
 runner = CliRunner()
 
@@ -30,14 +30,7 @@ def test_run_end_to_end(tmp_path: Path) -> None:
     assert f"dataset    {run_root / 'release' / 'dataset'}" in result.output
     assert f"report     {tmp_path / 'pa' / 'tiny' / run_root.name / 'audit.md'}" in result.output
     assert "ε = " in result.output and "spent of target 10" in result.output
-    assert set(read_json(run_dir.run_json)["stages"]) == {
-        "data",
-        "pretrain",
-        "train",
-        "sample",
-        "audit",
-        "release",
-    }
+    assert set(read_json(run_dir.run_json)["stages"]) == set(STAGES)
     ds = datasets.load_from_disk(str(run_root / "release" / "dataset"))["train"]
     assert ds.features["label"].names == ["no_lesion", "lesion"]
     assert len(ds) == read_json(run_dir.audit_json)["summary"]["n_released"] > 0
@@ -64,14 +57,7 @@ def test_interrupted_run_resumes(tiny_run, tmp_path: Path) -> None:
     write_json_atomic(root / "run.json", info)
     result = run_cli("resume", str(root), "--audit-dir", str(tmp_path / "pa"), "-q")
     assert result.exit_code == 0, result.output
-    assert set(read_json(root / "run.json")["stages"]) == {
-        "data",
-        "pretrain",
-        "train",
-        "sample",
-        "audit",
-        "release",
-    }
+    assert set(read_json(root / "run.json")["stages"]) == set(STAGES)
     assert (root / "release" / "dataset").is_dir()
 
 

@@ -1,0 +1,373 @@
+"""Is the released synthetic set worth using? Utility, fidelity and diversity against real data.
+
+- TSTR / TRTR: one fixed CNN classifier (below) trained on the released synthetic set and,
+  beside it, on the real training split; both tested on the real held-out split. Model selection
+  (early stopping) uses a validation split of each one's *own* training data, never the real test
+  split (DPImageBench's rule). Reported: accuracy, macro one-vs-rest AUC, per-class recall, the
+  TSTR/TRTR ratio, and each classifier's training curve.
+- Fidelity: Fréchet distance and precision/recall/density/coverage (Naeem et al. 2020, k nearest
+  neighbours) between synthetic and real held-out images, in the feature space of the TRTR
+  classifier's penultimate layer. Why that space: it is available offline (no download), it is
+  trained on this modality and these classes (an ImageNet network knows neither grayscale CT nor
+  ultrasound), and it is fixed before the synthetic set is looked at. A real-vs-real Fréchet
+  distance (training against held-out images) is reported beside it as the scale.
+- Diversity: the share of synthetic samples whose nearest *other* synthetic sample is at or
+  below the audit threshold (as close as a suspected copy would be to a training image).
+
+Everything here reads the run directory (release only through `export.audited_set`, so only
+audited samples are evaluated) and the real images; it writes `evaluation.json` (aggregate
+numbers only, no pixels) to the run directory and beside the audit report.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import linalg
+from torch import nn
+
+from . import __version__
+from .audit import quantize
+from .audit.nearest import nearest_neighbours
+from .data import ImageSet
+from .export import audited_set
+from .recipe import ClassifierConfig, EvaluationConfig, Recipe
+from .rundir import RunDir, read_json, write_json_atomic
+from .sample import uint8_to_model_range
+
+log = logging.getLogger(__name__)
+SCHEMA = "synthfactory.evaluation/v1"
+
+
+# --- the classifier -------------------------------------------------------------------------------
+
+
+class Classifier(nn.Module):
+    """A small VGG-style CNN (about 0.3M parameters): three conv stages with batch norm, a 2×2
+    pooled map (not a single global average, which underfits these sets), a 128-d penultimate
+    layer (the fidelity feature space) and a linear head."""
+
+    def __init__(self, n_classes: int) -> None:
+        super().__init__()
+
+        def block(c_in: int, c_out: int) -> list[nn.Module]:
+            # momentum=None: running statistics are the plain average since the last reset, which
+            # train_classifier does at every epoch, so they match the weights being validated.
+            return [
+                nn.Conv2d(c_in, c_out, 3, padding=1),
+                nn.BatchNorm2d(c_out, momentum=None),
+                nn.ReLU(inplace=True),
+            ]
+
+        self.features = nn.Sequential(
+            *block(1, 32), *block(32, 32), nn.MaxPool2d(2),
+            *block(32, 64), *block(64, 64), nn.MaxPool2d(2),
+            *block(64, 128), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+            nn.Linear(512, 128), nn.ReLU(inplace=True),
+        )  # fmt: skip
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, n_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _shift(x: torch.Tensor, gen: torch.Generator, max_px: int = 2) -> torch.Tensor:
+    """Random translation by up to max_px pixels (no flips: left/right carry meaning here)."""
+    pad = F.pad(x, (max_px,) * 4, value=-1.0)
+    dy, dx = torch.randint(0, 2 * max_px + 1, (2,), generator=gen).tolist()
+    return pad[..., dy : dy + x.shape[-2], dx : dx + x.shape[-1]]
+
+
+def split_validation(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (train indices, validation indices)."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_val = max(1, int(round(fraction * len(idx)))) if len(idx) > 1 else 0
+        val.extend(idx[:n_val])
+        train.extend(idx[n_val:])
+    return np.sort(np.array(train, dtype=np.int64)), np.sort(np.array(val, dtype=np.int64))
+
+
+@torch.no_grad()
+def predict(model: Classifier, x: np.ndarray, batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """(class probabilities [N, C], penultimate features [N, 128])."""
+    model.eval()
+    probs, feats = [], []
+    for a in range(0, len(x), batch):
+        xb = torch.from_numpy(x[a : a + batch])
+        f = model.features(xb)
+        probs.append(model.head(f).softmax(1).numpy())
+        feats.append(f.numpy())
+    return np.concatenate(probs), np.concatenate(feats)
+
+
+def train_classifier(
+    x: np.ndarray, y: np.ndarray, n_classes: int, cfg: ClassifierConfig, val_fraction: float
+) -> tuple[Classifier, dict]:
+    """Train on (x, y) with early stopping on a stratified validation split of (x, y) itself."""
+    tr, va = split_validation(y, val_fraction, cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        model = Classifier(n_classes)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
+    xt, yt = torch.from_numpy(x[tr]), torch.from_numpy(y[tr])
+    curve, best, best_state, waited = [], -1.0, None, 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.reset_running_stats()
+        order = torch.randperm(len(xt), generator=gen)
+        correct, seen = 0, 0
+        for a in range(0, len(order), cfg.batch_size):
+            idx = order[a : a + cfg.batch_size]
+            if len(idx) < 2:
+                continue  # batch norm needs two examples
+            logits = model(_shift(xt[idx], gen))
+            loss = F.cross_entropy(logits, yt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            correct += int((logits.argmax(1) == yt[idx]).sum())
+            seen += len(idx)
+        val_acc = float((predict(model, x[va])[0].argmax(1) == y[va]).mean()) if len(va) else float("nan")
+        curve.append({"epoch": epoch + 1, "train_accuracy": correct / max(seen, 1), "val_accuracy": val_acc})
+        if val_acc > best:
+            best, waited = val_acc, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            waited += 1
+            if waited >= cfg.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    info = {
+        "n_train": int(len(tr)),
+        "n_val": int(len(va)),
+        "epochs_run": len(curve),
+        "best_val_accuracy": best,
+        "curve": curve,
+    }
+    return model.eval(), info
+
+
+# --- metrics --------------------------------------------------------------------------------------
+
+
+def auc_one_vs_rest(scores: np.ndarray, positive: np.ndarray) -> float:
+    """ROC AUC by the rank-sum (Mann-Whitney) statistic, ties averaged. NaN if one class is empty."""
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def classification_metrics(probs: np.ndarray, y: np.ndarray, class_names: list[str]) -> dict:
+    pred = probs.argmax(1)
+    aucs = [auc_one_vs_rest(probs[:, c], y == c) for c in range(len(class_names))]
+    recall = {
+        name: float((pred[y == c] == c).mean()) if (y == c).any() else float("nan")
+        for c, name in enumerate(class_names)
+    }
+    return {
+        "accuracy": float((pred == y).mean()),
+        "macro_auc": float(np.nanmean(aucs)),
+        "per_class_recall": recall,
+        "chance_accuracy": float(np.bincount(y, minlength=len(class_names)).max() / len(y)),
+    }
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Fréchet distance between Gaussian fits of two feature sets."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)  # singular products are handled below
+        covmean = linalg.sqrtm(cov_a @ cov_b)
+        if not np.isfinite(covmean).all():
+            eps = np.eye(len(cov_a)) * 1e-6
+            covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
+    covmean = np.real(covmean)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(covmean))
+
+
+def prdc(real: np.ndarray, fake: np.ndarray, k: int) -> dict:
+    """Precision, recall, density, coverage (Naeem et al. 2020) with k-NN balls."""
+    r, f = torch.from_numpy(real).double(), torch.from_numpy(fake).double()
+    d_rr = torch.cdist(r, r)
+    d_ff = torch.cdist(f, f)
+    d_rf = torch.cdist(r, f)  # [real, fake]
+    radius_r = d_rr.topk(k + 1, dim=1, largest=False).values[:, -1]  # k-th neighbour, self excluded
+    radius_f = d_ff.topk(k + 1, dim=1, largest=False).values[:, -1]
+    inside = d_rf <= radius_r[:, None]  # fake j inside real i's ball
+    return {
+        "precision": float(inside.any(0).double().mean()),
+        "recall": float((d_rf <= radius_f[None, :]).any(1).double().mean()),
+        "density": float(inside.double().sum(0).mean() / k),
+        "coverage": float(inside.any(1).double().mean()),
+        "k": k,
+    }
+
+
+# --- the stage ------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvaluationResult:
+    evaluation: dict
+    path: Path
+
+
+def _subset(n: int, limit: int | None, seed: int) -> np.ndarray:
+    if limit is None or n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
+def evaluate_arrays(
+    synth_u8: np.ndarray, synth_y: np.ndarray, images: ImageSet, cfg: EvaluationConfig, threshold: float
+) -> dict:
+    """TSTR/TRTR, fidelity and diversity for 8-bit synthetic images [M, H, W] with labels."""
+    names = images.class_names
+    n_classes = len(names)
+    if len(synth_y) < 2 * n_classes:
+        raise ValueError(f"only {len(synth_y)} synthetic samples: too few to train a classifier")
+
+    # The same 8-bit grid as the release, for real and synthetic images alike.
+    synth_x = uint8_to_model_range(synth_u8)
+    synth_y = synth_y.astype(np.int64)
+    keep = _subset(len(images.train_labels), cfg.max_real_train, cfg.classifier.seed)
+    real_x = uint8_to_model_range(quantize(images.train_images[keep]))
+    real_y = images.train_labels[keep]
+    test_x = uint8_to_model_range(quantize(images.heldout_images))
+    test_y = images.heldout_labels
+
+    trtr_model, trtr_info = train_classifier(real_x, real_y, n_classes, cfg.classifier, cfg.val_fraction)
+    tstr_model, tstr_info = train_classifier(synth_x, synth_y, n_classes, cfg.classifier, cfg.val_fraction)
+    trtr_probs, test_feats = predict(trtr_model, test_x)
+    tstr_probs, _ = predict(tstr_model, test_x)
+    trtr = {**classification_metrics(trtr_probs, test_y, names), "classifier": trtr_info}
+    tstr = {**classification_metrics(tstr_probs, test_y, names), "classifier": tstr_info}
+
+    # Fidelity in the TRTR classifier's feature space.
+    pick = _subset(len(test_feats), cfg.max_real_features, cfg.classifier.seed + 1)
+    real_feats = test_feats[pick]
+    synth_feats = predict(trtr_model, synth_x)[1]
+    train_pick = _subset(len(real_x), cfg.max_real_features, cfg.classifier.seed + 2)
+    train_feats = predict(trtr_model, real_x[train_pick])[1]
+    fidelity = {
+        "feature_space": "penultimate layer (128-d) of the TRTR classifier",
+        "n_real": int(len(real_feats)),
+        "n_synthetic": int(len(synth_feats)),
+        "frechet_distance": frechet_distance(real_feats, synth_feats),
+        "frechet_distance_real_train_vs_heldout": frechet_distance(real_feats, train_feats),
+        **prdc(real_feats, synth_feats, min(cfg.prdc_k, len(synth_feats) - 1, len(real_feats) - 1)),
+    }
+
+    # Diversity: near-identical synthetic pairs (mode collapse), on the audit's scale.
+    _, nn_synth = nearest_neighbours(synth_x, synth_x, exclude_self=True)
+    diversity = {
+        "threshold": threshold,
+        "threshold_from": "the memorization audit's threshold (held-out → train percentile)",
+        "share_near_duplicate": float((nn_synth <= threshold).mean()),
+        "nn_distance_median": float(np.median(nn_synth)),
+    }
+    ratio = tstr["accuracy"] / trtr["accuracy"] if trtr["accuracy"] > 0 else float("nan")
+    return {
+        "class_names": names,
+        "n_synthetic": int(len(synth_y)),
+        "n_real_train": int(len(real_y)),
+        "n_real_test": int(len(test_y)),
+        "tstr": tstr,
+        "trtr": trtr,
+        "tstr_over_trtr_accuracy": ratio,
+        "fidelity": fidelity,
+        "diversity": diversity,
+    }
+
+
+def evaluate(
+    recipe: Recipe, images: ImageSet, run_dir: RunDir, report_dir: Path | None = None
+) -> EvaluationResult:
+    """Evaluate the released (audited) samples of a run; writes evaluation.json."""
+    started = time.perf_counter()
+    rs, audit = audited_set(run_dir)
+    numbers = evaluate_arrays(
+        rs.images, rs.labels, images, recipe.evaluation, float(audit["threshold"]["value"])
+    )
+    privacy = read_json(run_dir.privacy)
+    evaluation = {
+        "schema": SCHEMA,
+        "synthfactory_version": __version__,
+        "run_id": run_dir.run_id,
+        "recipe_name": recipe.name,
+        "recipe_sha256": recipe.sha256(),
+        "epsilon": privacy.get("epsilon"),
+        "delta": privacy.get("delta"),
+        "private": privacy.get("private"),
+        **numbers,
+        "seconds": round(time.perf_counter() - started, 1),
+        "rules": [
+            "model selection on a validation split of each classifier's own training data; the real "
+            "held-out split is used once, for the reported numbers",
+            "all images on the 8-bit grid of the release",
+        ],
+    }
+    write_json_atomic(run_dir.evaluation, evaluation)
+    if report_dir is not None and report_dir.is_dir():
+        write_json_atomic(report_dir / "evaluation.json", evaluation)
+        (report_dir / "evaluation.md").write_text(evaluation_markdown(evaluation))
+    return EvaluationResult(evaluation, run_dir.evaluation)
+
+
+def evaluation_markdown(ev: dict) -> str:
+    t, r, f, d = ev["tstr"], ev["trtr"], ev["fidelity"], ev["diversity"]
+    eps = "NOT PRIVATE" if not ev["private"] else f"ε = {ev['epsilon']:.3f}, δ = {ev['delta']:g}"
+    rows = "\n".join(
+        f"| {name} | {t['per_class_recall'][name]:.3f} | {r['per_class_recall'][name]:.3f} |"
+        for name in ev["class_names"]
+    )
+    return f"""# Evaluation: {ev["recipe_name"]} / {ev["run_id"]}
+
+{eps}; {ev["n_synthetic"]} released synthetic images, {ev["n_real_train"]} real training and
+{ev["n_real_test"]} real held-out images. No real pixels in this file.
+
+| | TSTR (train synthetic) | TRTR (train real) |
+| --- | --- | --- |
+| accuracy on real held-out | {t["accuracy"]:.3f} | {r["accuracy"]:.3f} |
+| macro AUC | {t["macro_auc"]:.3f} | {r["macro_auc"]:.3f} |
+| classifier epochs / best validation accuracy | {t["classifier"]["epochs_run"]} / {t["classifier"]["best_val_accuracy"]:.3f} | {r["classifier"]["epochs_run"]} / {r["classifier"]["best_val_accuracy"]:.3f} |
+
+TSTR/TRTR accuracy ratio: **{ev["tstr_over_trtr_accuracy"]:.3f}** (chance accuracy {t["chance_accuracy"]:.3f}).
+
+| class | TSTR recall | TRTR recall |
+| --- | --- | --- |
+{rows}
+
+Fidelity ({f["feature_space"]}): Fréchet distance {f["frechet_distance"]:.2f} (real train vs
+real held-out: {f["frechet_distance_real_train_vs_heldout"]:.2f}); precision {f["precision"]:.3f},
+recall {f["recall"]:.3f}, density {f["density"]:.3f}, coverage {f["coverage"]:.3f} (k = {f["k"]}).
+
+Diversity: {d["share_near_duplicate"]:.1%} of synthetic samples have another synthetic sample within
+{d["threshold"]:.3g} (the audit threshold); median distance to the nearest other sample {d["nn_distance_median"]:.3g}.
+"""

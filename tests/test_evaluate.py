@@ -1,0 +1,92 @@
+"""The evaluation catches a broken generator: TSTR near chance for noise with random labels,
+near TRTR when the "synthetic" set is real training data (which the audit would block)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from synthfactory.audit import quantize
+from synthfactory.data import load_images
+from synthfactory.evaluate import auc_one_vs_rest, evaluate_arrays, frechet_distance, prdc
+from synthfactory.recipe import ClassifierConfig, DataConfig, EvaluationConfig
+
+
+@pytest.fixture(scope="module")
+def ct_phantoms():
+    cfg = DataConfig(
+        source="phantom",
+        image_size=16,
+        classes=["chest", "abdomen", "pelvis"],
+        phantom={"n_train": 300, "n_heldout": 150, "seed": 2},
+    )
+    return load_images(cfg, "ct")
+
+
+EVAL = EvaluationConfig(
+    classifier=ClassifierConfig(epochs=6, patience=3, batch_size=64), max_real_features=150
+)
+
+
+def test_real_data_as_synthetic_scores_like_trtr_and_noise_scores_chance(ct_phantoms) -> None:
+    real_u8 = quantize(ct_phantoms.train_images)
+    as_real = evaluate_arrays(real_u8, ct_phantoms.train_labels, ct_phantoms, EVAL, threshold=1.0)
+    assert as_real["trtr"]["accuracy"] > 0.9  # the classifier fits this data
+    assert as_real["tstr_over_trtr_accuracy"] > 0.9
+    assert as_real["fidelity"]["precision"] > 0.5 and as_real["fidelity"]["coverage"] > 0.5
+
+    # Pure noise with random labels: any one draw of labels can line up with brightness by
+    # chance, so the claim is about the average over draws.
+    runs = []
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        noise = rng.integers(0, 256, real_u8.shape, dtype=np.uint8)
+        runs.append(evaluate_arrays(noise, rng.integers(0, 3, len(noise)), ct_phantoms, EVAL, threshold=1.0))
+    chance = runs[0]["tstr"]["chance_accuracy"]
+    assert np.mean([r["tstr"]["accuracy"] for r in runs]) < chance + 0.1
+    assert np.mean([r["tstr_over_trtr_accuracy"] for r in runs]) < 0.5
+    for r in runs:
+        assert r["fidelity"]["frechet_distance"] > 10 * as_real["fidelity"]["frechet_distance"]
+        assert r["fidelity"]["precision"] < 0.1
+
+
+def test_the_audit_blocks_real_training_data_presented_as_samples(run_copy, tmp_path) -> None:
+    from synthfactory.audit import run_audit
+    from synthfactory.sample import Samples
+
+    checked, run_dir = run_copy
+    real = quantize(checked.images.train_images)
+    Samples(real, checked.images.train_labels, np.arange(len(real), dtype=np.int64)).save(run_dir.samples)
+    recipe = checked.recipe.model_copy(
+        update={"audit": checked.recipe.audit.model_copy(update={"action": "block"})}
+    )
+    res = run_audit(recipe, run_dir, checked.images, tmp_path / "pa")
+    assert res.decision == "block" and res.flagged.all()
+
+
+def test_diversity_flags_mode_collapse(ct_phantoms) -> None:
+    one = quantize(ct_phantoms.train_images[:1])
+    collapsed = np.repeat(one, 60, axis=0)
+    labels = np.repeat(np.arange(3), 20)
+    out = evaluate_arrays(
+        collapsed,
+        labels,
+        ct_phantoms,
+        EVAL.model_copy(update={"classifier": ClassifierConfig(epochs=1)}),
+        threshold=1.0,
+    )
+    assert out["diversity"]["share_near_duplicate"] == 1.0
+
+
+def test_auc_frechet_and_prdc_on_known_inputs() -> None:
+    assert auc_one_vs_rest(np.array([0.1, 0.4, 0.35, 0.8]), np.array([False, False, True, True])) == 0.75
+    assert auc_one_vs_rest(np.array([1.0, 1.0]), np.array([True, False])) == 0.5
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(2000, 4))
+    b = a + np.array([3.0, 0, 0, 0])
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(a, b) == pytest.approx(9.0, rel=1e-3)
+    same = prdc(a[:500], a[500:1000], k=5)
+    far = prdc(a[:500], a[500:1000] + 100.0, k=5)
+    assert same["precision"] > 0.8 and same["recall"] > 0.8 and same["coverage"] > 0.8
+    assert far["precision"] == far["recall"] == far["coverage"] == far["density"] == 0.0
