@@ -143,7 +143,10 @@ def main() -> None:
     ap.add_argument("--recipe", default=str(REPO / "recipes" / "demo.yaml"))
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument(
-        "--physical", type=int, default=32, help="examples per physical chunk (training.max_physical_batch_size)"
+        "--physical",
+        type=int,
+        default=32,
+        help="examples per physical chunk (training.max_physical_batch_size)",
     )
     ap.add_argument("--steps", type=int, default=3, help="steps per timed window")
     ap.add_argument("--windows", type=int, default=3, help="timed windows; the fastest is reported")
