@@ -38,6 +38,7 @@ from .audit import quantize
 from .audit.nearest import nearest_neighbours
 from .data import ImageSet
 from .export import audited_set
+from .metrics import auc_one_vs_rest
 from .recipe import ClassifierConfig, EvaluationConfig, Recipe
 from .rundir import RunDir, read_json, write_json_atomic
 from .sample import uint8_to_model_range
@@ -164,24 +165,6 @@ def train_classifier(
 # --- metrics --------------------------------------------------------------------------------------
 
 
-def auc_one_vs_rest(scores: np.ndarray, positive: np.ndarray) -> float:
-    """ROC AUC by the rank-sum (Mann-Whitney) statistic, ties averaged. NaN if one class is empty."""
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
 def classification_metrics(probs: np.ndarray, y: np.ndarray, class_names: list[str]) -> dict:
     pred = probs.argmax(1)
     aucs = [auc_one_vs_rest(probs[:, c], y == c) for c in range(len(class_names))]
@@ -288,7 +271,7 @@ def evaluate_arrays(
     _, nn_synth = nearest_neighbours(synth_x, synth_x, exclude_self=True)
     diversity = {
         "threshold": threshold,
-        "threshold_from": "the memorization audit's threshold (held-out → train percentile)",
+        "threshold_from": "the memorization audit's global pixel-L2 threshold (held-out → train percentile)",
         "share_near_duplicate": float((nn_synth <= threshold).mean()),
         "nn_distance_median": float(np.median(nn_synth)),
     }
@@ -306,15 +289,22 @@ def evaluate_arrays(
     }
 
 
+def _diversity_threshold(audit: dict) -> float:
+    """The gate's global pixel-L2 threshold; without that space, the near-duplicate rule."""
+    t = audit.get("threshold", {}).get("value")
+    if t is not None:
+        return float(t)
+    h, w = audit["data"]["image_size"]
+    return 0.02 * float(np.sqrt(h * w))
+
+
 def evaluate(
     recipe: Recipe, images: ImageSet, run_dir: RunDir, report_dir: Path | None = None
 ) -> EvaluationResult:
     """Evaluate the released (audited) samples of a run; writes evaluation.json."""
     started = time.perf_counter()
     rs, audit = audited_set(run_dir)
-    numbers = evaluate_arrays(
-        rs.images, rs.labels, images, recipe.evaluation, float(audit["threshold"]["value"])
-    )
+    numbers = evaluate_arrays(rs.images, rs.labels, images, recipe.evaluation, _diversity_threshold(audit))
     privacy = read_json(run_dir.privacy)
     evaluation = {
         "schema": SCHEMA,

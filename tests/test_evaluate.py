@@ -8,7 +8,8 @@ import pytest
 
 from synthfactory.audit import quantize
 from synthfactory.data import load_images
-from synthfactory.evaluate import auc_one_vs_rest, evaluate_arrays, frechet_distance, prdc
+from synthfactory.evaluate import evaluate_arrays, frechet_distance, prdc
+from synthfactory.metrics import auc_one_vs_rest
 from synthfactory.recipe import ClassifierConfig, DataConfig, EvaluationConfig
 
 
