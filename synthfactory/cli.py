@@ -12,7 +12,6 @@ from typing import Annotated
 
 import typer
 
-from .audit.gate import ordinal
 from .export import ReleaseRefused
 from .recipe import RecipeError, parse_override
 from .run import StageOptions, check, create_run, open_run, run_remaining, run_stage, summary
@@ -77,11 +76,22 @@ def _print_summary(run_path: Path) -> None:
     a = s.get("audit")
     if a:
         echo(
-            f"audit      {a['n_samples']} generated, {a['n_flagged']} suspected copies "
-            f"(threshold {a['threshold']:.4g} = {ordinal(a['percentile'])} percentile of held-out→train), "
+            f"audit      {a['n_samples']} generated, {a['n_flagged']} suspected copies in "
+            f"{len(a['spaces'])} spaces (gate false alarms ≤ {a['false_alarm_percent']:g} % of held-out), "
             f"{a['n_dropped']} dropped, {a['n_released']} released; decision: {a['decision']}"
         )
-        echo(f"report     {Path(s['report']) / 'audit.md'}")
+        extra = []
+        if a.get("c_t") is not None:
+            extra.append(f"data-copying C_T {a['c_t']:.2f}")
+        if a.get("mia_auc") is not None:
+            extra.append(f"membership-inference AUC {a['mia_auc']:.3f}")
+        if a.get("heldout_near_duplicates"):
+            extra.append(
+                f"{a['heldout_near_duplicates']} held-out near-copies of training images (split leaks)"
+            )
+        if extra:
+            echo(f"           {'; '.join(extra)}")
+        echo(f"report     {Path(s['report']) / 'audit-summary.md'} (internal: internal/audit.html)")
     if s.get("release"):
         echo(f"dataset    {Path(s['release']) / 'dataset'}   (datasets.load_from_disk)")
         echo(f"release    {s['release']}")

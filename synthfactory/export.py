@@ -154,7 +154,8 @@ def release(
             "audit": {
                 "schema": audit["schema"],
                 "decision": audit["decision"],
-                "threshold": audit["threshold"]["value"],
+                "spaces": list(audit["spaces"]),
+                "false_alarm_percent": audit["calibration"]["false_alarm_target_percent"],
                 **audit["summary"],
             },
             "class_names": rs.class_names,

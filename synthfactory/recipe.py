@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -237,14 +237,60 @@ class EvaluationConfig(_Strict):
 
 
 class ThresholdRule(_Strict):
+    """Calibration of the gate on held-out real images (see synthfactory/audit/gate.py)."""
+
     rule: Literal["heldout_percentile"] = "heldout_percentile"
-    percentile: float = Field(1.0, gt=0, le=100)
+    # The false-alarm rate: at most this percent of (de-duplicated) held-out images would be
+    # flagged by any space. Each space's threshold sits at one shared percentile level.
+    percentile: float = Field(1.0, gt=0, le=50)
+    min_per_class: int = Field(200, ge=1)  # per-class thresholds for classes this large
+    # Held-out images this close to a training image (root-mean-square pixel difference on the
+    # [-1, 1] scale) are near-copies through a leaking split: left out of the background, counted.
+    near_duplicate_rms: float = Field(0.02, ge=0)
+    max_heldout: int | None = Field(5000, ge=20)  # background sample size (cost of search)
+    seed: int = 0
+
+
+SpaceName = Literal["pixel_l2", "ncc", "shift_flip_ncc", "rank_thumbnail"]
+
+
+class CopyingTestConfig(_Strict):
+    enabled: bool = True
+    n_cells: int = Field(20, ge=1)
+    min_per_cell: int = Field(5, ge=2)
+
+
+class MembershipConfig(_Strict):
+    enabled: bool = True
+    max_examples: int = Field(500, ge=10)  # members and non-members each
+    timesteps: list[int] = Field(default_factory=lambda: [10, 50, 100, 200, 400], min_length=1)
+    seed: int = 0
 
 
 class AuditConfig(_Strict):
+    spaces: list[SpaceName] = Field(
+        default_factory=lambda: ["pixel_l2", "ncc", "shift_flip_ncc", "rank_thumbnail"], min_length=1
+    )
+    shift: int = Field(4, ge=0, le=8)  # shift_flip_ncc: translations up to ±shift px
+    # shift_flip_ncc: exact scores for this many candidates per query, found at half resolution;
+    # null: score every training image (exact, slower)
+    shift_candidates: int | None = Field(64, ge=1)
     threshold: ThresholdRule = ThresholdRule()
     action: Literal["drop", "block"] = "drop"
     block_size: int = Field(1024, ge=1)
+    # pixel-L2 search: torch (blocked matrix products) or faiss (faiss-cpu IndexFlatL2; the
+    # `faiss` extra). Both exact; candidates re-measured in float64 either way.
+    search: Literal["torch", "faiss"] = "torch"
+    neighbours: int = Field(50, ge=2)  # the Carlini ratio's n
+    copying_test: CopyingTestConfig = CopyingTestConfig()
+    membership: MembershipConfig = MembershipConfig()
+
+    @field_validator("spaces")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("a space is listed twice")
+        return v
 
 
 class OutputsConfig(_Strict):
@@ -270,6 +316,11 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
+        t_max = self.model.num_train_timesteps
+        if any(not 0 <= t < t_max for t in self.audit.membership.timesteps):
+            raise ValueError(
+                f"audit.membership.timesteps: each must be in [0, {t_max}) (model.num_train_timesteps)"
+            )
         levels = len(self.model.block_out_channels)
         factor = 2 ** (levels - 1)
         if self.data.image_size % factor:
@@ -395,6 +446,8 @@ def smoke_overrides(raw: dict) -> dict[str, Any]:
         "data.max_heldout_images": 200,
         "evaluation.classifier.epochs": 1,
         "evaluation.max_real_features": 200,
+        "audit.membership.max_examples": 50,
+        "audit.threshold.min_per_class": 50,
     }
     if isinstance(raw.get("pretrain"), dict):
         out["pretrain.steps"] = 2

@@ -249,8 +249,11 @@ def summary(run_dir: RunDir) -> dict:
         audit = read_json(run_dir.audit_json)
         out["audit"] = {
             "decision": audit["decision"],
-            "threshold": audit["threshold"]["value"],
-            "percentile": audit["threshold"]["percentile"],
+            "spaces": list(audit["spaces"]),
+            "false_alarm_percent": audit["calibration"]["false_alarm_target_percent"],
+            "heldout_near_duplicates": audit["calibration"]["heldout_near_duplicates"],
+            "c_t": (audit.get("data_copying") or {}).get("c_t"),
+            "mia_auc": (audit.get("membership_inference") or {}).get("auc"),
             **audit["summary"],
         }
         out["report"] = info.get("stages", {}).get("audit", {}).get("report")

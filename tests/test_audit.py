@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from synthfactory.audit import nearest_neighbours, quantize, run_audit
-from synthfactory.audit.gate import calibrate, decide, ordinal, suspected_copies
+from synthfactory.audit.gate import calibrate, decide, ordinal
+from synthfactory.audit.spaces import overlap_crops, search
 from synthfactory.data.phantom import phantom_images
 from synthfactory.rundir import read_json
 from synthfactory.sample import Samples
@@ -33,6 +34,18 @@ def test_blocked_search_matches_brute_force_and_finds_exact_copies() -> None:
     assert idx[-3:].tolist() == [7, 123, 299] and (dist[-3:] == 0).all()
 
 
+def test_faiss_backend_matches_the_torch_search() -> None:
+    pytest.importorskip("faiss", reason="faiss-cpu is in the test extra")
+    rng = np.random.default_rng(3)
+    refs = rng.uniform(-1, 1, (500, 1, 12, 12)).astype(np.float32)
+    queries = np.concatenate([rng.uniform(-1, 1, (40, 1, 12, 12)).astype(np.float32), refs[[3, 444]]])
+    ti, td = nearest_neighbours(queries, refs, block_size=16)
+    fi, fd = nearest_neighbours(queries, refs, block_size=16, backend="faiss")
+    np.testing.assert_array_equal(ti, fi)
+    np.testing.assert_allclose(td, fd, rtol=1e-12)
+    assert (fd[-2:] == 0).all()
+
+
 def test_exact_copy_is_zero_even_among_large_norms() -> None:
     rng = np.random.default_rng(1)
     refs = np.clip(rng.normal(0.9, 0.05, (200, 4096)), -1, 1).astype(np.float32)  # bright, near-identical
@@ -40,11 +53,31 @@ def test_exact_copy_is_zero_even_among_large_norms() -> None:
     assert idx.tolist() == [5, 77] and dist.tolist() == [0.0, 0.0]
 
 
-def test_threshold_and_decision() -> None:
-    t = calibrate(np.array([5.0, 1.0, 3.0, 2.0, 4.0] * 20), 1.0)
-    assert t.value == 1.0 and t.n_heldout == 100 and t.heldout_exact_copies == 0
-    flagged = suspected_copies(np.array([0.0, 1.0, 1.01, 7.0]), t)
-    assert flagged.tolist() == [True, True, False, False]
+def test_joint_calibration_bounds_the_union_false_alarm_rate() -> None:
+    rng = np.random.default_rng(0)
+    n = 2000
+    labels = rng.integers(0, 2, n)
+    bg = {"d": rng.normal(10, 1, n), "s": rng.uniform(0, 1, n), "t": rng.uniform(0, 1, n)}
+    higher = {"d": False, "s": True, "t": True}
+    cal = calibrate(bg, higher, labels, 2.0, min_per_class=500)
+    assert 2.0 / 3 <= cal.level <= 2.0
+    assert cal.false_alarm_in_sample <= 2.0 and cal.false_alarm_in_sample > 1.0  # not just Bonferroni
+    flags = cal.flags(bg, labels)
+    union = np.zeros(n, bool)
+    for f in flags.values():
+        union |= f
+    assert 100 * union.mean() == pytest.approx(cal.false_alarm_in_sample)
+    # per-class thresholds where classes are large enough, a global one otherwise
+    assert set(cal.thresholds["d"].per_class) == {0, 1}
+    assert calibrate(bg, higher, labels, 2.0, min_per_class=5000).thresholds["d"].per_class == {}
+    # direction: a distance below, a similarity above the threshold is "close"
+    t = cal.thresholds["s"]
+    assert t.close(np.array([1.0, 0.0]), np.array([0, 0])).tolist() == [True, False]
+    assert cal.thresholds["d"].close(np.array([0.0, 99.0]), np.array([1, 1])).tolist() == [True, False]
+
+
+def test_decision_and_ordinal() -> None:
+    flagged = np.array([True, False])
     assert decide(flagged, "drop") == "release" and decide(flagged, "block") == "block"
     assert decide(np.zeros(3, bool), "block") == "release"
     assert [ordinal(p) for p in (1, 2, 3, 4, 11, 21, 2.5)] == [
@@ -58,10 +91,35 @@ def test_threshold_and_decision() -> None:
     ]
 
 
-def test_leaky_split_gives_threshold_zero_and_exact_copies_are_still_caught() -> None:
-    t = calibrate(np.array([0.0, 0.0, 3.0, 4.0]), 1.0)
-    assert t.value == 0.0 and t.heldout_exact_copies == 2
-    assert suspected_copies(np.array([0.0, 0.5]), t).tolist() == [True, False]
+def test_spaces_see_through_shift_flip_and_contrast() -> None:
+    rng = np.random.default_rng(2)
+    train = phantom_images("ct", 1, 40, 24, seed=4)  # [N, H, W] in [-1, 1]
+    x = train[17]
+    shifted = np.full_like(x, x.min())
+    shifted[3:, :-2] = x[:-3, 2:]  # 3 px down, 2 px left
+    flipped = x[:, ::-1]
+    gamma = ((x + 1) / 2) ** 1.5 * 2 - 1
+    scaled = 0.8 * x
+    q = np.stack([shifted, flipped, gamma, scaled])
+    i, s = search("shift_flip_ncc", q, train, 1024, 4)
+    assert i[:2].tolist() == [17, 17] and np.allclose(s[:2], 1.0, atol=1e-5)
+    i, s = search("ncc", q, train)
+    assert i[3] == 17 and s[3] == pytest.approx(1.0, abs=1e-5)
+    i, s = search("rank_thumbnail", q, train)
+    assert i[1:].tolist() == [17, 17, 17] and np.allclose(s[1:], 1.0, atol=1e-4)
+    # brute force for the shift/flip space on random data
+    rq, rr = rng.normal(size=(5, 10, 10)), rng.normal(size=(7, 10, 10))
+    idx, val = search("shift_flip_ncc", rq, rr, 2, 2)
+    best = np.full(5, -2.0)
+    for a in range(5):
+        for base in (rq[a], rq[a][:, ::-1]):
+            for dy in range(-2, 3):
+                for dx in range(-2, 3):
+                    qc, rc = overlap_crops(10, 10, dy, dx)
+                    for b in range(7):
+                        c = np.corrcoef(base[qc].ravel(), rr[b][rc].ravel())[0, 1]
+                        best[a] = max(best[a], c)
+    np.testing.assert_allclose(val, best, atol=1e-5)
 
 
 def plant(run_copy, n_copies: int = 6):
@@ -86,7 +144,7 @@ def test_gate_catches_every_planted_copy_and_no_different_image(run_copy, tmp_pa
     checked, run_dir = run_copy
     picks = plant(run_copy)
     res = run_audit(checked.recipe, run_dir, checked.images, tmp_path / "pa")
-    assert res.threshold.value > 0.5  # calibrated on held-out phantoms, far from 0
+    assert res.calibration.thresholds["pixel_l2"].value > 0.5  # held-out phantoms, far from 0
     assert (
         res.flagged[:6].all()
         and res.nn_index[:6].tolist() == picks.tolist()
@@ -112,9 +170,11 @@ def test_audit_reports_layout_and_internal_marking(run_copy, tmp_path) -> None:
     assert res.report_dir == tmp_path / "pa" / "tiny" / run_dir.run_id
     audit = read_json(res.report_dir / "audit.json")
     assert audit == read_json(run_dir.audit_json)
-    assert audit["schema"] == "synthfactory.audit/v1"
-    for key in ("recipe_sha256", "samples_sha256", "threshold", "decision", "samples", "limits"):
+    assert audit["schema"] == "synthfactory.audit/v2"
+    for key in ("recipe_sha256", "samples_sha256", "calibration", "spaces", "decision", "samples", "limits",
+                "neighbour_ratios", "data_copying", "membership_inference", "per_class"):  # fmt: skip
         assert key in audit
+    assert set(audit["spaces"]) == {"pixel_l2", "ncc", "shift_flip_ncc", "rank_thumbnail"}
     assert audit["data"]["manifest_sha256"] == checked.images.manifest_sha256()
     priv = audit["privacy"]
     assert priv["epsilon"] <= priv["target_epsilon"] and {
@@ -124,13 +184,22 @@ def test_audit_reports_layout_and_internal_marking(run_copy, tmp_path) -> None:
         "steps_taken",
     } <= set(priv)
     s0 = audit["samples"][0]
-    assert set(s0) == {"index", "label", "seed", "nearest_train_index", "nn_distance", "flagged"}
+    assert s0["flagged_by"] == ["pixel_l2", "ncc", "shift_flip_ncc", "rank_thumbnail", "exact_copy"]
+    assert set(s0["scores"]) == set(audit["spaces"])
     assert "sha256" not in str(audit["samples"])  # training images are named by index only
-    md = (res.report_dir / "audit.md").read_text()
-    assert "INTERNAL" in md.split("\n\n")[1] and "shows real training images" in md
+    mia = audit["membership_inference"]
+    assert 0.0 <= mia["auc"] <= 1.0 and mia["n_members"] == mia["n_nonmembers"] > 0
+    # public summary: statistics only
+    md = (res.report_dir / "audit-summary.md").read_text()
+    assert "holds no image" in md and "data:image" not in md and "train " not in md
+    for section in ("Similarity spaces", "Per class", "Data-copying test", "Membership inference"):
+        assert f"## {section}" in md
     assert (res.report_dir / "distances.png").stat().st_size > 1000
-    assert (res.report_dir / "internal" / "closest_pairs.png").stat().st_size > 1000
+    assert (res.report_dir / "membership_roc.png").stat().st_size > 1000
+    page = (res.report_dir / "internal" / "audit.html").read_text()
+    assert "INTERNAL" in page and page.count("data:image/png;base64,") >= 2 + len(audit["spaces"])
     assert "INTERNAL" in (res.report_dir / "internal" / "README.md").read_text()
+    assert not [p for p in res.report_dir.iterdir() if p.suffix == ".html"]  # the page stays internal
 
 
 def test_block_action_stops_the_release(run_copy, tmp_path) -> None:
@@ -147,3 +216,33 @@ def test_block_action_stops_the_release(run_copy, tmp_path) -> None:
     with pytest.raises(ReleaseRefused, match="blocked"):
         release(run_dir, ["hf", "png"], private=True)
     assert not run_dir.release_dir(True).exists()
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+def test_internal_html_report_renders_in_headless_chromium(run_copy, tmp_path) -> None:
+    import subprocess
+
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no Chromium on this machine (apt-get install chromium); .ci/run installs it")
+    checked, run_dir = run_copy
+    plant(run_copy)
+    res = run_audit(checked.recipe, run_dir, checked.images, tmp_path / "pa")
+    page = res.report_dir / "internal" / "audit.html"
+    out = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    for section in ("internal-banner", "decision", "dp-accounting", "calibration", "spaces", "closest-pairs",
+                    "per-class", "data-copying", "membership-inference", "canary", "limits"):  # fmt: skip
+        assert f'id="{section}"' in out, section
+    assert "INTERNAL: SHOWS REAL TRAINING IMAGES" in out
+    assert out.count("<img") >= 2 + len(res.audit["spaces"])

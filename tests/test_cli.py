@@ -28,7 +28,7 @@ def test_run_end_to_end(tmp_path: Path) -> None:
     (run_root,) = (tmp_path / "runs").iterdir()
     run_dir = RunDir(run_root)
     assert f"dataset    {run_root / 'release' / 'dataset'}" in result.output
-    assert f"report     {tmp_path / 'pa' / 'tiny' / run_root.name / 'audit.md'}" in result.output
+    assert f"report     {tmp_path / 'pa' / 'tiny' / run_root.name / 'audit-summary.md'} (internal: internal/audit.html)" in result.output
     assert "ε = " in result.output and "spent of target 10" in result.output
     assert set(read_json(run_dir.run_json)["stages"]) == set(STAGES)
     ds = datasets.load_from_disk(str(run_root / "release" / "dataset"))["train"]
@@ -92,5 +92,5 @@ def test_not_private_run_says_so_everywhere(tmp_path: Path) -> None:
     assert "NOT-PRIVATE" in run_root.name
     assert (run_root / "release-NOT-PRIVATE" / "dataset").is_dir() and not (run_root / "release").exists()
     assert read_json(run_root / "release-NOT-PRIVATE" / "release.json")["private"] is False
-    md = (tmp_path / "pa" / "tiny" / run_root.name / "audit.md").read_text()
+    md = (tmp_path / "pa" / "tiny" / run_root.name / "audit-summary.md").read_text()
     assert "NOT PRIVATE" in md

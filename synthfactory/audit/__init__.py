@@ -1,7 +1,9 @@
-"""The memorization audit: every synthetic sample against its nearest real training image.
+"""The memorization audit: every synthetic sample against its nearest real training image, in
+several similarity spaces, with a gate calibrated on held-out real images; and audits of the
+generator as a whole (data-copying test, membership inference).
 
-Reads the run directory (samples, privacy.json) and the real images; writes audit/audit.json
-and audit/nearest.npz into the run directory and the reports under
+Reads the run directory (samples, privacy.json, the final checkpoint) and the real images;
+writes audit/audit.json and audit/nearest.npz into the run directory and the reports under
 `<audit_dir>/<recipe name>/<run id>/`. It decides which samples may be released; it never
 releases anything itself.
 
@@ -11,6 +13,7 @@ an exact copy of a training image measures exactly 0.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,16 +21,20 @@ import numpy as np
 
 from .. import __version__
 from ..data import ImageSet
-from ..recipe import Recipe
+from ..model import load_generator
+from ..recipe import AuditConfig, Recipe
 from ..rundir import RunDir, read_json, write_json_atomic
 from ..sample import Samples, uint8_to_model_range
-from .gate import Threshold, calibrate, decide, suspected_copies
-from .nearest import nearest_neighbours
+from .copying import data_copying_test, neighbour_ratios
+from .gate import Calibration, calibrate, decide, ordinal
+from .membership import denoising_losses, loss_attack
+from .nearest import knn_distances, nearest_neighbours
 from .report import write_reports
+from .spaces import SPACES, search
 
-SCHEMA = "synthfactory.audit/v1"
+SCHEMA = "synthfactory.audit/v2"
 
-__all__ = ["AuditResult", "run_audit", "nearest_neighbours", "calibrate", "suspected_copies"]
+__all__ = ["AuditResult", "run_audit", "nearest_neighbours", "calibrate", "quantize", "SPACES"]
 
 
 def quantize(images: np.ndarray) -> np.ndarray:
@@ -38,59 +45,202 @@ def quantize(images: np.ndarray) -> np.ndarray:
 @dataclass
 class AuditResult:
     decision: str  # "release" or "block"
-    threshold: Threshold
+    calibration: Calibration
     flagged: np.ndarray  # bool [M]
-    nn_index: np.ndarray
+    flags: dict[str, np.ndarray]  # per space, bool [M]
+    nn_index: np.ndarray  # pixel-L2 nearest training image
     nn_distance: np.ndarray
     report_dir: Path
     audit: dict
 
 
 LIMITS = [
-    "Pixel L2 only: a copy that is shifted, flipped, re-contrasted or noised can be farther "
-    "than the threshold and pass.",
-    "The threshold is global, not per class.",
+    "The spaces cover exact, shifted (up to the recipe's shift), flipped, linearly or "
+    "monotonically re-contrasted and noised copies. A copy that is rotated, rescaled, cropped and "
+    "re-zoomed, or pieced together from several training images can pass.",
     "The gate reads the private training images after training: which samples it drops, and "
     "the nearest-neighbour distances released with them, are not covered by ε.",
-    "It tests single samples, not whether the generator as a whole copies, and runs no "
-    "membership-inference attack.",
+    "The false-alarm rate is calibrated on held-out images of the same distribution; "
+    "the share of genuine synthetic samples it drops is not bounded by it.",
+    "Slices of one scan on both sides of the split (not grouped by patient) make held-out "
+    "images closer to training images than a new patient's would be, which loosens the gate.",
 ]
+
+
+def _subset(n: int, limit: int | None, seed: int) -> np.ndarray:
+    if limit is None or n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
+def _percentiles(x: np.ndarray) -> dict[str, float]:
+    return {str(q): float(np.percentile(x, q)) for q in (0, 1, 5, 25, 50, 75, 95, 99, 100)} if len(x) else {}
+
+
+PRIVACY_KEYS = (
+    "private",
+    "epsilon",
+    "target_epsilon",
+    "delta",
+    "accountant",
+    "epsilon_other_accountant",
+    "noise_multiplier",
+    "sample_rate",
+    "steps_taken",
+    "max_grad_norm",
+    "mechanism",
+)
+
+
+def membership_audit(recipe: Recipe, run_dir: RunDir, images: ImageSet, nonmember_idx: np.ndarray) -> dict:
+    """The loss attack on the generator the samples came from (EMA weights if sampling used them)."""
+    cfg = recipe.audit.membership
+    model, scheduler = load_generator(run_dir.final_checkpoint, ema=recipe.sampling.use_ema)
+    n = min(cfg.max_examples, len(images.train_labels), len(nonmember_idx))
+    rng = np.random.default_rng(cfg.seed)
+    mem = np.sort(rng.choice(len(images.train_labels), size=n, replace=False))
+    non = np.sort(rng.choice(nonmember_idx, size=n, replace=False))
+    ts = list(cfg.timesteps)
+    m_loss = denoising_losses(
+        model, scheduler, images.train_images[mem], images.train_labels[mem], ts, cfg.seed
+    )
+    n_loss = denoising_losses(
+        model, scheduler, images.heldout_images[non], images.heldout_labels[non], ts, cfg.seed + 10**6
+    )
+    out = loss_attack(m_loss, n_loss, ts)
+    out["weights"] = "EMA" if recipe.sampling.use_ema else "final"
+    out["nonmembers_from"] = "held-out real images, near-duplicates of training images left out"
+    return out
+
+
+@dataclass
+class GateResult:
+    background_mask: np.ndarray  # held-out images used as background (not near-copies)
+    heldout_distance: np.ndarray  # pixel L2, every held-out image to its nearest training image
+    background: dict[str, np.ndarray]  # per space, the background's scores
+    synth: dict[str, tuple[np.ndarray, np.ndarray]]  # per space, (nearest index, score)
+    pixel_nearest: tuple[np.ndarray, np.ndarray]  # synthetic → train, pixel L2 (index, distance)
+    exact_copies: np.ndarray  # bool: pixel distance 0
+    calibration: Calibration
+    flags: dict[str, np.ndarray]
+    flagged: np.ndarray
+    seconds: dict[str, float]
+
+
+def gate(
+    cfg: AuditConfig,
+    train_u8: np.ndarray,
+    heldout_u8: np.ndarray,
+    heldout_y: np.ndarray,
+    synth_u8: np.ndarray,
+    synth_y: np.ndarray,
+) -> GateResult:
+    """Score every synthetic and held-out image in every space, calibrate, flag. Images uint8
+    [N, H, W]."""
+    h, w = train_u8.shape[1:]
+    train_f, heldout_f, synth_f = (uint8_to_model_range(x) for x in (train_u8, heldout_u8, synth_u8))
+    # Held-out images that are near-exact copies of a training image: the split leaks there.
+    _, h_dist = nearest_neighbours(heldout_f, train_f, cfg.block_size, backend=cfg.search)
+    bg = h_dist / np.sqrt(h * w) > cfg.threshold.near_duplicate_rms
+    if bg.sum() < 20:
+        raise ValueError(
+            f"only {int(bg.sum())} held-out images are not near-copies of a training image: "
+            "too few to calibrate the gate"
+        )
+    background: dict[str, np.ndarray] = {}
+    synth: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    s_pixel = nearest_neighbours(synth_f, train_f, cfg.block_size, backend=cfg.search)
+    for name in cfg.spaces:
+        if name == "pixel_l2":
+            background[name] = h_dist[bg]
+            synth[name] = s_pixel
+            seconds[name] = round(time.perf_counter() - t0, 2)
+            continue
+        t0 = time.perf_counter()
+        args = (train_f, cfg.block_size, cfg.shift, cfg.shift_candidates)
+        background[name] = search(name, heldout_f[bg], *args)[1]
+        synth[name] = search(name, synth_f, *args)
+        seconds[name] = round(time.perf_counter() - t0, 2)
+    higher = {n: SPACES[n].higher_is_closer for n in cfg.spaces}
+    cal = calibrate(background, higher, heldout_y[bg], cfg.threshold.percentile, cfg.threshold.min_per_class)
+    flags = cal.flags({n: s for n, (_, s) in synth.items()}, synth_y)
+    exact = s_pixel[1] == 0  # an exact copy is suspected whatever the thresholds
+    flagged = exact.copy()
+    for f in flags.values():
+        flagged |= f
+    return GateResult(bg, h_dist, background, synth, s_pixel, exact, cal, flags, flagged, seconds)
 
 
 def run_audit(
     recipe: Recipe, run_dir: RunDir, images: ImageSet, audit_root: Path | None = None
 ) -> AuditResult:
+    started = time.perf_counter()
     samples = Samples.load(run_dir.samples)
     privacy = read_json(run_dir.privacy)
     cfg = recipe.audit
     train_u8 = quantize(images.train_images)
-    heldout_u8 = quantize(images.heldout_images)
     if samples.images.shape[1:] != train_u8.shape[1:]:
         raise ValueError(f"samples are {samples.images.shape[1:]}, training images {train_u8.shape[1:]}")
-
-    train_f = uint8_to_model_range(train_u8)
-    _, heldout_dist = nearest_neighbours(uint8_to_model_range(heldout_u8), train_f, cfg.block_size)
-    nn_idx, nn_dist = nearest_neighbours(uint8_to_model_range(samples.images), train_f, cfg.block_size)
-    threshold = calibrate(heldout_dist, cfg.threshold.percentile)
-    flagged = suspected_copies(nn_dist, threshold)
+    h, w = train_u8.shape[1:]
+    pick = _subset(len(images.heldout_labels), cfg.threshold.max_heldout, cfg.threshold.seed)
+    heldout_u8 = quantize(images.heldout_images[pick])
+    heldout_y = images.heldout_labels[pick]
+    g = gate(cfg, train_u8, heldout_u8, heldout_y, samples.images, samples.labels)
+    train_f, heldout_f, synth_f = (uint8_to_model_range(x) for x in (train_u8, heldout_u8, samples.images))
+    bg, dup, h_dist = g.background_mask, ~g.background_mask, g.heldout_distance
+    background, synth, cal, flags, flagged = g.background, g.synth, g.calibration, g.flags, g.flagged
+    timings = g.seconds
     decision = decide(flagged, cfg.action)
     n_dropped = int(flagged.sum()) if decision == "release" else 0
     released = 0 if decision == "block" else int(len(flagged) - n_dropped)
-    h, w = train_u8.shape[1:]
 
-    privacy_keys = (
-        "private",
-        "epsilon",
-        "target_epsilon",
-        "delta",
-        "accountant",
-        "epsilon_other_accountant",
-        "noise_multiplier",
-        "sample_rate",
-        "steps_taken",
-        "max_grad_norm",
-        "mechanism",
+    nn_idx, nn_dist = g.pixel_nearest
+    ratios = neighbour_ratios(knn_distances(synth_f, train_f, cfg.neighbours, cfg.block_size), cfg.neighbours)
+    bg_ratios = neighbour_ratios(
+        knn_distances(heldout_f[bg], train_f, cfg.neighbours, cfg.block_size), cfg.neighbours
     )
+    copying = None
+    if cfg.copying_test.enabled:
+        copying = data_copying_test(
+            train_u8, heldout_u8[bg], h_dist[bg], samples.images, nn_dist,
+            cfg.copying_test.n_cells, cfg.copying_test.min_per_cell, cfg.threshold.seed,
+        )  # fmt: skip
+    membership = None
+    if cfg.membership.enabled:
+        membership = membership_audit(recipe, run_dir, images, pick[bg])
+
+    names = images.class_names
+    spaces_json = {}
+    for n in cfg.spaces:
+        t = cal.thresholds[n]
+        spaces_json[n] = {
+            "description": SPACES[n].description.format(
+                shift=cfg.shift,
+                search=f"exact for the {cfg.shift_candidates} best candidates per query found at half "
+                "resolution"
+                if cfg.shift_candidates
+                else "exact search over every training image",
+            ),
+            "closer_is": "higher" if t.higher_is_closer else "lower",
+            "threshold": t.value,
+            "threshold_per_class": {names[c]: v for c, v in t.per_class.items()},
+            "heldout_percentiles": _percentiles(background[n]),
+            "synthetic_percentiles": _percentiles(synth[n][1]),
+            "n_flagged": int(flags[n].sum()),
+            "seconds": timings[n],
+        }
+    per_class = [
+        {
+            "class": names[c],
+            "n_samples": int((samples.labels == c).sum()),
+            "n_flagged": int(flagged[samples.labels == c].sum()),
+            "n_heldout_background": int((heldout_y[bg] == c).sum()),
+            "per_class_thresholds": any(c in cal.thresholds[n].per_class for n in cfg.spaces),
+        }
+        for c in range(len(names))
+    ]
     audit = {
         "schema": SCHEMA,
         "synthfactory_version": __version__,
@@ -99,28 +249,71 @@ def run_audit(
         "recipe_sha256": recipe.sha256(),
         "modality": recipe.modality,
         "samples_sha256": samples.sha256(),
-        "privacy": {k: privacy[k] for k in privacy_keys if k in privacy},
+        "privacy": {k: privacy[k] for k in PRIVACY_KEYS if k in privacy},
         "data": {
             "n_train": int(len(train_u8)),
-            "n_heldout": int(len(heldout_u8)),
+            "n_heldout": int(len(images.heldout_labels)),
             "manifest_sha256": images.manifest_sha256(),
-            "class_names": images.class_names,
+            "class_names": names,
+            "image_size": [int(h), int(w)],
         },
-        "space": {
-            "name": "pixel_l2",
-            "description": f"L2 distance over {h}×{w} pixels on the 8-bit grid scaled to [-1, 1]; exact search",
+        "calibration": {
+            "rule": "heldout_percentile",
+            "false_alarm_target_percent": cal.false_alarm_target,
+            "false_alarm_in_sample_percent": cal.false_alarm_in_sample,
+            "level_percentile": cal.level,
+            "derived_from": (
+                "each held-out real image's score against its nearest training image, per space; "
+                f"one shared percentile level (here the {ordinal(round(cal.level, 3))}) chosen so "
+                "that at most the target share of held-out images is flagged by any space; "
+                f"per-class thresholds for classes with at least {cfg.threshold.min_per_class} "
+                "held-out images"
+            ),
+            "n_heldout_used": int(len(pick)),
+            "n_background": int(bg.sum()),
+            "heldout_near_duplicates": int(dup.sum()),
+            "near_duplicate_rule": (
+                f"root-mean-square pixel difference to the nearest training image ≤ "
+                f"{cfg.threshold.near_duplicate_rms:g} on the [-1, 1] scale "
+                f"(L2 ≤ {cfg.threshold.near_duplicate_rms * np.sqrt(h * w):.3g})"
+            ),
+            "warning": (
+                f"only {int(bg.sum())} held-out images: a {cal.false_alarm_target:g} % false-alarm rate "
+                f"over {len(cfg.spaces)} spaces cannot be resolved (each threshold is one of the few "
+                "most extreme held-out scores); expect more false alarms than the target"
+            )
+            if bg.sum() * cal.level / 100.0 < 1.0
+            else None,
+            "uses_private_images": (
+                "yes, after training: the thresholds come from distances to the private training "
+                "images. They decide what is dropped; they are not covered by ε"
+            ),
         },
-        "threshold": threshold.to_json(heldout_dist),
+        "spaces": spaces_json,
+        "threshold": {"space": "pixel_l2", "value": spaces_json.get("pixel_l2", {}).get("threshold")},
+        "neighbour_ratios": {
+            "n": cfg.neighbours,
+            "carlini_synthetic_percentiles": _percentiles(ratios["carlini"]),
+            "carlini_heldout_percentiles": _percentiles(bg_ratios["carlini"]),
+            "nn_over_second_synthetic_percentiles": _percentiles(ratios["nn_over_second"]),
+            "nn_over_second_heldout_percentiles": _percentiles(bg_ratios["nn_over_second"]),
+            "reading": "pixel L2; small values mean one training image stands out as the nearest",
+        },
+        "data_copying": copying,
+        "membership_inference": membership,
         "action": cfg.action,
         "decision": decision,
         "summary": {
             "n_samples": int(len(flagged)),
             "n_flagged": int(flagged.sum()),
+            "n_flagged_by_space": {n: int(f.sum()) for n, f in flags.items()},
+            "n_exact_copies": int(g.exact_copies.sum()),
             "n_dropped": n_dropped,
             "n_released": released,
             "nn_distance_min": float(nn_dist.min()),
             "nn_distance_median": float(np.median(nn_dist)),
         },
+        "per_class": per_class,
         "samples": [
             {
                 "index": i,
@@ -128,17 +321,39 @@ def run_audit(
                 "seed": int(samples.seeds[i]),
                 "nearest_train_index": int(nn_idx[i]),
                 "nn_distance": float(nn_dist[i]),
+                "scores": {n: float(synth[n][1][i]) for n in cfg.spaces},
+                "carlini_ratio": float(ratios["carlini"][i]),
                 "flagged": bool(flagged[i]),
+                "flagged_by": [n for n in cfg.spaces if flags[n][i]]
+                + (["exact_copy"] if g.exact_copies[i] else []),
             }
             for i in range(len(flagged))
         ],
         "limits": LIMITS,
+        "seconds": round(time.perf_counter() - started, 1),
     }
     run_dir.audit_json.parent.mkdir(parents=True, exist_ok=True)
     np.savez(
-        run_dir.nearest, nn_index=nn_idx, nn_distance=nn_dist, heldout_distance=heldout_dist, flagged=flagged
+        run_dir.nearest,
+        nn_index=nn_idx,
+        nn_distance=nn_dist,
+        heldout_index=pick,
+        heldout_distance=h_dist,
+        heldout_near_duplicate=dup,
+        flagged=flagged,
+        **{f"{n}_index": synth[n][0] for n in cfg.spaces},
+        **{f"{n}_score": synth[n][1] for n in cfg.spaces},
+        **{f"{n}_background": background[n] for n in cfg.spaces},
     )
     write_json_atomic(run_dir.audit_json, audit)
     report_dir = (audit_root or recipe.outputs.audit_dir) / recipe.name / run_dir.run_id
-    write_reports(report_dir, audit, nn_dist, heldout_dist, samples.images, train_u8, nn_idx, flagged)
-    return AuditResult(decision, threshold, flagged, nn_idx, nn_dist, report_dir, audit)
+    write_reports(
+        report_dir,
+        audit,
+        background,
+        {n: s for n, s in synth.items()},
+        samples.images,
+        train_u8,
+        flagged,
+    )
+    return AuditResult(decision, cal, flagged, flags, nn_idx, nn_dist, report_dir, audit)

@@ -1,15 +1,22 @@
-"""The release gate: a threshold calibrated on held-out real data, and the decision.
+"""The release gate: per-space thresholds calibrated on held-out real data, and the decision.
 
-The background is what "close" means for this data: the distance from each held-out real image
-(never trained on) to its nearest training image. A synthetic image closer to a training image
-than the recipe's percentile of that background is a suspected copy. Distances equal to the
-threshold count as suspected, so an exact copy (distance 0) is caught even when the background
-itself holds exact duplicates and the threshold is 0.
+The background is what "close" means for this data: the score of each held-out real image
+(never trained on) against its nearest training image, in every similarity space. A synthetic
+image is a suspected copy when its score in *any* space is more extreme than that space's
+threshold. All spaces share one percentile level, chosen so that the share of held-out images
+flagged by any space (the false-alarm rate) is at most the recipe's rate; a space's threshold is
+per class where the class has enough held-out images, global otherwise.
+
+Held-out images that are themselves near-exact copies of a training image (the split leaks) are
+left out of the background and counted: they would drag every threshold towards "copy".
+A score must be strictly beyond a threshold to count (so the background's own false-alarm
+rate is at most the level, even with ties); an exact pixel copy of a training image is always
+suspected, whatever the thresholds.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,48 +30,91 @@ def ordinal(p: float) -> str:
 
 
 @dataclass(frozen=True)
-class Threshold:
-    value: float
-    percentile: float
-    n_heldout: int
-    heldout_exact_copies: int
+class SpaceThreshold:
+    space: str
+    higher_is_closer: bool
+    level: float  # percentile of the background, from the "close" end
+    value: float  # global threshold
+    per_class: dict[int, float] = field(default_factory=dict)
 
-    def to_json(self, heldout_dist: np.ndarray) -> dict:
-        qs = [0, 1, 5, 25, 50, 75, 100]
-        out = {
-            "rule": "heldout_percentile",
-            "percentile": self.percentile,
-            "value": self.value,
-            "derived_from": (
-                "pixel-L2 distance from each held-out real image to its nearest training image; "
-                f"threshold = its {ordinal(self.percentile)} percentile (numpy 'lower' method, so it "
-                "is one of the observed distances)"
-            ),
-            "n_heldout": self.n_heldout,
-            "heldout_distance_percentiles": {str(q): float(np.percentile(heldout_dist, q)) for q in qs},
-            "heldout_exact_copies": self.heldout_exact_copies,
+    def for_labels(self, labels: np.ndarray) -> np.ndarray:
+        t = np.full(len(labels), self.value, dtype=np.float64)
+        for c, v in self.per_class.items():
+            t[labels == c] = v
+        return t
+
+    def close(self, scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Boolean mask: strictly beyond the threshold, towards 'copy' (so at most `level` percent
+        of the background itself is flagged)."""
+        t = self.for_labels(labels)
+        return scores > t if self.higher_is_closer else scores < t
+
+
+def threshold_at(scores: np.ndarray, level: float, higher_is_closer: bool) -> float:
+    """The background's `level`-th percentile from the close end; an observed score."""
+    if higher_is_closer:
+        return float(np.percentile(scores, 100.0 - level, method="higher"))
+    return float(np.percentile(scores, level, method="lower"))
+
+
+def space_threshold(
+    space: str, higher: bool, scores: np.ndarray, labels: np.ndarray, level: float, min_per_class: int
+) -> SpaceThreshold:
+    per_class = {
+        int(c): threshold_at(scores[labels == c], level, higher)
+        for c in np.unique(labels)
+        if (labels == c).sum() >= min_per_class
+    }
+    return SpaceThreshold(space, higher, level, threshold_at(scores, level, higher), per_class)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    thresholds: dict[str, SpaceThreshold]
+    level: float
+    false_alarm_target: float  # percent
+    false_alarm_in_sample: float  # percent of the background flagged by any space
+
+    def flags(self, scores: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, np.ndarray]:
+        return {n: t.close(scores[n], labels) for n, t in self.thresholds.items()}
+
+
+def calibrate(
+    background: dict[str, np.ndarray],
+    higher_is_closer: dict[str, bool],
+    labels: np.ndarray,
+    false_alarm_percent: float,
+    min_per_class: int,
+) -> Calibration:
+    """One percentile level for all spaces, the largest whose union false-alarm rate on the
+    background is at most `false_alarm_percent` (between the Bonferroni level, which always
+    satisfies it, and the rate itself)."""
+    names = list(background)
+
+    def build(level: float) -> tuple[dict[str, SpaceThreshold], float]:
+        th = {
+            n: space_threshold(n, higher_is_closer[n], background[n], labels, level, min_per_class)
+            for n in names
         }
-        if self.heldout_exact_copies:
-            out["warning"] = (
-                f"{self.heldout_exact_copies} held-out images are exact copies of training images: "
-                "the split leaks, and the threshold is lower than it should be"
-            )
-        return out
+        any_flag = np.zeros(len(labels), dtype=bool)
+        for n, t in th.items():
+            any_flag |= t.close(background[n], labels)
+        return th, 100.0 * float(any_flag.mean()) if len(labels) else 0.0
 
-
-def calibrate(heldout_dist: np.ndarray, percentile: float) -> Threshold:
-    value = float(np.percentile(heldout_dist, percentile, method="lower"))
-    return Threshold(
-        value=value,
-        percentile=percentile,
-        n_heldout=int(len(heldout_dist)),
-        heldout_exact_copies=int(np.sum(heldout_dist == 0)),
-    )
-
-
-def suspected_copies(nn_dist: np.ndarray, threshold: Threshold) -> np.ndarray:
-    """Boolean mask of synthetic samples that look copied."""
-    return nn_dist <= threshold.value
+    lo, hi = false_alarm_percent / len(names), false_alarm_percent
+    best = build(lo)
+    best_level = lo
+    if build(hi)[1] <= false_alarm_percent:
+        best, best_level = build(hi), hi
+    else:
+        for _ in range(20):
+            mid = (lo + hi) / 2
+            cand = build(mid)
+            if cand[1] <= false_alarm_percent:
+                best, best_level, lo = cand, mid, mid
+            else:
+                hi = mid
+    return Calibration(best[0], best_level, false_alarm_percent, best[1])
 
 
 def decide(flagged: np.ndarray, action: str) -> str:

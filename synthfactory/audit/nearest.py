@@ -17,6 +17,18 @@ def flatten(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32).reshape(len(images), -1))
 
 
+def faiss_candidates(q: torch.Tensor, r: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices [M, k] of each query's k nearest references by faiss-cpu's exact IndexFlatL2."""
+    try:
+        import faiss
+    except ImportError as e:  # pragma: no cover - depends on the optional extra
+        raise ImportError("audit.search: faiss needs faiss-cpu: pip install 'synthfactory[faiss]'") from e
+    index = faiss.IndexFlatL2(r.shape[1])
+    index.add(np.ascontiguousarray(r.numpy()))
+    _, idx = index.search(np.ascontiguousarray(q.numpy()), k)
+    return torch.from_numpy(idx.astype(np.int64))
+
+
 @torch.no_grad()
 def nearest_neighbours(
     queries: np.ndarray,
@@ -24,9 +36,26 @@ def nearest_neighbours(
     block_size: int = 1024,
     candidates: int = 8,
     exclude_self: bool = False,
+    backend: str = "torch",
 ) -> tuple[np.ndarray, np.ndarray]:
     """For each query, the index of its nearest reference and the L2 distance to it.
-    `exclude_self`: queries are the references; query i never matches reference i."""
+    `exclude_self`: queries are the references; query i never matches reference i.
+    `backend`: "torch" (blocked matrix products) or "faiss" (faiss-cpu IndexFlatL2, exact) for
+    the candidates; either way the candidates are re-measured in float64."""
+    if backend == "faiss" and not exclude_self:
+        q, r = flatten(queries), flatten(refs)
+        cand = faiss_candidates(q, r, min(candidates, r.shape[0]))
+        idx = np.empty(len(q), dtype=np.int64)
+        dist = np.empty(len(q), dtype=np.float64)
+        for start in range(0, len(q), block_size):
+            c = cand[start : start + block_size]
+            qb = q[start : start + block_size]
+            exact = (qb.double()[:, None, :] - r[c].double()).pow(2).sum(-1).sqrt()
+            best = exact.argmin(1)
+            rows = torch.arange(len(qb))
+            idx[start : start + len(qb)] = c[rows, best].numpy()
+            dist[start : start + len(qb)] = exact[rows, best].numpy()
+        return idx, dist
     q, r = flatten(queries), flatten(refs)
     if q.shape[1] != r.shape[1]:
         raise ValueError(f"queries have {q.shape[1]} pixels, references {r.shape[1]}")
@@ -49,3 +78,21 @@ def nearest_neighbours(
         idx[start : start + len(qb)] = cand[rows, best].numpy()
         dist[start : start + len(qb)] = exact[rows, best].numpy()
     return idx, dist
+
+
+@torch.no_grad()
+def knn_distances(queries: np.ndarray, refs: np.ndarray, k: int, block_size: int = 1024) -> np.ndarray:
+    """Sorted L2 distances [M, k] from each query to its k nearest references (the candidates
+    from the matrix product re-measured exactly, as above)."""
+    q, r = flatten(queries), flatten(refs)
+    k = min(k, r.shape[0])
+    n_cand = min(r.shape[0], max(2 * k, 8))
+    r_sq = r.pow(2).sum(1)
+    out = np.empty((len(q), k), dtype=np.float64)
+    for start in range(0, len(q), block_size):
+        qb = q[start : start + block_size]
+        d2 = qb.pow(2).sum(1, keepdim=True) + r_sq[None] - 2.0 * (qb @ r.T)
+        cand = d2.topk(n_cand, dim=1, largest=False).indices
+        exact = (qb.double()[:, None, :] - r[cand].double()).pow(2).sum(-1).sqrt()
+        out[start : start + len(qb)] = exact.sort(1).values[:, :k].numpy()
+    return out

@@ -1,13 +1,18 @@
-"""Audit reports: audit.json (versioned schema), audit.md and its figures.
+"""Audit reports under privacy_audits/<recipe>/<run id>/.
 
-audit.json, audit.md and distances.png hold no real pixels: they name training images by index
-only (the manifest that maps an index to a hash and a source stays in the run directory). The
-closest-pairs grid *shows real training images*: it goes to `internal/`, says so in the image
-and in the markdown beside it, is git-ignored, and is never part of a release.
+Public (no real pixels; they name training images by index only, and the manifest that maps an
+index to a hash stays in the run directory): `audit.json` (versioned schema), `audit-summary.md`,
+`distances.png` (per-space histograms) and `membership_roc.png`. Internal: `internal/audit.html`,
+one self-contained page (figures inline) that *shows real training images* beside the synthetic
+samples closest to them; it says so at the top, is git-ignored, and is never part of a release or
+a Hub push.
 """
 
 from __future__ import annotations
 
+import base64
+import html
+import io
 from pathlib import Path
 
 import matplotlib
@@ -20,132 +25,296 @@ from ..rundir import write_json_atomic  # noqa: E402
 from .gate import ordinal  # noqa: E402
 
 INTERNAL_BANNER = "INTERNAL: SHOWS REAL TRAINING IMAGES. NEVER RELEASE."
+N_PAIRS = 16
 
 
-def distance_histogram(path: Path, synth: np.ndarray, heldout: np.ndarray, threshold: float) -> None:
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
-    hi = float(max(synth.max(initial=0), heldout.max(initial=0))) * 1.05 or 1.0
-    bins = np.linspace(0, hi, 50)
-    ax.hist(heldout, bins=bins, alpha=0.6, density=True, label=f"held-out real → train (n={len(heldout)})")
-    ax.hist(synth, bins=bins, alpha=0.6, density=True, label=f"synthetic → train (n={len(synth)})")
-    ax.axvline(threshold, color="k", linestyle="--", label=f"threshold {threshold:.3g}")
-    ax.set_xlabel("L2 distance to nearest training image (pixels in [-1, 1])")
-    ax.set_ylabel("density")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
+def _save(fig, path: Path | None = None) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    data = buf.getvalue()
+    if path is not None:
+        path.write_bytes(data)
+    return data
 
 
-def closest_pairs_grid(
-    path: Path,
-    synth: np.ndarray,
-    train: np.ndarray,
-    order: np.ndarray,
-    nn_idx: np.ndarray,
-    nn_dist: np.ndarray,
-    flagged: np.ndarray,
-    n: int = 12,
-) -> None:
-    """Top row: the n synthetic samples closest to training data; bottom row: their nearest
-    training images. Shows real images: internal only."""
-    n = min(n, len(order))
-    fig, axes = plt.subplots(2, max(n, 1), figsize=(1.3 * max(n, 1), 3.2), dpi=110, squeeze=False)
-    for col in range(n):
-        i = order[col]
-        axes[0, col].imshow(synth[i], cmap="gray", vmin=0, vmax=255)
-        axes[0, col].set_title(f"#{i} d={nn_dist[i]:.2f}" + (" X" if flagged[i] else ""), fontsize=6)
-        axes[1, col].imshow(train[nn_idx[i]], cmap="gray", vmin=0, vmax=255)
-        axes[1, col].set_title(f"train {nn_idx[i]}", fontsize=6)
+def _img(data: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def space_histograms(audit: dict, background: dict, synth: dict) -> plt.Figure:
+    names = list(audit["spaces"])
+    fig, axes = plt.subplots(1, len(names), figsize=(4.0 * len(names), 3.2), dpi=100, squeeze=False)
+    for ax, n in zip(axes[0], names, strict=True):
+        bg, sy = background[n], synth[n][1]
+        lo = float(min(bg.min(initial=np.inf), sy.min(initial=np.inf)))
+        hi = float(max(bg.max(initial=-np.inf), sy.max(initial=-np.inf)))
+        bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 50)
+        ax.hist(bg, bins=bins, alpha=0.6, density=True, label=f"held-out → train (n={len(bg)})")
+        ax.hist(sy, bins=bins, alpha=0.6, density=True, label=f"synthetic → train (n={len(sy)})")
+        ax.axvline(audit["spaces"][n]["threshold"], color="k", linestyle="--", label="global threshold")
+        ax.set_title(f"{n} (closer = {audit['spaces'][n]['closer_is']})", fontsize=9)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def roc_figure(mia: dict) -> plt.Figure:
+    fig, ax = plt.subplots(figsize=(3.6, 3.6), dpi=100)
+    ax.plot(mia["roc"]["fpr"], mia["roc"]["tpr"], label=f"loss attack, AUC {mia['auc']:.3f}")
+    ax.plot([0, 1], [0, 1], "k:", label="chance")
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def closest_pairs_figure(
+    space: str, closer_high: bool, synth_u8: np.ndarray, train_u8: np.ndarray, idx: np.ndarray,
+    score: np.ndarray, flagged: np.ndarray,
+) -> plt.Figure:  # fmt: skip
+    """Top row: the synthetic samples closest to training data in one space; bottom row: their
+    nearest training images. Shows real images: internal only."""
+    order = np.argsort(-score if closer_high else score, kind="stable")[:N_PAIRS]
+    n = max(len(order), 1)
+    fig, axes = plt.subplots(2, n, figsize=(1.1 * n, 2.8), dpi=100, squeeze=False)
+    for col, i in enumerate(order):
+        axes[0, col].imshow(synth_u8[i], cmap="gray", vmin=0, vmax=255)
+        axes[0, col].set_title(f"#{i} {score[i]:.3g}" + (" X" if flagged[i] else ""), fontsize=6)
+        axes[1, col].imshow(train_u8[idx[i]], cmap="gray", vmin=0, vmax=255)
+        axes[1, col].set_title(f"train {idx[i]}", fontsize=6)
     for ax in axes.flat:
         ax.axis("off")
-    fig.suptitle(
-        INTERNAL_BANNER + "\ntop: synthetic (X = suspected copy), bottom: nearest real",
-        fontsize=8,
-        color="red",
-    )
+    fig.suptitle(f"{space}: {INTERNAL_BANNER}", fontsize=7, color="red")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig
 
 
 def _privacy_line(p: dict) -> str:
     if not p.get("private"):
         return "**NOT PRIVATE**: trained without differential privacy"
+    other = ", ".join(f"{k}: {v:.3f}" for k, v in p.get("epsilon_other_accountant", {}).items())
     return (
-        f"ε = {p['epsilon']:.3f} (target {p['target_epsilon']:g}, {p['accountant']} accountant; "
-        f"{', '.join(f'{k}: {v:.3f}' for k, v in p['epsilon_other_accountant'].items())}), "
-        f"δ = {p['delta']:g}, σ = {p['noise_multiplier']:.4f}, q = {p['sample_rate']:.4g}, "
-        f"steps = {p['steps_taken']}, C = {p['max_grad_norm']:g}"
+        f"ε = {p['epsilon']:.3f} (target {p['target_epsilon']:g}, {p['accountant']} accountant"
+        f"{'; ' + other if other else ''}), δ = {p['delta']:g}, σ = {p['noise_multiplier']:.4f}, "
+        f"q = {p['sample_rate']:.4g}, steps = {p['steps_taken']}, C = {p['max_grad_norm']:g}"
     )
 
 
-def write_markdown(path: Path, audit: dict) -> None:
-    t = audit["threshold"]
-    s = audit["summary"]
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def summary_markdown(audit: dict) -> str:
+    """The public summary: statistics only, no real image, no index into the private set."""
+    c, s = audit["calibration"], audit["summary"]
     lines = [
-        f"# Memorization audit: {audit['recipe_name']} / {audit['run_id']}",
+        f"# Privacy audit summary: {audit['recipe_name']} / {audit['run_id']}",
         "",
-        "> This file and `distances.png` hold no real pixels. The closest-pairs grid linked below, "
-        "`internal/closest_pairs.png`, **shows real training images**: it is INTERNAL, git-ignored, "
-        "and never part of a release or a Hub push.",
+        "Statistics only: this file holds no image and names no training image. It may be "
+        "published with the dataset.",
         "",
         "| | |",
         "| --- | --- |",
-        f"| privacy | {_privacy_line(audit['privacy'])} |",
-        f"| data | {audit['data']['n_train']} training and {audit['data']['n_heldout']} held-out real images; "
-        f"manifest sha256 `{audit['data']['manifest_sha256'][:16]}…` |",
-        f"| recipe | sha256 `{audit['recipe_sha256'][:16]}…` |",
-        f"| similarity | {audit['space']['description']} |",
-        f"| threshold | {t['value']:.4g} = {ordinal(t['percentile'])} percentile of held-out→train distances "
-        f"(n = {t['n_heldout']}; median {t['heldout_distance_percentiles']['50']:.4g}) |",
+        f"| decision | **{audit['decision']}** (action `{audit['action']}`) |",
         f"| samples | {s['n_samples']} generated, {s['n_flagged']} suspected copies, "
         f"{s['n_dropped']} dropped, {s['n_released']} released |",
-        f"| decision | **{audit['decision']}** (action `{audit['action']}`) |",
+        f"| differential privacy | {_privacy_line(audit['privacy'])} |",
+        f"| real data | {audit['data']['n_train']} training and {audit['data']['n_heldout']} held-out images, "
+        f"{audit['data']['image_size'][0]}×{audit['data']['image_size'][1]} px; manifest sha256 "
+        f"`{audit['data']['manifest_sha256'][:16]}…` |",
+        f"| recipe | sha256 `{audit['recipe_sha256'][:16]}…`, synthfactory {audit['synthfactory_version']} |",
+        f"| gate calibration | false alarms ≤ {c['false_alarm_target_percent']:g} % of held-out images "
+        f"(in sample {c['false_alarm_in_sample_percent']:.2f} %), shared level = "
+        f"{ordinal(round(c['level_percentile'], 3))} percentile; {c['n_background']} held-out images; "
+        f"{c['heldout_near_duplicates']} held-out near-copies of training images left out |",
         "",
     ]
-    if "warning" in t:
-        lines += [f"**Warning:** {t['warning']}.", ""]
+    if c.get("warning"):
+        lines += [f"**Warning:** {c['warning']}.", ""]
+    if c["heldout_near_duplicates"]:
+        lines += [
+            f"**The split leaks:** {c['heldout_near_duplicates']} of {c['n_heldout_used']} held-out images "
+            f"are near-copies of training images ({c['near_duplicate_rule']}).",
+            "",
+        ]
     lines += [
-        "## Distances to the nearest training image",
+        "## Similarity spaces",
         "",
-        "![distances](distances.png)",
+        "| space | closer is | threshold | held-out median | synthetic median | flagged |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for n, sp in audit["spaces"].items():
+        lines.append(
+            f"| {n} | {sp['closer_is']} | {sp['threshold']:.4g} | {sp['heldout_percentiles']['50']:.4g} | "
+            f"{sp['synthetic_percentiles']['50']:.4g} | {sp['n_flagged']} |"
+        )
+    lines += ["", *[f"- `{n}`: {sp['description']}" for n, sp in audit["spaces"].items()], ""]
+    lines += ["![per-space histograms](distances.png)", ""]
+    r = audit["neighbour_ratios"]
+    lines += [
+        f"Nearest-neighbour ratios (pixel L2): Carlini ratio d1/mean(d1..d{r['n']}) median "
+        f"{r['carlini_synthetic_percentiles']['50']:.3f} for synthetic samples, "
+        f"{r['carlini_heldout_percentiles']['50']:.3f} for held-out images (1st percentile "
+        f"{r['carlini_synthetic_percentiles']['1']:.3f} / {r['carlini_heldout_percentiles']['1']:.3f}).",
         "",
-        "## Released samples",
+        "## Per class",
         "",
-        "![released samples](sample_grid.png) (written by the release stage: audited, passed samples only)",
+        "| class | samples | flagged | held-out in background | per-class thresholds |",
+        "| --- | --- | --- | --- | --- |",
+        *[
+            f"| {pc['class']} | {pc['n_samples']} | {pc['n_flagged']} | {pc['n_heldout_background']} | "
+            f"{'yes' if pc['per_class_thresholds'] else 'no (global)'} |"
+            for pc in audit["per_class"]
+        ],
         "",
-        "## Closest pairs (INTERNAL: real images)",
-        "",
-        "[internal/closest_pairs.png](internal/closest_pairs.png): the synthetic samples closest to a "
-        "training image, each above its nearest training image. Present only where the audit ran.",
-        "",
-        "## What this audit does not cover",
+        "## Data-copying test (Meehan et al. 2020)",
         "",
     ]
-    lines += [f"- {x}" for x in audit["limits"]]
-    path.write_text("\n".join(lines) + "\n")
+    dc = audit.get("data_copying")
+    if dc:
+        lines += [
+            f"C_T = **{_fmt(dc['c_t'])}** over {dc['n_cells_used']} of {dc['n_cells']} cells "
+            f"(covering {dc['heldout_share_covered']:.0%} of held-out and {dc['synthetic_share_covered']:.0%} "
+            f"of synthetic images). {dc['reading']}.",
+            "",
+        ]
+    else:
+        lines += ["Not run (audit.copying_test.enabled is false).", ""]
+    lines += ["## Membership inference", ""]
+    mia = audit.get("membership_inference")
+    if mia:
+        lines += [
+            f"{mia['attack']}; {mia['n_members']} training vs {mia['n_nonmembers']} held-out images, "
+            f"timesteps {mia['timesteps']}: ROC AUC **{mia['auc']:.3f}**, TPR at 1 % FPR "
+            f"**{mia['tpr_at_1pct_fpr']:.3f}**, TPR at 10 % FPR {mia['tpr_at_10pct_fpr']:.3f}.",
+            "",
+            "![membership ROC](membership_roc.png)",
+            "",
+        ]
+    else:
+        lines += ["Not run (audit.membership.enabled is false).", ""]
+    lines += ["## What this audit does not cover", "", *[f"- {x}" for x in audit["limits"]], ""]
+    return "\n".join(lines)
+
+
+def internal_html(audit: dict, figures: dict[str, bytes], pairs: dict[str, bytes]) -> str:
+    """One self-contained page for the data owner's reviewers."""
+    esc = html.escape
+    c = audit["calibration"]
+
+    def table(rows: list[list], head: list[str]) -> str:
+        th = "".join(f"<th>{esc(h)}</th>" for h in head)
+        body = "".join("<tr>" + "".join(f"<td>{esc(_fmt(x))}</td>" for x in r) + "</tr>" for r in rows)
+        return f"<table><tr>{th}</tr>{body}</table>"
+
+    spaces = table(
+        [
+            [n, sp["closer_is"], sp["threshold"], sp["heldout_percentiles"]["50"], sp["synthetic_percentiles"]["50"],
+             sp["n_flagged"], sp["seconds"]]
+            for n, sp in audit["spaces"].items()
+        ],
+        ["space", "closer is", "global threshold", "held-out median", "synthetic median", "flagged", "seconds"],
+    )  # fmt: skip
+    per_class = table(
+        [
+            [pc["class"], pc["n_samples"], pc["n_flagged"], pc["n_heldout_background"]]
+            for pc in audit["per_class"]
+        ],
+        ["class", "samples", "flagged", "held-out in background"],
+    )
+    pair_html = "".join(
+        f"<h3>{esc(n)}</h3><p>{esc(audit['spaces'][n]['description'])}</p>{_img(b, n + ' closest pairs')}"
+        for n, b in pairs.items()
+    )
+    dc = audit.get("data_copying")
+    dc_html = (
+        f"<p>C_T = <b>{esc(_fmt(dc['c_t']))}</b>. {esc(dc['reading'])}. Cells: {esc(dc['cells_from'])}; "
+        f"distance: {esc(dc['distance'])}.</p>"
+        + table(
+            [[x["cell"], x["n_train"], x["n_heldout"], x["n_synthetic"], x["z_u"]] for x in dc["cells"]],
+            ["cell", "train", "held-out", "synthetic", "Z_U"],
+        )
+        if dc
+        else "<p>Not run.</p>"
+    )
+    mia = audit.get("membership_inference")
+    mia_html = (
+        f"<p>{esc(mia['attack'])}. ROC AUC <b>{mia['auc']:.3f}</b>, TPR at 1 % FPR <b>{mia['tpr_at_1pct_fpr']:.3f}</b>; "
+        f"per timestep AUC: {esc(str({k: round(v, 3) for k, v in mia['auc_per_timestep'].items()}))}.</p>"
+        + _img(figures["membership_roc"], "membership ROC")
+        if mia
+        else "<p>Not run.</p>"
+    )
+    flagged = [x for x in audit["samples"] if x["flagged"]]
+    flagged_html = table(
+        [[x["index"], audit["data"]["class_names"][x["label"]], x["nearest_train_index"], ", ".join(x["flagged_by"])]
+         for x in flagged[:200]],
+        ["sample", "label", "nearest training image (pixel L2)", "flagged by"],
+    )  # fmt: skip
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<title>INTERNAL privacy audit: {esc(audit["recipe_name"])} / {esc(audit["run_id"])}</title>
+<style>
+body{{font-family:sans-serif;max-width:1200px;margin:1em auto;padding:0 1em}}
+.banner{{background:#b00;color:#fff;padding:.6em;font-weight:bold;text-align:center}}
+table{{border-collapse:collapse;margin:.5em 0}} td,th{{border:1px solid #999;padding:2px 6px;font-size:90%}}
+img{{max-width:100%}}
+</style></head><body>
+<div class="banner" id="internal-banner">{INTERNAL_BANNER}</div>
+<h1>Privacy audit: {esc(audit["recipe_name"])} / {esc(audit["run_id"])}</h1>
+<section id="decision"><h2>Decision</h2>
+<p><b>{esc(audit["decision"])}</b> (action {esc(audit["action"])}): {audit["summary"]["n_samples"]} generated,
+{audit["summary"]["n_flagged"]} suspected copies, {audit["summary"]["n_dropped"]} dropped,
+{audit["summary"]["n_released"]} released.</p></section>
+<section id="dp-accounting"><h2>DP accounting</h2><p>{esc(_privacy_line(audit["privacy"]))}</p></section>
+<section id="calibration"><h2>Calibration</h2><p>{esc(c["derived_from"])}. Target false-alarm rate
+{c["false_alarm_target_percent"]:g} %, in sample {c["false_alarm_in_sample_percent"]:.2f} %.
+{c["n_background"]} held-out images in the background; {c["heldout_near_duplicates"]} near-copies left out
+({esc(c["near_duplicate_rule"])}). {esc(c["uses_private_images"])}.</p></section>
+<section id="spaces"><h2>Similarity spaces</h2>{spaces}{_img(figures["distances"], "histograms")}</section>
+<section id="closest-pairs"><h2>Closest pairs per space (real images)</h2>{pair_html}</section>
+<section id="per-class"><h2>Per class</h2>{per_class}</section>
+<section id="flagged"><h2>Suspected copies</h2>{flagged_html}</section>
+<section id="data-copying"><h2>Data-copying test C_T</h2>{dc_html}</section>
+<section id="membership-inference"><h2>Membership inference</h2>{mia_html}</section>
+<section id="canary"><h2>Canary audit</h2><p>Not run: this version of synthfactory has no canary
+audit; the accountant's ε above is the only bound.</p></section>
+<section id="limits"><h2>Limits</h2><ul>{"".join(f"<li>{esc(x)}</li>" for x in audit["limits"])}</ul></section>
+</body></html>
+"""
 
 
 def write_reports(
     out_dir: Path,
     audit: dict,
-    nn_dist: np.ndarray,
-    heldout_dist: np.ndarray,
+    background: dict[str, np.ndarray],
+    synth: dict[str, tuple[np.ndarray, np.ndarray]],
     synth_u8: np.ndarray,
     train_u8: np.ndarray,
-    nn_idx: np.ndarray,
     flagged: np.ndarray,
 ) -> None:
     """Everything under privacy_audits/<recipe>/<run id>/."""
     internal = out_dir / "internal"
     internal.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "audit.json", audit)
-    distance_histogram(out_dir / "distances.png", nn_dist, heldout_dist, audit["threshold"]["value"])
-    order = np.argsort(nn_dist, kind="stable")
-    closest_pairs_grid(internal / "closest_pairs.png", synth_u8, train_u8, order, nn_idx, nn_dist, flagged)
+    figures = {"distances": _save(space_histograms(audit, background, synth), out_dir / "distances.png")}
+    if audit.get("membership_inference"):
+        figures["membership_roc"] = _save(
+            roc_figure(audit["membership_inference"]), out_dir / "membership_roc.png"
+        )
+    (out_dir / "audit-summary.md").write_text(summary_markdown(audit))
+    pairs = {
+        n: _save(
+            closest_pairs_figure(
+                n, audit["spaces"][n]["closer_is"] == "higher", synth_u8, train_u8, *synth[n], flagged
+            )
+        )
+        for n in audit["spaces"]
+    }
+    (internal / "audit.html").write_text(internal_html(audit, figures, pairs))
     (internal / "README.md").write_text(
         f"# {INTERNAL_BANNER}\n\nFiles here show real training images next to the synthetic samples "
         "closest to them. Keep them inside the data owner's environment.\n"
     )
-    write_markdown(out_dir / "audit.md", audit)

@@ -1,0 +1,229 @@
+"""Similarity spaces of the memorization audit: for every query image, its nearest training image
+and a score, by exact search in blocks (torch matmul).
+
+| space            | score                        | closer when | catches                               |
+| ---------------- | ---------------------------- | ----------- | ------------------------------------- |
+| pixel_l2         | L2 distance of the pixels    | lower       | exact and lightly noised copies       |
+| ncc              | Pearson correlation          | higher      | copies re-contrasted linearly         |
+| shift_flip_ncc   | max Pearson on the overlap,  | higher      | copies shifted by up to s px and/or   |
+|                  | ±s px shifts, and the flip   |             | flipped left-right (exact for a       |
+|                  |                              |             | shortlist found at half resolution)   |
+| rank_thumbnail   | Pearson correlation of       | higher      | copies under any monotone intensity   |
+|                  | rank-transformed, blurred    |             | change (gamma, windowing), noise,     |
+|                  | 8×8 thumbnails, flip-aware   |             | small shifts                          |
+
+`rank_thumbnail` is a fixed, training-free descriptor: per-image histogram equalisation (pixel
+ranks), a 3×3 blur and average pooling to 8×8. It has no learned parameters, so it cannot carry
+information about the private set; no encoder is trained for the audit.
+
+Images come in as float arrays [N, 1, H, W] or [N, H, W] on the [-1, 1] scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.stats import rankdata
+
+from .nearest import flatten, nearest_neighbours
+
+
+@dataclass(frozen=True)
+class Space:
+    name: str
+    higher_is_closer: bool
+    description: str
+
+
+SPACES: dict[str, Space] = {
+    s.name: s
+    for s in (
+        Space("pixel_l2", False, "L2 distance over the pixels (8-bit grid scaled to [-1, 1])"),
+        Space("ncc", True, "Pearson correlation of the pixels (normalised cross-correlation)"),
+        Space(
+            "shift_flip_ncc",
+            True,
+            "maximum Pearson correlation, over the overlapping region, of the query translated "
+            "by up to ±{shift} px (and of its left-right flip) with the training image; {search}",
+        ),
+        Space(
+            "rank_thumbnail",
+            True,
+            "Pearson correlation of a fixed, training-free descriptor: per-image pixel ranks "
+            "(invariant to any monotone intensity change), 3×3 blur, 8×8 average pooling; the "
+            "better of the query and its left-right flip",
+        ),
+    )
+}
+
+
+def zscore_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows centred and scaled to unit norm, so that a dot product is a Pearson correlation.
+    A constant row stays zero (correlation 0 with everything)."""
+    x = x - x.mean(1, keepdim=True)
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def max_dot(queries: torch.Tensor, refs: torch.Tensor, block_size: int, variants: int = 1):
+    """For rows of `queries` grouped `variants` at a time (variants of one query image), the
+    reference with the largest dot product over all variants: (index, value) per query image."""
+    n_q = queries.shape[0] // variants
+    idx = np.empty(n_q, dtype=np.int64)
+    val = np.empty(n_q, dtype=np.float64)
+    per_block = max(1, block_size // variants)
+    for a in range(0, n_q, per_block):
+        b = min(n_q, a + per_block)
+        s = queries[a * variants : b * variants] @ refs.T  # [(b-a)·v, N]
+        s = s.view(b - a, variants, -1).amax(1)  # [(b-a), N]
+        v, i = s.max(1)
+        idx[a:b] = i.numpy()
+        val[a:b] = v.double().numpy()
+    return idx, np.clip(val, -1.0, 1.0)
+
+
+def overlap_crops(h: int, w: int, dy: int, dx: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+    """Where a query translated by (dy, dx) overlaps a reference: (query crop, reference crop)."""
+    q = (slice(max(-dy, 0), h - max(dy, 0)), slice(max(-dx, 0), w - max(dx, 0)))
+    r = (slice(max(dy, 0), h - max(-dy, 0)), slice(max(dx, 0), w - max(-dx, 0)))
+    return q, r
+
+
+def _z_crops(x: torch.Tensor, crop: tuple[slice, slice]) -> torch.Tensor:
+    """z-scored crops [..., P] of images [..., H, W]."""
+    c = x[..., crop[0], crop[1]].flatten(-2)
+    c = c - c.mean(-1, keepdim=True)
+    return c / c.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def _shifts(shift: int):
+    for flip in (False, True):
+        for dy in range(-shift, shift + 1):
+            for dx in range(-shift, shift + 1):
+                yield flip, dy, dx
+
+
+@torch.no_grad()
+def shift_flip_search(
+    queries: torch.Tensor, refs: torch.Tensor, shift: int, block_size: int, candidates: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Max Pearson correlation, over the overlap, of each query [M, H, W] translated by up to
+    ±shift px (and of its left-right flip) with every reference [N, H, W].
+
+    Full search (`candidates` None, or not fewer references than that): one matrix product per
+    (translation, query block). With `candidates`: a first pass at half resolution (2×2 average
+    pooled, translations up to ±⌈shift/2⌉) keeps each query's `candidates` best references, and
+    the full-resolution score is computed exactly for those only."""
+    m, h, w = queries.shape
+    if candidates is None or refs.shape[0] <= candidates or min(h, w) < 8:
+        return _full_shift_flip(queries, refs, shift, block_size)
+    half_q = F.avg_pool2d(queries[:, None], 2)[:, 0]
+    half_r = F.avg_pool2d(refs[:, None], 2)[:, 0]
+    hh, hw = half_q.shape[1:]
+    s2 = (shift + 1) // 2
+    idx = np.empty(m, dtype=np.int64)
+    val = np.empty(m, dtype=np.float64)
+    for a in range(0, m, block_size):
+        qb, hq = queries[a : a + block_size], half_q[a : a + block_size]
+        coarse = torch.full((len(qb), refs.shape[0]), -2.0)
+        for flip, dy, dx in _shifts(s2):
+            qc, rc = overlap_crops(hh, hw, dy, dx)
+            q = _z_crops(hq.flip(-1) if flip else hq, qc)
+            torch.maximum(coarse, q @ _z_crops(half_r, rc).T, out=coarse)
+        cand = coarse.topk(candidates, dim=1).indices  # [b, K]
+        best = torch.maximum(
+            _overlap_corr(qb, refs[cand], shift), _overlap_corr(qb.flip(-1), refs[cand], shift)
+        )  # [b, K]
+        v, j = best.max(1)
+        idx[a : a + len(qb)] = cand[torch.arange(len(qb)), j].numpy()
+        val[a : a + len(qb)] = v.double().numpy()
+    return idx, np.clip(val, -1.0, 1.0)
+
+
+def _overlap_corr(q: torch.Tensor, r: torch.Tensor, shift: int) -> torch.Tensor:
+    """Pearson correlation over the overlap of each query q [b, H, W] translated by every
+    (dy, dx) in ±shift with each of its references r [b, K, H, W]; the best translation [b, K].
+    The sums over each overlap come from sliding windows of the zero-padded query (unfold), so
+    every translation is one batched matrix product."""
+    b, h, w = q.shape
+    win = F.unfold(F.pad(q[:, None], (shift,) * 4), (h, w))  # [b, H·W, k²]
+    win_sq = F.unfold(F.pad(q[:, None] ** 2, (shift,) * 4), (h, w))
+    mask = F.unfold(F.pad(torch.ones(1, 1, h, w), (shift,) * 4), (h, w))[0]  # [H·W, k²]
+    n = mask.sum(0)  # overlap sizes [k²]
+    rf = r.flatten(2)  # [b, K, H·W]
+    s_qr = torch.bmm(rf, win)  # [b, K, k²]
+    s_r, s_r2 = rf @ mask, (rf**2) @ mask  # [b, K, k²]
+    s_q, s_q2 = win.sum(1)[:, None], win_sq.sum(1)[:, None]  # [b, 1, k²]
+    cov = s_qr - s_q * s_r / n
+    var = (s_q2 - s_q**2 / n).clamp_min(0) * (s_r2 - s_r**2 / n).clamp_min(0)
+    corr = torch.where(var > 1e-12, cov / var.clamp_min(1e-24).sqrt(), torch.zeros_like(cov))
+    return corr.amax(-1)
+
+
+@torch.no_grad()
+def _full_shift_flip(
+    queries: torch.Tensor, refs: torch.Tensor, shift: int, block_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    m, h, w = queries.shape
+    best = torch.full((m,), -2.0, dtype=torch.float64)
+    best_idx = torch.zeros(m, dtype=torch.long)
+    for flip, dy, dx in _shifts(shift):
+        q_all = queries.flip(-1) if flip else queries
+        qc, rc = overlap_crops(h, w, dy, dx)
+        r = _z_crops(refs, rc)
+        for a in range(0, m, block_size):
+            v, i = (_z_crops(q_all[a : a + block_size], qc) @ r.T).max(1)
+            v = v.double()
+            better = v > best[a : a + len(v)]
+            best[a : a + len(v)] = torch.where(better, v, best[a : a + len(v)])
+            best_idx[a : a + len(v)] = torch.where(better, i, best_idx[a : a + len(v)])
+    return best_idx.numpy(), np.clip(best.numpy(), -1.0, 1.0)
+
+
+def rank_thumbnail(images: np.ndarray, size: int = 8) -> torch.Tensor:
+    """The fixed descriptor: [N, size·size] z-scored rows."""
+    x = np.asarray(images, dtype=np.float32).reshape(len(images), -1)
+    h = w = int(round(np.sqrt(x.shape[1])))
+    ranks = rankdata(x, axis=1).astype(np.float32) / x.shape[1]  # ties share their mean rank
+    t = torch.from_numpy(ranks).view(-1, 1, h, w)
+    t = F.avg_pool2d(t, 3, stride=1, padding=1, count_include_pad=False)
+    t = F.adaptive_avg_pool2d(t, size)
+    return zscore_rows(t.flatten(1))
+
+
+def _images2d(x: np.ndarray) -> torch.Tensor:
+    a = np.ascontiguousarray(x, dtype=np.float32)
+    return torch.from_numpy(a.reshape(len(a), a.shape[-2], a.shape[-1]))
+
+
+def search(
+    name: str,
+    queries: np.ndarray,
+    train: np.ndarray,
+    block_size: int = 1024,
+    shift: int = 4,
+    candidates: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest training image and score of every query in one space."""
+    if name == "pixel_l2":
+        return nearest_neighbours(queries, train, block_size)
+    if name == "ncc":
+        return max_dot(zscore_rows(flatten(queries)), zscore_rows(flatten(train)), block_size)
+    if name == "shift_flip_ncc":
+        return shift_flip_search(
+            _images2d(queries), _images2d(train), shift, min(block_size, 256), candidates
+        )
+    if name == "rank_thumbnail":
+        q = _images2d(queries)
+        both = torch.stack([q, q.flip(-1)], 1).flatten(0, 1).numpy()
+        return max_dot(rank_thumbnail(both), rank_thumbnail(train), block_size, variants=2)
+    raise ValueError(f"unknown similarity space {name!r}; known: {', '.join(SPACES)}")
+
+
+def all_spaces(
+    names: list[str], queries: np.ndarray, train: np.ndarray, block_size: int, shift: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    return {n: search(n, queries, train, block_size, shift) for n in names}

@@ -1,0 +1,107 @@
+"""The release gate on real data (../shared/data): copies of training images that are exact,
+shifted by 1-4 px, flipped, intensity-scaled by ±10 %, gamma-corrected or noised (Gaussian
+σ = 0.05 on the [-1, 1] scale) are all caught, while held-out real images presented as samples
+are dropped at about the calibrated false-alarm rate."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from synthfactory.audit import gate
+from synthfactory.recipe import AuditConfig
+
+KINDS = ("exact", "shift", "flip", "scale", "gamma", "noise")
+
+
+def disguise(img: np.ndarray, kind: str, i: int, rng: np.random.Generator) -> np.ndarray:
+    """One disguised copy of a uint8 image, on the [-1, 1] scale."""
+    x = img.astype(np.float64) / 127.5 - 1.0
+    if kind == "shift":
+        s = 1 + i % 4
+        dy, dx = [(s, 0), (0, -s), (s, s), (-s, s)][(i // 4) % 4]
+        y = np.full_like(x, x.min())
+        h, w = x.shape
+        y[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = x[
+            max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+        ]
+        return y
+    if kind == "flip":
+        return x[:, ::-1]
+    if kind == "scale":
+        return np.clip(x * (1.1 if i % 2 else 0.9), -1, 1)
+    if kind == "gamma":
+        return ((x + 1) / 2) ** (0.7 if i % 2 else 1.4) * 2 - 1
+    if kind == "noise":
+        return np.clip(x + rng.normal(0, 0.05, x.shape), -1, 1)
+    return x
+
+
+def planted_copies(
+    train_u8: np.ndarray, per_kind: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(train_u8), per_kind * len(KINDS), replace=False)
+    kinds = np.repeat(KINDS, per_kind)
+    imgs = [disguise(train_u8[p], k, i, rng) for i, (p, k) in enumerate(zip(picks, kinds, strict=True))]
+    u8 = np.round((np.clip(np.array(imgs), -1, 1) + 1) * 127.5).astype(np.uint8)
+    return u8, picks, kinds
+
+
+def half_size(x: np.ndarray) -> np.ndarray:
+    t = F.avg_pool2d(torch.from_numpy(x.astype(np.float32))[:, None], 2)[:, 0]
+    return t.round().clamp(0, 255).numpy().astype(np.uint8)
+
+
+def run_gate(train, train_y, heldout, heldout_y, per_kind: int):
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(heldout))
+    cal, shown = order[: len(order) // 2], order[len(order) // 2 :]
+    copies, picks, kinds = planted_copies(train, per_kind, seed=1)
+    synth = np.concatenate([copies, heldout[shown]])
+    synth_y = np.concatenate([train_y[picks], heldout_y[shown]])
+    g = gate(AuditConfig(), train, heldout[cal], heldout_y[cal], synth, synth_y)
+    caught = g.flagged[: len(copies)]
+    missed = {k: int((~caught[kinds == k]).sum()) for k in KINDS}
+    false_alarm = float(g.flagged[len(copies) :].mean())
+    return missed, false_alarm, g
+
+
+def test_gate_on_ct_catches_every_disguised_copy_at_2pct_false_alarms(shared_data) -> None:
+    with np.load(shared_data / "ct_organamnist" / "organamnist_28_full.npz") as z:
+        train, train_y = z["train_images"][:2500], z["train_labels"].ravel()[:2500]
+        heldout, heldout_y = z["test_images"][:1200], z["test_labels"].ravel()[:1200]
+    missed, false_alarm, g = run_gate(train, train_y, heldout, heldout_y, per_kind=20)
+    assert missed == dict.fromkeys(KINDS, 0), missed
+    assert false_alarm <= 0.02, false_alarm
+    assert g.calibration.false_alarm_in_sample <= 1.0
+
+
+def test_gate_on_fetal_ultrasound_catches_every_disguised_copy(shared_data) -> None:
+    with np.load(shared_data / "us_fetal_head_trimester" / "hc18_trimester_64.npz") as z:
+        train, train_y = half_size(z["train_images"]), z["train_labels"].ravel()
+        heldout, heldout_y = half_size(z["test_images"]), z["test_labels"].ravel()
+    missed, false_alarm, g = run_gate(train, train_y, heldout, heldout_y, per_kind=15)
+    assert missed == dict.fromkeys(KINDS, 0), missed
+    # 156 held-out images: 78 calibrate, 78 are shown. Each space's threshold is then about the
+    # single most extreme of 78 scores, so the expected false-alarm rate over four spaces is a few
+    # percent, above the 1 % target; the audit report warns when that is the case.
+    assert false_alarm <= 0.06, false_alarm
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_disguises_do_what_they_say(kind: str) -> None:
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (16, 16)).astype(np.uint8)
+    y = disguise(img, kind, 1, rng)
+    x = img / 127.5 - 1
+    if kind == "exact":
+        assert np.array_equal(y, x)
+    elif kind == "flip":
+        assert np.array_equal(y, x[:, ::-1])
+    elif kind == "shift":
+        assert np.array_equal(y[2:], x[:-2]) and (y[:2] == x.min()).all()  # i = 1: 2 px down
+    else:
+        assert 0 < np.abs(y - x).mean() < 0.2
