@@ -28,7 +28,10 @@ def test_run_end_to_end(tmp_path: Path) -> None:
     (run_root,) = (tmp_path / "runs").iterdir()
     run_dir = RunDir(run_root)
     assert f"dataset    {run_root / 'release' / 'dataset'}" in result.output
-    assert f"report     {tmp_path / 'pa' / 'tiny' / run_root.name / 'audit-summary.md'} (internal: internal/audit.html)" in result.output
+    assert (
+        f"report     {tmp_path / 'pa' / 'tiny' / run_root.name / 'audit-summary.md'} (internal: internal/audit.html)"
+        in result.output
+    )
     assert "ε = " in result.output and "spent of target 10" in result.output
     assert set(read_json(run_dir.run_json)["stages"]) == set(STAGES)
     ds = datasets.load_from_disk(str(run_root / "release" / "dataset"))["train"]
