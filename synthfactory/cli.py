@@ -98,7 +98,8 @@ def _print_summary(run_path: Path) -> None:
     e = s.get("evaluation")
     if e:
         echo(
-            f"utility    TSTR {e['tstr']:.3f} / TRTR {e['trtr']:.3f} = {e['ratio']:.2f} (chance {e['chance']:.3f}); "
+            f"utility    TSTR {e['tstr']:.3f} / TRTR {e['trtr']:.3f} = {e['ratio']:.2f} (chance {e['chance']:.3f}; "
+            f"above chance {'n/a' if e.get('above_chance') is None else format(e['above_chance'], '.2f')}); "
             f"Fréchet distance {e['fd']:.2f} (real vs real {e['fd_real']:.2f})"
         )
 

@@ -266,6 +266,7 @@ def summary(run_dir: RunDir) -> dict:
             "tstr": ev["tstr"]["accuracy"],
             "trtr": ev["trtr"]["accuracy"],
             "ratio": ev["tstr_over_trtr_accuracy"],
+            "above_chance": ev.get("tstr_over_trtr_above_chance"),
             "chance": ev["tstr"]["chance_accuracy"],
             "fd": ev["fidelity"]["frechet_distance"],
             "fd_real": ev["fidelity"]["frechet_distance_real_train_vs_heldout"],

@@ -52,6 +52,7 @@ def test_recipe_smoke_run_end_to_end(recipe_path: Path, tmp_path: Path, request)
         assert 0.0 <= ev[key]["accuracy"] <= 1.0 and _finite(ev[key]["macro_auc"])
         assert len(ev[key]["per_class_recall"]) == n_classes
     assert _finite(ev["tstr_over_trtr_accuracy"])
+    assert ev["tstr_over_trtr_above_chance"] is None or isinstance(ev["tstr_over_trtr_above_chance"], float)
     fid = ev["fidelity"]
     assert _finite(fid["frechet_distance"]) and fid["frechet_distance"] >= 0
     assert all(0.0 <= fid[k] <= 1.0 for k in ("precision", "recall", "coverage"))
