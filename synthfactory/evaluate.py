@@ -114,12 +114,20 @@ def predict(model: Classifier, x: np.ndarray, batch: int = 512) -> tuple[np.ndar
 def train_classifier(
     x: np.ndarray, y: np.ndarray, n_classes: int, cfg: ClassifierConfig, val_fraction: float
 ) -> tuple[Classifier, dict]:
-    """Train on (x, y) with early stopping on a stratified validation split of (x, y) itself."""
-    tr, va = split_validation(y, val_fraction, cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    """Train on (x, y) with early stopping on a stratified validation split of (x, y) itself.
+    Deterministic for a seed: initialisation, shuffling, shifts and dropout all draw from it, not
+    from the process's global random state."""
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
-        model = Classifier(n_classes)
+        return _train_classifier(x, y, n_classes, cfg, val_fraction)
+
+
+def _train_classifier(
+    x: np.ndarray, y: np.ndarray, n_classes: int, cfg: ClassifierConfig, val_fraction: float
+) -> tuple[Classifier, dict]:
+    tr, va = split_validation(y, val_fraction, cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = Classifier(n_classes)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
     xt, yt = torch.from_numpy(x[tr]), torch.from_numpy(y[tr])
     curve, best, best_state, waited = [], -1.0, None, 0

@@ -39,7 +39,7 @@ def test_real_data_as_synthetic_scores_like_trtr_and_noise_scores_chance(ct_phan
     # Pure noise with random labels: any one draw of labels can line up with brightness by
     # chance, so the claim is about the average over draws.
     runs = []
-    for seed in range(3):
+    for seed in range(6):
         rng = np.random.default_rng(seed)
         noise = rng.integers(0, 256, real_u8.shape, dtype=np.uint8)
         runs.append(evaluate_arrays(noise, rng.integers(0, 3, len(noise)), ct_phantoms, EVAL, threshold=1.0))
