@@ -6,8 +6,8 @@ and a score, by exact search in blocks (torch matmul).
 | pixel_l2         | L2 distance of the pixels    | lower       | exact and lightly noised copies       |
 | ncc              | Pearson correlation          | higher      | copies re-contrasted linearly         |
 | shift_flip_ncc   | max Pearson on the overlap,  | higher      | copies shifted by up to s px and/or   |
-|                  | ±s px shifts, and the flip   |             | flipped left-right (exact for a       |
-|                  |                              |             | shortlist found at half resolution)   |
+|                  | ±s px shifts, and the flip   |             | flipped left-right (exact; optional   |
+|                  |                              |             | half-resolution shortlist)            |
 | rank_thumbnail   | Pearson correlation of       | higher      | copies under any monotone intensity   |
 |                  | rank-transformed, blurred    |             | change (gamma, windowing), noise,     |
 |                  | 8×8 thumbnails, flip-aware   |             | small shifts                          |
