@@ -29,6 +29,32 @@ def faiss_candidates(q: torch.Tensor, r: torch.Tensor, k: int) -> torch.Tensor:
     return torch.from_numpy(idx.astype(np.int64))
 
 
+def _remeasured_candidates(
+    q: torch.Tensor, r: torch.Tensor, n_cand: int, block_size: int, exclude_self: bool, backend: str
+):
+    """Blocks of (first query row, candidate indices [b, n_cand], their exact float64 distances).
+    Candidates come from one matrix product per block (torch) or from faiss for all queries."""
+    if q.shape[1] != r.shape[1]:
+        raise ValueError(f"queries have {q.shape[1]} pixels, references {r.shape[1]}")
+    if exclude_self and q.shape[0] != r.shape[0]:
+        raise ValueError("exclude_self needs the queries to be the references")
+    use_faiss = backend == "faiss" and not exclude_self
+    all_cand = faiss_candidates(q, r, n_cand) if use_faiss else None
+    r_sq = None if use_faiss else r.pow(2).sum(1)
+    for start in range(0, len(q), block_size):
+        qb = q[start : start + block_size]
+        if all_cand is not None:
+            cand = all_cand[start : start + len(qb)]
+        else:
+            d2 = qb.pow(2).sum(1, keepdim=True) + r_sq[None] - 2.0 * (qb @ r.T)
+            if exclude_self:
+                rows = torch.arange(len(qb))
+                d2[rows, start + rows] = float("inf")
+            cand = d2.topk(n_cand, dim=1, largest=False).indices  # [b, n_cand]
+        exact = (qb.double()[:, None, :] - r[cand].double()).pow(2).sum(-1).sqrt()  # [b, n_cand]
+        yield start, cand, exact
+
+
 @torch.no_grad()
 def nearest_neighbours(
     queries: np.ndarray,
@@ -42,41 +68,15 @@ def nearest_neighbours(
     `exclude_self`: queries are the references; query i never matches reference i.
     `backend`: "torch" (blocked matrix products) or "faiss" (faiss-cpu IndexFlatL2, exact) for
     the candidates; either way the candidates are re-measured in float64."""
-    if backend == "faiss" and not exclude_self:
-        q, r = flatten(queries), flatten(refs)
-        cand = faiss_candidates(q, r, min(candidates, r.shape[0]))
-        idx = np.empty(len(q), dtype=np.int64)
-        dist = np.empty(len(q), dtype=np.float64)
-        for start in range(0, len(q), block_size):
-            c = cand[start : start + block_size]
-            qb = q[start : start + block_size]
-            exact = (qb.double()[:, None, :] - r[c].double()).pow(2).sum(-1).sqrt()
-            best = exact.argmin(1)
-            rows = torch.arange(len(qb))
-            idx[start : start + len(qb)] = c[rows, best].numpy()
-            dist[start : start + len(qb)] = exact[rows, best].numpy()
-        return idx, dist
     q, r = flatten(queries), flatten(refs)
-    if q.shape[1] != r.shape[1]:
-        raise ValueError(f"queries have {q.shape[1]} pixels, references {r.shape[1]}")
-    r_sq = r.pow(2).sum(1)
-    if exclude_self and q.shape[0] != r.shape[0]:
-        raise ValueError("exclude_self needs the queries to be the references")
-    k = min(candidates, r.shape[0] - int(exclude_self))
+    n_cand = min(candidates, r.shape[0] - int(exclude_self))
     idx = np.empty(len(q), dtype=np.int64)
     dist = np.empty(len(q), dtype=np.float64)
-    for start in range(0, len(q), block_size):
-        qb = q[start : start + block_size]
-        d2 = qb.pow(2).sum(1, keepdim=True) + r_sq[None] - 2.0 * (qb @ r.T)
-        if exclude_self:
-            rows = torch.arange(len(qb))
-            d2[rows, start + rows] = float("inf")
-        cand = d2.topk(k, dim=1, largest=False).indices  # [b, k]
-        exact = (qb.double()[:, None, :] - r[cand].double()).pow(2).sum(-1).sqrt()  # [b, k]
+    for start, cand, exact in _remeasured_candidates(q, r, n_cand, block_size, exclude_self, backend):
         best = exact.argmin(1)
-        rows = torch.arange(len(qb))
-        idx[start : start + len(qb)] = cand[rows, best].numpy()
-        dist[start : start + len(qb)] = exact[rows, best].numpy()
+        rows = torch.arange(len(cand))
+        idx[start : start + len(cand)] = cand[rows, best].numpy()
+        dist[start : start + len(cand)] = exact[rows, best].numpy()
     return idx, dist
 
 
@@ -87,12 +87,7 @@ def knn_distances(queries: np.ndarray, refs: np.ndarray, k: int, block_size: int
     q, r = flatten(queries), flatten(refs)
     k = min(k, r.shape[0])
     n_cand = min(r.shape[0], max(2 * k, 8))
-    r_sq = r.pow(2).sum(1)
     out = np.empty((len(q), k), dtype=np.float64)
-    for start in range(0, len(q), block_size):
-        qb = q[start : start + block_size]
-        d2 = qb.pow(2).sum(1, keepdim=True) + r_sq[None] - 2.0 * (qb @ r.T)
-        cand = d2.topk(n_cand, dim=1, largest=False).indices
-        exact = (qb.double()[:, None, :] - r[cand].double()).pow(2).sum(-1).sqrt()
-        out[start : start + len(qb)] = exact.sort(1).values[:, :k].numpy()
+    for start, _, exact in _remeasured_candidates(q, r, n_cand, block_size, False, "torch"):
+        out[start : start + len(exact)] = exact.sort(1).values[:, :k].numpy()
     return out
