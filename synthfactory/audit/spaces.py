@@ -61,10 +61,10 @@ SPACES: dict[str, Space] = {
 
 
 def zscore_rows(x: torch.Tensor) -> torch.Tensor:
-    """Rows centred and scaled to unit norm, so that a dot product is a Pearson correlation.
-    A constant row stays zero (correlation 0 with everything)."""
-    x = x - x.mean(1, keepdim=True)
-    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    """Rows (the last dimension) centred and scaled to unit norm, so that a dot product is a
+    Pearson correlation. A constant row stays zero (correlation 0 with everything)."""
+    x = x - x.mean(-1, keepdim=True)
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 @torch.no_grad()
@@ -94,9 +94,7 @@ def overlap_crops(h: int, w: int, dy: int, dx: int) -> tuple[tuple[slice, slice]
 
 def _z_crops(x: torch.Tensor, crop: tuple[slice, slice]) -> torch.Tensor:
     """z-scored crops [..., P] of images [..., H, W]."""
-    c = x[..., crop[0], crop[1]].flatten(-2)
-    c = c - c.mean(-1, keepdim=True)
-    return c / c.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return zscore_rows(x[..., crop[0], crop[1]].flatten(-2))
 
 
 def _shifts(shift: int):
@@ -221,9 +219,3 @@ def search(
         both = torch.stack([q, q.flip(-1)], 1).flatten(0, 1).numpy()
         return max_dot(rank_thumbnail(both), rank_thumbnail(train), block_size, variants=2)
     raise ValueError(f"unknown similarity space {name!r}; known: {', '.join(SPACES)}")
-
-
-def all_spaces(
-    names: list[str], queries: np.ndarray, train: np.ndarray, block_size: int, shift: int
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    return {n: search(n, queries, train, block_size, shift) for n in names}
