@@ -137,8 +137,21 @@ def gate(
 ) -> GateResult:
     """Score every synthetic and held-out image in every space, calibrate, flag. Images uint8
     [N, H, W]."""
-    h, w = train_u8.shape[1:]
-    train_f, heldout_f, synth_f = (uint8_to_model_range(x) for x in (train_u8, heldout_u8, synth_u8))
+    scaled = (uint8_to_model_range(x) for x in (train_u8, heldout_u8, synth_u8))
+    train_f, heldout_f, synth_f = scaled
+    return gate_scaled(cfg, train_f, heldout_f, heldout_y, synth_f, synth_y)
+
+
+def gate_scaled(
+    cfg: AuditConfig,
+    train_f: np.ndarray,
+    heldout_f: np.ndarray,
+    heldout_y: np.ndarray,
+    synth_f: np.ndarray,
+    synth_y: np.ndarray,
+) -> GateResult:
+    """`gate` for images already on the [-1, 1] scale of the 8-bit grid, [N, H, W]."""
+    h, w = train_f.shape[-2:]
     # Held-out images that are near-exact copies of a training image: the split leaks there.
     _, h_dist = nearest_neighbours(heldout_f, train_f, cfg.block_size, backend=cfg.search)
     bg = h_dist / np.sqrt(h * w) > cfg.threshold.near_duplicate_rms
@@ -187,8 +200,8 @@ def run_audit(
     pick = _subset(len(images.heldout_labels), cfg.threshold.max_heldout, cfg.threshold.seed)
     heldout_u8 = quantize(images.heldout_images[pick])
     heldout_y = images.heldout_labels[pick]
-    g = gate(cfg, train_u8, heldout_u8, heldout_y, samples.images, samples.labels)
     train_f, heldout_f, synth_f = (uint8_to_model_range(x) for x in (train_u8, heldout_u8, samples.images))
+    g = gate_scaled(cfg, train_f, heldout_f, heldout_y, synth_f, samples.labels)
     bg, dup, h_dist = g.background_mask, ~g.background_mask, g.heldout_distance
     background, synth, cal, flags, flagged = g.background, g.synth, g.calibration, g.flags, g.flagged
     timings = g.seconds
@@ -351,7 +364,7 @@ def run_audit(
         report_dir,
         audit,
         background,
-        {n: s for n, s in synth.items()},
+        synth,
         samples.images,
         train_u8,
         flagged,
