@@ -37,6 +37,7 @@ from . import __version__
 from .audit import quantize
 from .audit.nearest import nearest_neighbours
 from .data import ImageSet
+from .data.common import random_subset
 from .export import audited_set
 from .metrics import auc_one_vs_rest
 from .recipe import ClassifierConfig, EvaluationConfig, Recipe
@@ -229,12 +230,6 @@ class EvaluationResult:
     path: Path
 
 
-def _subset(n: int, limit: int | None, seed: int) -> np.ndarray:
-    if limit is None or n <= limit:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
-
-
 def evaluate_arrays(
     synth_u8: np.ndarray, synth_y: np.ndarray, images: ImageSet, cfg: EvaluationConfig, threshold: float
 ) -> dict:
@@ -247,7 +242,7 @@ def evaluate_arrays(
     # The same 8-bit grid as the release, for real and synthetic images alike.
     synth_x = uint8_to_model_range(synth_u8)
     synth_y = synth_y.astype(np.int64)
-    keep = _subset(len(images.train_labels), cfg.max_real_train, cfg.classifier.seed)
+    keep = random_subset(len(images.train_labels), cfg.max_real_train, cfg.classifier.seed)
     real_x = uint8_to_model_range(quantize(images.train_images[keep]))
     real_y = images.train_labels[keep]
     test_x = uint8_to_model_range(quantize(images.heldout_images))
@@ -261,10 +256,10 @@ def evaluate_arrays(
     tstr = {**classification_metrics(tstr_probs, test_y, names), "classifier": tstr_info}
 
     # Fidelity in the TRTR classifier's feature space.
-    pick = _subset(len(test_feats), cfg.max_real_features, cfg.classifier.seed + 1)
+    pick = random_subset(len(test_feats), cfg.max_real_features, cfg.classifier.seed + 1)
     real_feats = test_feats[pick]
     synth_feats = predict(trtr_model, synth_x)[1]
-    train_pick = _subset(len(real_x), cfg.max_real_features, cfg.classifier.seed + 2)
+    train_pick = random_subset(len(real_x), cfg.max_real_features, cfg.classifier.seed + 2)
     train_feats = predict(trtr_model, real_x[train_pick])[1]
     fidelity = {
         "feature_space": "penultimate layer (128-d) of the TRTR classifier",

@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import __version__
 from ..data import ImageSet
+from ..data.common import random_subset
 from ..model import load_generator
 from ..recipe import AuditConfig, Recipe
 from ..rundir import RunDir, read_json, write_json_atomic
@@ -65,12 +66,6 @@ LIMITS = [
     "Slices of one scan on both sides of the split (not grouped by patient) make held-out "
     "images closer to training images than a new patient's would be, which loosens the gate.",
 ]
-
-
-def _subset(n: int, limit: int | None, seed: int) -> np.ndarray:
-    if limit is None or n <= limit:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
 
 def _percentiles(x: np.ndarray) -> dict[str, float]:
@@ -197,7 +192,7 @@ def run_audit(
     if samples.images.shape[1:] != train_u8.shape[1:]:
         raise ValueError(f"samples are {samples.images.shape[1:]}, training images {train_u8.shape[1:]}")
     h, w = train_u8.shape[1:]
-    pick = _subset(len(images.heldout_labels), cfg.threshold.max_heldout, cfg.threshold.seed)
+    pick = random_subset(len(images.heldout_labels), cfg.threshold.max_heldout, cfg.threshold.seed)
     heldout_u8 = quantize(images.heldout_images[pick])
     heldout_y = images.heldout_labels[pick]
     train_f, heldout_f, synth_f = (uint8_to_model_range(x) for x in (train_u8, heldout_u8, samples.images))

@@ -104,6 +104,13 @@ def pad_square_resize(images: list[np.ndarray], size: int) -> np.ndarray:
     return out
 
 
+def random_subset(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded random subset of at most `limit` of n items (all if None)."""
+    if limit is None or n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
 def image_sha256(image: np.ndarray) -> str:
     """SHA-256 of one image exactly as the model sees it (float32, C order)."""
     return hashlib.sha256(np.ascontiguousarray(image, dtype=np.float32).tobytes()).hexdigest()
