@@ -301,13 +301,13 @@ def evaluate_arrays(
     }
 
 
-def _diversity_threshold(audit: dict) -> float:
-    """The gate's global pixel-L2 threshold; without that space, the near-duplicate rule."""
+def _diversity_threshold(audit: dict, near_duplicate_rms: float) -> float:
+    """The gate's global pixel-L2 threshold; without that space, the audit's near-duplicate rule."""
     t = audit.get("threshold", {}).get("value")
     if t is not None:
         return float(t)
     h, w = audit["data"]["image_size"]
-    return 0.02 * float(np.sqrt(h * w))
+    return near_duplicate_rms * float(np.sqrt(h * w))
 
 
 def evaluate(
@@ -316,7 +316,13 @@ def evaluate(
     """Evaluate the released (audited) samples of a run; writes evaluation.json."""
     started = time.perf_counter()
     rs, audit = audited_set(run_dir)
-    numbers = evaluate_arrays(rs.images, rs.labels, images, recipe.evaluation, _diversity_threshold(audit))
+    numbers = evaluate_arrays(
+        rs.images,
+        rs.labels,
+        images,
+        recipe.evaluation,
+        _diversity_threshold(audit, recipe.audit.threshold.near_duplicate_rms),
+    )
     privacy = read_json(run_dir.privacy)
     evaluation = {
         "schema": SCHEMA,
