@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
-from synthfactory.audit import gate
+from synthfactory.audit import gate, quantize
 from synthfactory.audit.planted import KINDS, disguise, planted_copies
+from synthfactory.data.common import pad_square_resize, uint_to_unit_range
 from synthfactory.recipe import AuditConfig
 
 
-def half_size(x: np.ndarray) -> np.ndarray:
-    t = F.avg_pool2d(torch.from_numpy(x.astype(np.float32))[:, None], 2)[:, 0]
-    return t.round().clamp(0, 255).numpy().astype(np.uint8)
+def at_size(x: np.ndarray, size: int) -> np.ndarray:
+    """uint8 images resized as a recipe's data.image_size does, back on the 8-bit grid."""
+    return quantize(pad_square_resize(list(uint_to_unit_range(x)), size))
 
 
 def run_gate(train, train_y, heldout, heldout_y, per_kind: int):
@@ -46,8 +45,8 @@ def test_gate_on_ct_catches_every_disguised_copy_at_2pct_false_alarms(shared_dat
 
 def test_gate_on_fetal_ultrasound_catches_every_disguised_copy(shared_data) -> None:
     with np.load(shared_data / "us_fetal_head_trimester" / "hc18_trimester_64.npz") as z:
-        train, train_y = half_size(z["train_images"]), z["train_labels"].ravel()
-        heldout, heldout_y = half_size(z["test_images"]), z["test_labels"].ravel()
+        train, train_y = at_size(z["train_images"], 32), z["train_labels"].ravel()
+        heldout, heldout_y = at_size(z["test_images"], 32), z["test_labels"].ravel()
     missed, false_alarm, g = run_gate(train, train_y, heldout, heldout_y, per_kind=15)
     assert missed == dict.fromkeys(KINDS, 0), missed
     # 156 held-out images: 78 calibrate, 78 are shown. Each space's threshold is then about the
