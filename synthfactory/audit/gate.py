@@ -102,10 +102,10 @@ def calibrate(
         return th, 100.0 * float(any_flag.mean()) if len(labels) else 0.0
 
     lo, hi = false_alarm_percent / len(names), false_alarm_percent
-    best = build(lo)
-    best_level = lo
-    if build(hi)[1] <= false_alarm_percent:
-        best, best_level = build(hi), hi
+    best, best_level = build(lo), lo
+    at_hi = build(hi)
+    if at_hi[1] <= false_alarm_percent:
+        best, best_level = at_hi, hi
     else:
         for _ in range(20):
             mid = (lo + hi) / 2
