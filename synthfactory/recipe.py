@@ -267,6 +267,20 @@ class MembershipConfig(_Strict):
     max_examples: int = Field(500, ge=10)  # members and non-members each
     timesteps: list[int] = Field(default_factory=lambda: [10, 50, 100, 200, 400], min_length=1)
     seed: int = 0
+    # Also train a NON-private model (same data, model, steps, batch size; never released) and
+    # run the same attack on it, to show what DP changes. Costs one more training run.
+    nonprivate_reference: bool = False
+
+
+class CanaryConfig(_Strict):
+    """Canary audit (Steinke, Nasr & Jagielski 2023): one more DP training run with m generated
+    canaries, each included with probability ½; never released. Costs one more training run."""
+
+    enabled: bool = False
+    m: int = Field(1000, ge=10)
+    seed: int = 0  # canary patterns, labels and which canaries go in (the auditor's randomness)
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    timesteps: list[int] = Field(default_factory=lambda: [10, 50, 100, 200, 400], min_length=1)
 
 
 class AuditConfig(_Strict):
@@ -287,6 +301,7 @@ class AuditConfig(_Strict):
     neighbours: int = Field(50, ge=2)  # the Carlini ratio's n
     copying_test: CopyingTestConfig = CopyingTestConfig()
     membership: MembershipConfig = MembershipConfig()
+    canary: CanaryConfig = CanaryConfig()
 
     @field_validator("spaces")
     @classmethod
@@ -297,9 +312,14 @@ class AuditConfig(_Strict):
 
 
 class OutputsConfig(_Strict):
-    formats: list[Literal["hf", "png"]] = Field(default_factory=lambda: ["hf"], min_length=1)
+    formats: list[Literal["hf", "png", "dicom"]] = Field(default_factory=lambda: ["hf"], min_length=1)
     destination: Path = Path("runs")
     audit_dir: Path = Path("privacy_audits")
+    # The dataset card's licence (a Hub licence id, e.g. cc-by-4.0, cc0-1.0): the synthetic
+    # images derive from the real ones, so follow the source data's licence.
+    license: str = "other"
+    # `synthfactory publish`: also a validation split of this fraction (stratified by class).
+    validation_fraction: float | None = Field(None, gt=0, lt=1)
 
 
 class Recipe(_Strict):
@@ -320,10 +340,11 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _check(self) -> Recipe:
         t_max = self.model.num_train_timesteps
-        if any(not 0 <= t < t_max for t in self.audit.membership.timesteps):
-            raise ValueError(
-                f"audit.membership.timesteps: each must be in [0, {t_max}) (model.num_train_timesteps)"
-            )
+        for block in ("membership", "canary"):
+            if any(not 0 <= t < t_max for t in getattr(self.audit, block).timesteps):
+                raise ValueError(
+                    f"audit.{block}.timesteps: each must be in [0, {t_max}) (model.num_train_timesteps)"
+                )
         levels = len(self.model.block_out_channels)
         factor = 2 ** (levels - 1)
         if self.data.image_size % factor:
@@ -450,6 +471,7 @@ def smoke_overrides(raw: dict) -> dict[str, Any]:
         "evaluation.classifier.epochs": 1,
         "evaluation.max_real_features": 200,
         "audit.membership.max_examples": 50,
+        "audit.canary.m": 40,
         "audit.threshold.min_per_class": 50,
     }
     if isinstance(raw.get("pretrain"), dict):

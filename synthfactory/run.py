@@ -17,6 +17,7 @@ import yaml
 
 from . import __version__
 from .audit import run_audit
+from .audit.models import train_audit_models
 from .data import DataError, ImageSet, load_images
 from .evaluate import evaluate
 from .export import release
@@ -207,6 +208,12 @@ def run_stage(stage: str, checked: Checked, run_dir: RunDir, opts: StageOptions)
             weights="ema" if recipe.sampling.use_ema and recipe.training.ema_decay else "last",
             guidance_scale=recipe.sampling.guidance_scale,
         )
+    elif stage == "audit_models":
+        if not (recipe.audit.canary.enabled or recipe.audit.membership.nonprivate_reference):
+            run_dir.mark_done("audit_models", skipped="the recipe asks for no canary or reference model")
+            return
+        done = train_audit_models(recipe, run_dir, images, progress=opts.progress)
+        run_dir.mark_done("audit_models", **done)
     elif stage == "audit":
         res = run_audit(recipe, run_dir, images, opts.audit_root)
         run_dir.mark_done("audit", decision=res.decision, report=str(res.report_dir))
@@ -254,6 +261,11 @@ def summary(run_dir: RunDir) -> dict:
             "heldout_near_duplicates": audit["calibration"]["heldout_near_duplicates"],
             "c_t": (audit.get("data_copying") or {}).get("c_t"),
             "mia_auc": (audit.get("membership_inference") or {}).get("auc"),
+            "mia_auc_nonprivate": (
+                (audit.get("membership_inference") or {}).get("nonprivate_reference") or {}
+            ).get("auc"),
+            "canary_epsilon_lower_bound": (audit.get("canary_audit") or {}).get("epsilon_lower_bound"),
+            "canary_accountant_epsilon": (audit.get("canary_audit") or {}).get("accountant_epsilon"),
             **audit["summary"],
         }
         out["report"] = info.get("stages", {}).get("audit", {}).get("report")

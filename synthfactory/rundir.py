@@ -16,11 +16,18 @@
       privacy.json                    ε spent (accountant, steps taken), δ, σ, q, steps, C, ...
       train_log.jsonl                 step, batch size, loss (computed on private data: internal)
       samples/samples.npz             uint8 images [M, H, W], labels, per-sample seeds
+      audit_models/canary/            the canary audit's DP model (if the recipe asks): its own
+                                      checkpoints/, privacy.json, train_log.jsonl and canary.json
+                                      (canaries in/out, scores, bound); never sampled or released
+      audit_models/nonprivate/        a NON-private reference model for the membership attack (if
+                                      the recipe asks); never sampled or released
       audit/audit.json                the memorization audit (same file as under privacy_audits/)
       audit/nearest.npz               nearest training index and distance per sample,
                                       held-out→train distances
       release/ (release-NOT-PRIVATE/) dataset/ (datasets save_to_disk), png/<class>/*.png,
-                                      sample_grid.png, release.json (what was released and why)
+                                      dicom/<class>/*.dcm, sample_grid.png, release.json
+                                      (what was released and why)
+      publish.json                    the Hub push: repository, revision, commit, splits
       evaluation.json                 TSTR/TRTR, fidelity, diversity of the released samples
 
 Everything in a run directory except `release/` is internal: it names private images by
@@ -29,6 +36,7 @@ index and hash, and holds a model trained on them. Only `release/` is meant to l
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -41,7 +49,7 @@ from typing import Any
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-STAGES = ("data", "pretrain", "train", "sample", "audit", "release", "evaluate")
+STAGES = ("data", "pretrain", "train", "sample", "audit_models", "audit", "release", "evaluate")
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -66,6 +74,15 @@ def atomic_path(path: Path) -> Path:
     """A temporary sibling path to write to before `os.replace(tmp, path)`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+def folder_sha256(folder: Path) -> str:
+    """One hash over a folder's files (relative names and contents), e.g. a saved model."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(f.relative_to(folder).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 def read_json(path: Path) -> Any:
@@ -125,6 +142,20 @@ class RunDir:
     @property
     def samples(self) -> Path:
         return self.root / "samples" / "samples.npz"
+
+    @property
+    def canary_run(self) -> RunDir:
+        """The canary audit's training run: a run directory of its own, inside this one."""
+        return RunDir(self.root / "audit_models" / "canary")
+
+    @property
+    def canary_json(self) -> Path:
+        return self.canary_run.root / "canary.json"
+
+    @property
+    def nonprivate_run(self) -> RunDir:
+        """The non-private reference model's training run (membership-attack baseline)."""
+        return RunDir(self.root / "audit_models" / "nonprivate")
 
     @property
     def audit_json(self) -> Path:

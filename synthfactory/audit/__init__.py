@@ -29,6 +29,7 @@ from ..sample import Samples, uint8_to_model_range
 from .copying import data_copying_test, neighbour_ratios
 from .gate import Calibration, calibrate, decide, ordinal
 from .membership import denoising_losses, loss_attack
+from .models import canary_result, has_nonprivate_reference
 from .nearest import knn_distances, nearest_neighbours
 from .report import write_reports
 from .spaces import SPACES, search
@@ -105,6 +106,26 @@ def membership_audit(recipe: Recipe, run_dir: RunDir, images: ImageSet, nonmembe
     out = loss_attack(m_loss, n_loss, ts)
     out["weights"] = "EMA" if recipe.sampling.use_ema else "final"
     out["nonmembers_from"] = "held-out real images, near-duplicates of training images left out"
+    if cfg.nonprivate_reference and has_nonprivate_reference(run_dir):
+        ref, ref_scheduler = load_generator(
+            run_dir.nonprivate_run.final_checkpoint, ema=recipe.sampling.use_ema
+        )
+        m_ref = denoising_losses(
+            ref, ref_scheduler, images.train_images[mem], images.train_labels[mem], ts, cfg.seed
+        )
+        n_ref = denoising_losses(
+            ref, ref_scheduler, images.heldout_images[non], images.heldout_labels[non], ts, cfg.seed + 10**6
+        )
+        baseline = loss_attack(m_ref, n_ref, ts)
+        baseline["model"] = (
+            "NOT PRIVATE reference: same data, model, steps, batch size and learning rate, no "
+            "clipping or noise; trained only for this comparison, never released"
+        )
+        baseline["privacy_of_this_result"] = (
+            "computed from a non-private model of the private images: these few statistics are "
+            "not covered by ε"
+        )
+        out["nonprivate_reference"] = baseline
     return out
 
 
@@ -309,6 +330,7 @@ def run_audit(
         },
         "data_copying": copying,
         "membership_inference": membership,
+        "canary_audit": canary_result(run_dir) if cfg.canary.enabled else None,
         "action": cfg.action,
         "decision": decision,
         "summary": {

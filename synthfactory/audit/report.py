@@ -62,6 +62,11 @@ def space_histograms(audit: dict, background: dict, synth: dict) -> plt.Figure:
 def roc_figure(mia: dict) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(3.6, 3.6), dpi=100)
     ax.plot(mia["roc"]["fpr"], mia["roc"]["tpr"], label=f"loss attack, AUC {mia['auc']:.3f}")
+    ref = mia.get("nonprivate_reference")
+    if ref:
+        ax.plot(
+            ref["roc"]["fpr"], ref["roc"]["tpr"], "--", label=f"non-private reference, AUC {ref['auc']:.3f}"
+        )
     ax.plot([0, 1], [0, 1], "k:", label="chance")
     ax.set_xlabel("false-positive rate")
     ax.set_ylabel("true-positive rate")
@@ -193,10 +198,59 @@ def summary_markdown(audit: dict) -> str:
             "![membership ROC](membership_roc.png)",
             "",
         ]
+        ref = mia.get("nonprivate_reference")
+        if ref:
+            lines += [
+                f"The same attack on a **non-private** reference model (same data, model, steps and "
+                f"batch size; never released): ROC AUC **{ref['auc']:.3f}**, TPR at 1 % FPR "
+                f"**{ref['tpr_at_1pct_fpr']:.3f}**, TPR at 10 % FPR {ref['tpr_at_10pct_fpr']:.3f}. "
+                f"{ref['privacy_of_this_result'][0].upper()}{ref['privacy_of_this_result'][1:]}.",
+                "",
+            ]
     else:
         lines += ["Not run (audit.membership.enabled is false).", ""]
+    lines += [
+        "## Canary audit (Steinke, Nasr & Jagielski 2023)",
+        "",
+        *canary_lines(audit.get("canary_audit")),
+        "",
+    ]
     lines += ["## What this audit does not cover", "", *[f"- {x}" for x in audit["limits"]], ""]
     return "\n".join(lines)
+
+
+def canary_lines(ca: dict | None) -> list[str]:
+    """The canary result in words and numbers (public: statistics of generated canaries only)."""
+    if not ca:
+        return ["Not run (audit.canary.enabled is false): the accountant's ε is the only bound."]
+    best = next(r for r in ca["by_guesses"] if r["guesses"] == ca["at_guesses"])
+    acc = ca["accountant_epsilon"]
+    if acc is None:
+        verdict = "the training is not private, so there is no accountant's ε to compare with"
+    elif ca["epsilon_lower_bound"] > acc:
+        verdict = "**above the accountant's ε: the training is not as private as claimed**"
+    else:
+        verdict = "not above the accountant's ε, as it must be for a correct DP implementation"
+    run = ca["canary_run"]
+    mech = (
+        f"q = {run['sample_rate']:.4g}, σ = {run['noise_multiplier']:.4f}, {run['steps']} steps, "
+        f"C = {run['max_grad_norm']:g}"
+        if run["noise_multiplier"] is not None
+        else f"{run['steps']} steps, NOT PRIVATE (no clipping or noise)"
+    )
+    return [
+        f"Empirical ε lower bound **{ca['epsilon_lower_bound']:.3f}** at {ca['confidence']:.0%} "
+        f"confidence (δ {ca['delta']:g}), against the canary run's accountant ε **{_fmt(acc)}** "
+        f"({ca['accountant'] or 'none'}): {verdict}. {ca['m']} canaries, {ca['n_included']} included; best at "
+        f"{best['guesses']} guesses with {best['correct']} correct.",
+        "",
+        f"- canaries: {ca['canaries']}",
+        f"- score: {ca['score']}",
+        f"- canary run: {run['n_train']} training images, {mech}",
+        f"- method: {ca['method']}",
+        f"- reading: {ca['reading']}",
+        f"- privacy of this result: {ca['privacy_of_this_result']}",
+    ]
 
 
 def internal_html(audit: dict, figures: dict[str, bytes], pairs: dict[str, bytes]) -> str:
@@ -247,6 +301,19 @@ def internal_html(audit: dict, figures: dict[str, bytes], pairs: dict[str, bytes
         if mia
         else "<p>Not run.</p>"
     )
+    ref = (mia or {}).get("nonprivate_reference")
+    if ref:
+        mia_html += (
+            f"<p>Non-private reference model ({esc(ref['model'])}): ROC AUC <b>{ref['auc']:.3f}</b>, "
+            f"TPR at 1 % FPR <b>{ref['tpr_at_1pct_fpr']:.3f}</b>. {esc(ref['privacy_of_this_result'])}.</p>"
+        )
+    ca = audit.get("canary_audit")
+    canary_html = "".join(f"<p>{esc(x.lstrip('- ').replace('**', ''))}</p>" for x in canary_lines(ca) if x)
+    if ca:
+        canary_html += table(
+            [[r["guesses"], r["correct"], r["epsilon_lower_bound"], r["epsilon_lower_bound_delta0"]] for r in ca["by_guesses"]],
+            ["guesses", "correct", "ε lower bound", "ε lower bound at δ = 0"],
+        )  # fmt: skip
     flagged = [x for x in audit["samples"] if x["flagged"]]
     flagged_html = table(
         [[x["index"], audit["data"]["class_names"][x["label"]], x["nearest_train_index"], ", ".join(x["flagged_by"])]
@@ -279,8 +346,7 @@ img{{max-width:100%}}
 <section id="flagged"><h2>Suspected copies</h2>{flagged_html}</section>
 <section id="data-copying"><h2>Data-copying test C_T</h2>{dc_html}</section>
 <section id="membership-inference"><h2>Membership inference</h2>{mia_html}</section>
-<section id="canary"><h2>Canary audit</h2><p>Not run: this version of synthfactory has no canary
-audit; the accountant's ε above is the only bound.</p></section>
+<section id="canary"><h2>Canary audit</h2>{canary_html}</section>
 <section id="limits"><h2>Limits</h2><ul>{"".join(f"<li>{esc(x)}</li>" for x in audit["limits"])}</ul></section>
 </body></html>
 """
