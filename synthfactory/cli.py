@@ -1,7 +1,7 @@
-"""Command line: `synthfactory run|validate|resume|train|sample|audit|release`.
+"""Command line: `synthfactory run|validate|resume|<stage>|publish|inspect`.
 
-Exit codes: 0 done; 2 invalid recipe or data (nothing written); 3 release refused (the audit
-blocked it); 1 anything else. This is the only module that prints.
+Exit codes: 0 done; 2 invalid recipe or data (nothing written); 3 release or publish refused
+(the audit blocked it, or the run is not private); 1 anything else. This is the only module that prints.
 """
 
 from __future__ import annotations
@@ -85,6 +85,13 @@ def _print_summary(run_path: Path) -> None:
             extra.append(f"data-copying C_T {a['c_t']:.2f}")
         if a.get("mia_auc") is not None:
             extra.append(f"membership-inference AUC {a['mia_auc']:.3f}")
+        if a.get("mia_auc_nonprivate") is not None:
+            extra.append(f"(non-private reference {a['mia_auc_nonprivate']:.3f})")
+        if a.get("canary_epsilon_lower_bound") is not None:
+            extra.append(
+                f"canary audit: empirical ε ≥ {a['canary_epsilon_lower_bound']:.3f} "
+                f"(accountant ε {a['canary_accountant_epsilon']:.3f})"
+            )
         if a.get("heldout_near_duplicates"):
             extra.append(
                 f"{a['heldout_near_duplicates']} held-out near-copies of training images (split leaks)"
@@ -146,7 +153,7 @@ def run(
     smoke: Smoke = False,
     quiet: Quiet = False,
 ) -> None:
-    """Run every stage: data, pretrain, train, sample, audit, release, evaluate."""
+    """Run every stage: data, pretrain, train, sample, audit-models, audit, release, evaluate."""
     c = _guard(check, recipe, _overrides(set_), smoke)
     run_dir = create_run(c, out)
     typer.echo(f"run directory: {run_dir.root}", err=True)
@@ -175,11 +182,74 @@ def _stage_command(stage: str, doc: str):
 app.command("pretrain")(_stage_command("pretrain", "Run the public (non-DP) pre-training of a run."))
 app.command("train")(_stage_command("train", "Train (or finish training) the model of a run."))
 app.command("sample")(_stage_command("sample", "Generate the synthetic samples of a run."))
+app.command("audit-models")(
+    _stage_command(
+        "audit_models",
+        "Train the audit's own models (canary run, non-private reference) if the recipe asks.",
+    )
+)
 app.command("audit")(_stage_command("audit", "Run the memorization audit on a run's samples."))
 app.command("release")(_stage_command("release", "Write the samples that passed the audit."))
 app.command("evaluate")(
     _stage_command("evaluate", "TSTR/TRTR, fidelity and diversity of the released samples.")
 )
+
+
+@app.command()
+def publish(
+    run_dir: RunDirArg,
+    repo_id: Annotated[
+        str, typer.Option("--repo-id", help="Dataset repository, ORG/NAME.", show_default=False)
+    ],
+    private: Annotated[bool, typer.Option("--private/--public", help="Repository visibility.")] = True,
+    revision: Annotated[str | None, typer.Option("--revision", help="Branch to push to.")] = None,
+    force_not_private: Annotated[
+        bool, typer.Option("--force-not-private", help="Publish a run trained without DP (the card says so).")
+    ] = False,
+    force_blocked: Annotated[
+        bool,
+        typer.Option(
+            "--force-blocked", help="Publish although the audit blocked the release (the card says so)."
+        ),
+    ] = False,
+) -> None:
+    """Push the released dataset, its card, the public audit summary and the recipe to the Hub."""
+    from .publish import PublishRefused
+    from .publish import publish as push
+    from .rundir import RunDir
+
+    try:
+        out = push(RunDir(run_dir), repo_id, private, revision, force_not_private, force_blocked)
+    except PublishRefused as e:
+        _fail(3, f"publish refused: {e}")
+    typer.echo(
+        f"published  {out['repo_id']} ({'private' if out['private'] else 'public'}, revision {out['revision']}): "
+        + ", ".join(f"{k} {v}" for k, v in out["splits"].items())
+    )
+    for w in out["warnings"]:
+        typer.secho(f"warning    {w}", fg=typer.colors.RED)
+
+
+@app.command()
+def inspect(
+    run_dir: RunDirArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Print a run's lineage: recipe, data manifest, checkpoint hashes, ε, audit, release, publication."""
+    import json
+
+    import yaml
+
+    from .provenance import lineage
+    from .rundir import RunDir
+
+    try:
+        out = lineage(RunDir(run_dir))
+    except FileNotFoundError as e:
+        _fail(2, f"error: {e}")
+    typer.echo(
+        json.dumps(out, indent=2) if as_json else yaml.safe_dump(out, sort_keys=False, allow_unicode=True)
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

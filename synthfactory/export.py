@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image
 
 from . import __version__
@@ -28,7 +29,7 @@ class ReleaseRefused(RuntimeError):
 
 @dataclass
 class ReleasedSet:
-    """Only audited, passed samples."""
+    """Only audited, passed samples, with the provenance every released image carries."""
 
     images: np.ndarray  # uint8 [K, H, W]
     labels: np.ndarray  # int64 [K]
@@ -36,15 +37,26 @@ class ReleasedSet:
     sample_index: np.ndarray  # int64 [K], index into samples.npz
     nn_distance: np.ndarray  # float32 [K]
     class_names: list[str]
+    scores: dict[str, np.ndarray] = field(default_factory=dict)  # per audit space, [K]
+    run_id: str = ""
+    recipe_name: str = ""
+    recipe_sha256: str = ""
+    modality: str = "mri"
+    source: str = ""
+    ct_window: tuple[float, float] | None = None
+    epsilon: float | None = None
+    delta: float | None = None
 
 
-def audited_set(run_dir: RunDir) -> tuple[ReleasedSet, dict]:
-    """The releasable samples and the audit they passed. Raises ReleaseRefused."""
+def audited_set(run_dir: RunDir, allow_blocked: bool = False) -> tuple[ReleasedSet, dict]:
+    """The releasable samples and the audit they passed. Raises ReleaseRefused. With
+    `allow_blocked` (a forced publish only), a blocked audit still yields the samples it did not
+    flag: never a flagged or unaudited one."""
     if not run_dir.audit_json.exists():
         raise ReleaseRefused(f"{run_dir.root}: no audit/audit.json; run the audit stage first")
     audit = read_json(run_dir.audit_json)
     samples = Samples.load(run_dir.samples)
-    if audit["decision"] == "block":
+    if audit["decision"] == "block" and not allow_blocked:
         raise ReleaseRefused(
             f"the memorization audit blocked the release: {audit['summary']['n_flagged']} of "
             f"{audit['summary']['n_samples']} samples look copied (see {run_dir.audit_json})"
@@ -53,6 +65,12 @@ def audited_set(run_dir: RunDir) -> tuple[ReleasedSet, dict]:
         raise ReleaseRefused("samples.npz changed after the audit; run the audit again before releasing")
     passed = np.array([s["index"] for s in audit["samples"] if not s["flagged"]], dtype=np.int64)
     dist = np.array([s["nn_distance"] for s in audit["samples"]], dtype=np.float32)
+    scores = {
+        n: np.array([audit["samples"][i]["scores"][n] for i in passed], dtype=np.float32)
+        for n in audit["spaces"]
+    }
+    data = (yaml.safe_load(run_dir.recipe.read_text()) or {}).get("data", {})
+    window = data.get("ct_window") or {}
     released = ReleasedSet(
         images=samples.images[passed],
         labels=samples.labels[passed],
@@ -60,6 +78,15 @@ def audited_set(run_dir: RunDir) -> tuple[ReleasedSet, dict]:
         sample_index=passed,
         nn_distance=dist[passed],
         class_names=list(audit["data"]["class_names"]),
+        scores=scores,
+        run_id=audit["run_id"],
+        recipe_name=audit["recipe_name"],
+        recipe_sha256=audit["recipe_sha256"],
+        modality=audit["modality"],
+        source=data.get("source", ""),
+        ct_window=(float(window["center"]), float(window["width"])) if window else None,
+        epsilon=audit["privacy"].get("epsilon"),
+        delta=audit["privacy"].get("delta"),
     )
     return released, audit
 
@@ -72,9 +99,12 @@ def write_hf(rs: ReleasedSet, folder: Path) -> None:
         {
             "image": datasets.Image(),
             "label": datasets.ClassLabel(names=rs.class_names),
-            "nn_distance": datasets.Value("float32"),
+            "run_id": datasets.Value("string"),
             "sample_seed": datasets.Value("int64"),
             "sample_index": datasets.Value("int64"),
+            "audit_verdict": datasets.Value("string"),
+            "nn_distance": datasets.Value("float32"),
+            **{f"audit_{n}": datasets.Value("float32") for n in rs.scores},
         }
     )
 
@@ -83,9 +113,12 @@ def write_hf(rs: ReleasedSet, folder: Path) -> None:
             yield {
                 "image": Image.fromarray(rs.images[i], mode="L"),
                 "label": int(rs.labels[i]),
-                "nn_distance": float(rs.nn_distance[i]),
+                "run_id": rs.run_id,
                 "sample_seed": int(rs.seeds[i]),
                 "sample_index": int(rs.sample_index[i]),
+                "audit_verdict": "passed",
+                "nn_distance": float(rs.nn_distance[i]),
+                **{f"audit_{n}": float(v[i]) for n, v in rs.scores.items()},
             }
 
     ds = datasets.Dataset.from_list(list(rows()), features=features)
@@ -127,7 +160,18 @@ def write_grid(rs: ReleasedSet, path: Path, per_class: int = 10) -> None:
     plt.close(fig)
 
 
-WRITERS: dict[str, Callable[[ReleasedSet, Path], None]] = {"hf": write_hf, "png": write_png}
+def write_dicom(rs: ReleasedSet, folder: Path) -> None:
+    """dicom/<class>/<sample index>.dcm: Secondary Capture, marked synthetic (dicom_export)."""
+    from .dicom_export import write_dicom_files
+
+    write_dicom_files(rs, folder)
+
+
+WRITERS: dict[str, Callable[[ReleasedSet, Path], None]] = {
+    "hf": write_hf,
+    "png": write_png,
+    "dicom": write_dicom,
+}
 
 
 def release(

@@ -40,7 +40,7 @@ from .model import build_noise_scheduler, build_unet, count_parameters, load_une
 from .privacy import PrivateTraining, calibrate_noise, epsilon_of, make_private, opacus_version
 from .progress import progress_bar
 from .recipe import Recipe, TimestepSampling
-from .rundir import RunDir, atomic_path, read_json, write_json_atomic
+from .rundir import RunDir, atomic_path, folder_sha256, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -411,7 +411,7 @@ def pretrain(
     model = initial_model(recipe, images.image_size, n_classes, None)
     if cfg.checkpoint is not None:
         model.load_state_dict(load_unet(cfg.checkpoint).state_dict())
-        digest = _folder_sha256(cfg.checkpoint)
+        digest = folder_sha256(cfg.checkpoint)
         record = {
             "kind": "checkpoint",
             "checkpoint": str(cfg.checkpoint),
@@ -461,16 +461,6 @@ def pretrain(
         shutil.rmtree(run_dir.pretrained)
     os.replace(tmp, run_dir.pretrained)
     return record
-
-
-def _folder_sha256(folder: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h.update(f.relative_to(folder).as_posix().encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
 
 
 # --- the private stage ----------------------------------------------------------------------------

@@ -1,0 +1,212 @@
+"""DICOM output of a release: one Secondary Capture file per synthetic image, marked synthetic.
+
+Every file is built from an empty dataset: no attribute of any input DICOM is read here, so none
+can reach an output (a test plants identifying values in the inputs and scans the outputs).
+
+Per file:
+- SOP Class: Secondary Capture Image Storage (1.2.840.10008.5.1.4.1.1.7), `ConversionType`
+  SYN (synthetic image); new UIDs for study (one per run), series (one per class) and instance —
+  derived from the run id, class and sample index under pydicom's UID root, never from an input;
+- `Modality` from the recipe (MR, CT, US); `ImageType` DERIVED\\SECONDARY;
+- synthetic markers: `PatientName` SYNTHETIC^<recipe name>, `PatientID` SF-<run id>,
+  `PatientIdentityRemoved` YES, `DeidentificationMethod` naming synthfactory,
+  `BurnedInAnnotation` NO; patient birth date and sex empty (type 2);
+- the class: `SeriesDescription` "synthetic <class>", and in the private block
+  "SYNTHFACTORY 1" (group 0x0011): 0x1001 class name, 0x1002 class index, 0x1003 run id,
+  0x1004 sample seed, 0x1005 sample index, 0x1006 audit verdict, 0x1007 nearest-neighbour scores
+  (JSON), 0x1008 ε and δ; the same in `ImageComments` as text for viewers that hide private tags;
+- pixels: 8-bit MONOCHROME2. For CT read from DICOM through a window, `RescaleSlope` and
+  `RescaleIntercept` map the stored values back to Hounsfield units (`RescaleType` HU) and the
+  window is that of the recipe; otherwise the values are the model's 8-bit output (`RescaleType`
+  US, unspecified) with a full-range window.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+
+from . import __version__
+
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+PRIVATE_CREATOR = "SYNTHFACTORY 1"
+PRIVATE_GROUP = 0x0011
+MODALITY = {"mri": "MR", "ct": "CT", "us": "US"}
+
+# Private elements (offsets within the reserved block 0x10xx of group 0x0011).
+PRIVATE_TAGS = {
+    "class_name": (0x01, "LO"),
+    "class_index": (0x02, "US"),
+    "run_id": (0x03, "LO"),
+    "sample_seed": (0x04, "LO"),
+    "sample_index": (0x05, "UL"),
+    "audit_verdict": (0x06, "LO"),
+    "audit_scores": (0x07, "UT"),
+    "privacy": (0x08, "LO"),
+}
+
+
+def _uid(*parts: object) -> str:
+    """A deterministic UID under pydicom's root from the run id and position (no input UID)."""
+    return generate_uid(entropy_srcs=["synthfactory", *map(str, parts)])
+
+
+def hu_rescale(modality: str, source: str, window: tuple[float, float] | None) -> tuple[float, float, str]:
+    """(slope, intercept, type) from stored 8-bit values back to the modality's units."""
+    if modality == "ct" and source == "dicom" and window is not None:
+        center, width = window
+        return width / 255.0, center - width / 2.0, "HU"
+    return 1.0, 0.0, "US"
+
+
+def synthetic_dataset(
+    pixels: np.ndarray,
+    *,
+    run_id: str,
+    recipe_name: str,
+    modality: str,
+    class_name: str,
+    class_index: int,
+    sample_index: int,
+    sample_seed: int,
+    audit_verdict: str,
+    audit_scores: dict[str, float],
+    privacy: str,
+    rescale: tuple[float, float, str],
+    window: tuple[float, float] | None,
+    created: datetime,
+) -> Dataset:
+    """One Secondary Capture dataset for an 8-bit [H, W] image."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 2:
+        raise ValueError(f"expected a uint8 [H, W] image, got {pixels.dtype} {pixels.shape}")
+    sop_uid = _uid(run_id, "instance", sample_index)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SECONDARY_CAPTURE
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = f"SYNTHFACTORY{__version__}"[:16]
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = SECONDARY_CAPTURE
+    ds.SOPInstanceUID = sop_uid
+    date, time = created.strftime("%Y%m%d"), created.strftime("%H%M%S")
+    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
+    # Patient: synthetic, no identity.
+    ds.PatientName = f"SYNTHETIC^{recipe_name}"[:64]
+    ds.PatientID = f"SF-{run_id}"[:64]
+    ds.PatientBirthDate = ""
+    ds.PatientSex = ""
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = (
+        f"synthfactory {__version__}: synthetic image from a differentially private diffusion "
+        "model; no attribute of any input copied"
+    )[:64]
+    # Study and series: new UIDs from the run.
+    ds.StudyInstanceUID = _uid(run_id, "study")
+    ds.StudyDate, ds.StudyTime = date, time
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "SYNTH"
+    ds.AccessionNumber = ""
+    ds.StudyDescription = f"SYNTHETIC synthfactory {recipe_name}"[:64]
+    ds.SeriesInstanceUID = _uid(run_id, "series", class_index)
+    ds.SeriesNumber = class_index + 1
+    ds.SeriesDescription = f"synthetic {class_name}"[:64]
+    ds.Laterality = ""  # type 2C; a synthetic image has no side
+    ds.Modality = MODALITY[modality]
+    ds.Manufacturer = "synthfactory"
+    ds.SoftwareVersions = __version__
+    ds.ConversionType = "SYN"
+    # Image.
+    ds.InstanceNumber = sample_index + 1
+    ds.ContentDate, ds.ContentTime = date, time
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    ds.BurnedInAnnotation = "NO"
+    ds.PatientOrientation = ""
+    ds.ImageComments = (
+        f"SYNTHETIC image, not for diagnosis. class={class_name}; class_index={class_index}; "
+        f"run={run_id}; sample={sample_index}; seed={sample_seed}; audit={audit_verdict}; {privacy}"
+    )[:10240]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = (int(x) for x in pixels.shape)
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    slope, intercept, rtype = rescale
+    ds.RescaleSlope = f"{slope:.10g}"
+    ds.RescaleIntercept = f"{intercept:.10g}"
+    ds.RescaleType = rtype
+    if window is not None and rtype == "HU":
+        ds.WindowCenter, ds.WindowWidth = f"{window[0]:g}", f"{window[1]:g}"
+    else:
+        ds.WindowCenter, ds.WindowWidth = "127.5", "256"
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
+    # Private block: provenance, machine-readable.
+    block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
+    values = {
+        "class_name": class_name[:64],
+        "class_index": int(class_index),
+        "run_id": run_id[:64],
+        "sample_seed": str(int(sample_seed)),
+        "sample_index": int(sample_index),
+        "audit_verdict": audit_verdict[:64],
+        "audit_scores": json.dumps({k: round(float(v), 6) for k, v in audit_scores.items()}),
+        "privacy": privacy[:64],
+    }
+    for key, (offset, vr) in PRIVATE_TAGS.items():
+        block.add_new(offset, vr, values[key])
+    return ds
+
+
+def read_provenance(ds: Dataset) -> dict:
+    """The private block back as a dict (what a consumer of the files reads)."""
+    block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
+    out = {key: block[offset].value for key, (offset, _) in PRIVATE_TAGS.items()}
+    out["audit_scores"] = json.loads(out["audit_scores"])
+    out["sample_seed"] = int(out["sample_seed"])
+    return out
+
+
+def write_dicom_files(rs, folder: Path) -> list[Path]:
+    """dicom/<class>/<sample index>.dcm for every released image of a ReleasedSet."""
+    created = datetime.now(timezone.utc)
+    rescale = hu_rescale(rs.modality, rs.source, rs.ct_window)
+    window = rs.ct_window if rescale[2] == "HU" else None
+    privacy = (
+        f"DP eps={rs.epsilon:.4g} delta={rs.delta:g}" if rs.epsilon is not None else "NOT PRIVATE (no DP)"
+    )
+    paths = []
+    for k in range(len(rs.labels)):
+        label = int(rs.labels[k])
+        name = rs.class_names[label]
+        ds = synthetic_dataset(
+            rs.images[k],
+            run_id=rs.run_id,
+            recipe_name=rs.recipe_name,
+            modality=rs.modality,
+            class_name=name,
+            class_index=label,
+            sample_index=int(rs.sample_index[k]),
+            sample_seed=int(rs.seeds[k]),
+            audit_verdict="passed",
+            audit_scores={n: float(v[k]) for n, v in rs.scores.items()},
+            privacy=privacy,
+            rescale=rescale,
+            window=window,
+            created=created,
+        )
+        path = folder / "dicom" / name / f"{int(rs.sample_index[k]):06d}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pydicom.dcmwrite(path, ds, enforce_file_format=True)
+        paths.append(path)
+    return paths

@@ -1,0 +1,78 @@
+"""A run's lineage, read back from its run directory: recipe → data → checkpoint → privacy →
+samples → audit → release → publication. `synthfactory inspect RUN_DIR` prints it; nothing is
+recomputed except the hashes of files on disk."""
+
+from __future__ import annotations
+
+from .rundir import RunDir, folder_sha256, read_json
+
+
+def _maybe(path) -> dict | None:
+    return read_json(path) if path.exists() else None
+
+
+def lineage(run_dir: RunDir) -> dict:
+    info = run_dir.info()
+    if not info:
+        raise FileNotFoundError(f"{run_dir.root}: not a run directory (no run.json)")
+    stages = info.get("stages", {})
+    out: dict = {
+        "run_id": run_dir.run_id,
+        "created": info.get("created"),
+        "versions": info.get("versions"),
+        "stages_done": list(stages),
+        "recipe": {
+            "name": info.get("recipe_name"),
+            "sha256": info.get("recipe_sha256"),
+            "file": str(run_dir.recipe),
+        },
+    }
+    data = _maybe(run_dir.data_report)
+    if data:
+        out["data"] = {
+            "manifest_sha256": data["manifest_sha256"],
+            "counts": data["counts"],
+            "skipped_files": len(data.get("skipped", [])),
+            "preprocessing": data.get("preprocessing"),
+        }
+    if (run_dir.pretrained / "pretrain.json").exists():
+        out["pretraining"] = read_json(run_dir.pretrained / "pretrain.json").get("statement")
+    final = run_dir.final_checkpoint
+    if final.is_dir():
+        out["checkpoint"] = {
+            name: folder_sha256(final / name)
+            for name in ("unet", "unet_ema", "scheduler")
+            if (final / name).is_dir()
+        }
+    privacy = _maybe(run_dir.privacy)
+    if privacy:
+        out["privacy"] = {
+            k: privacy.get(k)
+            for k in ("private", "epsilon", "delta", "accountant", "noise_multiplier", "sample_rate", "steps_taken",
+                      "max_grad_norm", "data_manifest_sha256", "recipe_sha256")
+        }  # fmt: skip
+    audit = _maybe(run_dir.audit_json)
+    if audit:
+        out["audit"] = {
+            "decision": audit["decision"],
+            "samples_sha256": audit["samples_sha256"],
+            "spaces": list(audit["spaces"]),
+            "n_samples": audit["summary"]["n_samples"],
+            "n_flagged": audit["summary"]["n_flagged"],
+            "n_released": audit["summary"]["n_released"],
+            "report": stages.get("audit", {}).get("report"),
+            "mia_auc": (audit.get("membership_inference") or {}).get("auc"),
+            "canary_epsilon_lower_bound": (audit.get("canary_audit") or {}).get("epsilon_lower_bound"),
+        }
+    release = stages.get("release")
+    if release:
+        rel = _maybe(run_dir.release_dir(bool((privacy or {}).get("private"))) / "release.json") or {}
+        out["release"] = {
+            "folder": release.get("folder"),
+            "n_released": rel.get("n_released"),
+            "formats": rel.get("formats"),
+        }
+    publish = _maybe(run_dir.root / "publish.json")
+    if publish:
+        out["published"] = publish
+    return out

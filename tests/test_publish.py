@@ -1,0 +1,224 @@
+"""Publishing: the dataset card, the refusal rules, a real `push_to_hub` against a stand-in Hub
+on loopback, the local round trip, provenance and `synthfactory inspect`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from hub_standin import StandInHub
+
+from synthfactory.audit import run_audit
+from synthfactory.export import release
+from synthfactory.publish import PublishRefused, check_publishable, dataset_card, publish
+from synthfactory.rundir import read_json, write_json_atomic
+from synthfactory.sample import Samples
+
+TOKEN = "hf_standin_SECRET_token_0123456789"
+
+
+@pytest.fixture(scope="module")
+def released_once(tiny_run, tmp_path_factory):
+    """The tiny run, audited and released (hf + png + dicom) once for this module."""
+    import shutil
+
+    from synthfactory.rundir import RunDir
+
+    checked, src = tiny_run
+    base = tmp_path_factory.mktemp("released")
+    run_dir = RunDir(base / "runs" / src.run_id)
+    shutil.copytree(src.root, run_dir.root)
+    res = run_audit(checked.recipe, run_dir, checked.images, base / "pa")
+    run_dir.mark_done("audit", decision=res.decision, report=str(res.report_dir))
+    folder, _ = release(run_dir, ["hf", "png", "dicom"], private=True, report_dir=res.report_dir)
+    run_dir.mark_done("release", folder=str(folder))
+    return checked, run_dir
+
+
+@pytest.fixture
+def released(released_once, tmp_path):
+    """A private copy of the released run, free to modify (run.json paths still point at the
+    module's audit report, which no test changes)."""
+    import shutil
+
+    from synthfactory.rundir import RunDir
+
+    checked, run_dir = released_once
+    dest = RunDir(tmp_path / "runs" / run_dir.run_id)
+    shutil.copytree(run_dir.root, dest.root)
+    return checked, dest
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    import huggingface_hub.constants as hc
+
+    with StandInHub() as h:
+        monkeypatch.setattr(hc, "ENDPOINT", h.endpoint)
+        monkeypatch.setattr(
+            hc, "HUGGINGFACE_CO_URL_TEMPLATE", h.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        )
+        monkeypatch.setenv("HF_ENDPOINT", h.endpoint)
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        # The stand-in speaks the Git LFS upload protocol, not Xet (see hub_standin.py).
+        monkeypatch.setattr(hc, "HF_HUB_DISABLE_XET", True)
+        import datasets.config
+
+        monkeypatch.setattr(datasets.config, "HF_ENDPOINT", h.endpoint)
+        yield h
+
+
+def test_card_renders_the_runs_own_numbers(released) -> None:
+    _, run_dir = released
+    privacy, audit = read_json(run_dir.privacy), read_json(run_dir.audit_json)
+    card = dataset_card(run_dir, {"no_lesion": 3, "lesion": 5})
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["task_categories"] == ["image-classification"]
+    assert {"synthetic", "medical", "differential-privacy", "mri"} <= set(meta["tags"])
+    assert meta["license"] == "other"
+    body = card.split("---\n", 2)[2]
+    assert f"ε = {privacy['epsilon']:.3f}" in body and f"δ = {privacy['delta']:g}" in body
+    assert f"σ = {privacy['noise_multiplier']:.4f}" in body and privacy["accountant"].upper() in body
+    assert f"released {audit['summary']['n_released']}" in body
+    assert f"{audit['membership_inference']['auc']:.3f}" in body
+    assert "not for diagnosis" in body.lower() or "none may be used for diagnosis" in body
+    assert privacy["recipe_sha256"] in body and "| lesion | 5 |" in body
+    assert not body.startswith("**WARNING")
+
+
+def test_refusal_rules(released) -> None:
+    _, run_dir = released
+    assert check_publishable(run_dir) == []
+    privacy = read_json(run_dir.privacy)
+    write_json_atomic(run_dir.privacy, {**privacy, "private": False, "epsilon": None})
+    with pytest.raises(PublishRefused, match="WITHOUT differential privacy"):
+        check_publishable(run_dir)
+    warnings = check_publishable(run_dir, force_not_private=True)
+    assert _first_line(dataset_card(run_dir, {"lesion": 1}, warnings)).startswith("**WARNING: NOT PRIVATE")
+    write_json_atomic(run_dir.privacy, privacy)
+    audit = read_json(run_dir.audit_json)
+    write_json_atomic(run_dir.audit_json, {**audit, "decision": "block"})
+    with pytest.raises(PublishRefused, match="blocked"):
+        check_publishable(run_dir)
+    warnings = check_publishable(run_dir, force_blocked=True)
+    assert _first_line(dataset_card(run_dir, {"lesion": 1}, warnings)).startswith("**WARNING: AUDIT BLOCKED")
+
+
+def test_local_round_trip_keeps_pixels_and_provenance(released) -> None:
+    import datasets
+
+    _, run_dir = released
+    audit = read_json(run_dir.audit_json)
+    samples = Samples.load(run_dir.samples)
+    ds = datasets.load_from_disk(str(run_dir.release_dir(True) / "dataset"))["train"]
+    passed = [s for s in audit["samples"] if not s["flagged"]]
+    assert len(ds) == len(passed) > 0
+    for row, s in zip(ds, passed, strict=True):
+        np.testing.assert_array_equal(np.asarray(row["image"]), samples.images[s["index"]])
+        assert row["label"] == s["label"] and row["sample_seed"] == s["seed"]
+        assert row["run_id"] == run_dir.run_id and row["audit_verdict"] == "passed"
+        assert row["audit_shift_flip_ncc"] == pytest.approx(s["scores"]["shift_flip_ncc"], rel=1e-6)
+
+
+def test_push_to_standin_hub_then_load_dataset(released, hub, tmp_path, capsys) -> None:
+    import datasets
+
+    _, run_dir = released
+    release_before = _tree_hash(run_dir.release_dir(True))
+    out = publish(run_dir, "hospital/synthetic-mri")
+    files = hub.files("hospital/synthetic-mri")
+    assert {"README.md", "privacy_audit/audit-summary.md", "recipe.yaml"} <= set(files)
+    assert any(p.startswith("data/train-") and p.endswith(".parquet") for p in files)
+    assert not [p for p in files if "internal" in p or p.endswith(".html")]
+    assert hub.repos["hospital/synthetic-mri"].private and out["private"]
+    card = files["README.md"].decode()
+    assert "dataset_info:" in card and "# Synthetic MRI images" in card  # datasets merged its metadata
+    assert f"{read_json(run_dir.privacy)['n_train']} private training images" in card
+    recipe = yaml.safe_load(files["recipe.yaml"])
+    assert recipe["name"] == "tiny" and "/" not in str(recipe["outputs"]["destination"])
+    # The token travels in the Authorization header only, and is stored nowhere.
+    for r in hub.requests:
+        assert TOKEN not in r.path and TOKEN.encode() not in r.body
+    assert any(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in hub.requests)
+    assert TOKEN not in (run_dir.root / "publish.json").read_text() and TOKEN not in capsys.readouterr().out
+    assert _tree_hash(run_dir.release_dir(True)) == release_before
+    # load_dataset on a copy of the pushed repository, no custom code.
+    local = tmp_path / "clone"
+    for p, data in files.items():
+        (local / p).parent.mkdir(parents=True, exist_ok=True)
+        (local / p).write_bytes(data)
+    pushed = datasets.load_dataset(str(local))["train"]
+    mine = datasets.load_from_disk(str(run_dir.release_dir(True) / "dataset"))["train"]
+    assert pushed.features["label"].names == ["no_lesion", "lesion"] and len(pushed) == len(mine)
+    for a, b in zip(pushed, mine, strict=True):
+        np.testing.assert_array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+        assert a["label"] == b["label"] and a["sample_index"] == b["sample_index"]
+
+
+def test_interrupted_push_leaves_the_release_and_a_rerun_completes_it(released, hub) -> None:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    _, run_dir = released
+    before = _tree_hash(run_dir.release_dir(True))
+    hub.fail_commits_after = 1  # the card commit lands, the data commit fails
+    with pytest.raises(HfHubHTTPError):
+        publish(run_dir, "hospital/synthetic-mri", revision="v1")
+    assert not any(p.startswith("data/") for p in hub.files("hospital/synthetic-mri", "v1"))
+    assert _tree_hash(run_dir.release_dir(True)) == before and not (run_dir.root / "publish.json").exists()
+    hub.fail_commits_after = None
+    out = publish(run_dir, "hospital/synthetic-mri", revision="v1")
+    assert out["revision"] == "v1"
+    assert any(p.startswith("data/train-") for p in hub.files("hospital/synthetic-mri", "v1"))
+    assert "data/" not in " ".join(hub.files("hospital/synthetic-mri", "main"))
+
+
+def test_forced_publish_of_a_blocked_run_pushes_only_unflagged_samples(released, hub) -> None:
+    _, run_dir = released
+    audit = read_json(run_dir.audit_json)
+    audit["samples"][0]["flagged"] = True
+    write_json_atomic(run_dir.audit_json, {**audit, "decision": "block"})
+    import shutil
+
+    shutil.rmtree(run_dir.release_dir(True))  # a blocked run has no release
+    with pytest.raises(PublishRefused):
+        publish(run_dir, "hospital/blocked")
+    out = publish(run_dir, "hospital/blocked", force_blocked=True)
+    assert out["splits"]["train"] == len(audit["samples"]) - 1
+    card = hub.files("hospital/blocked")["README.md"].decode()
+    assert _first_line(card).startswith("**WARNING: AUDIT BLOCKED")
+
+
+def test_inspect_prints_the_lineage(released) -> None:
+    from typer.testing import CliRunner
+
+    from synthfactory.cli import app
+
+    _, run_dir = released
+    res = CliRunner().invoke(app, ["inspect", str(run_dir.root), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    privacy, audit = read_json(run_dir.privacy), read_json(run_dir.audit_json)
+    assert out["privacy"]["epsilon"] == privacy["epsilon"]
+    assert out["data"]["manifest_sha256"] == privacy["data_manifest_sha256"]
+    assert (
+        out["audit"]["decision"] == audit["decision"]
+        and out["audit"]["samples_sha256"] == audit["samples_sha256"]
+    )
+    assert len(out["checkpoint"]["unet"]) == 64 and out["release"]["formats"] == ["hf", "png", "dicom"]
+
+
+def _first_line(card: str) -> str:
+    """The card's first line after its YAML metadata."""
+    return card.split("---\n", 2)[2].lstrip().splitlines()[0]
+
+
+def _tree_hash(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
