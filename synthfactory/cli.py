@@ -7,6 +7,7 @@ Exit codes: 0 done; 2 invalid recipe or data (nothing written); 3 release or pub
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -56,6 +57,8 @@ def _guard(fn, *args, **kwargs):
 
 
 def _print_summary(run_path: Path) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 speaks for the job
+        return
     from .rundir import RunDir
 
     s = summary(RunDir(run_path))
@@ -162,6 +165,19 @@ def run(
 
 
 @app.command()
+def create(
+    recipe: RecipeArg,
+    out: Annotated[Path | None, typer.Option("--out", help="Parent folder of the run directory.")] = None,
+    set_: Sets = None,
+    smoke: Smoke = False,
+) -> None:
+    """Create a run directory (recipe + data stage) and print its path; run its stages later,
+    e.g. `train` under torchrun."""
+    c = _guard(check, recipe, _overrides(set_), smoke)
+    typer.echo(create_run(c, out).root)
+
+
+@app.command()
 def resume(run_dir: RunDirArg, audit_dir: AuditDir = None, quiet: Quiet = False) -> None:
     """Finish an interrupted run: training continues from its last checkpoint."""
     checked, rd = _guard(open_run, run_dir)
@@ -181,7 +197,37 @@ def _stage_command(stage: str, doc: str):
 
 app.command("pretrain")(_stage_command("pretrain", "Run the public (non-DP) pre-training of a run."))
 app.command("train")(_stage_command("train", "Train (or finish training) the model of a run."))
-app.command("sample")(_stage_command("sample", "Generate the synthetic samples of a run."))
+
+
+@app.command()
+def sample(
+    run_dir: RunDirArg,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard", help="Generate only shard i of n (e.g. 0/4); the last one assembles samples.npz."
+        ),
+    ] = None,
+    audit_dir: AuditDir = None,
+    quiet: Quiet = False,
+) -> None:
+    """Generate the synthetic samples of a run (under torchrun: one shard per rank)."""
+    part = None
+    if shard is not None:
+        try:
+            i, n = (int(x) for x in shard.split("/"))
+            assert 0 <= i < n
+        except (ValueError, AssertionError):
+            _fail(2, f"error: --shard {shard!r}: expected i/n with 0 <= i < n, e.g. 0/4")
+        part = (i, n)
+    checked, rd = _guard(open_run, run_dir)
+    _guard(
+        run_stage, "sample", checked, rd, StageOptions(progress=not quiet, audit_root=audit_dir, shard=part)
+    )
+    if rd.is_done("sample"):
+        _print_summary(rd.root)
+
+
 app.command("audit-models")(
     _stage_command(
         "audit_models",

@@ -9,6 +9,7 @@ here). The release folder is built aside and moved into place in one rename.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -91,38 +92,66 @@ def audited_set(run_dir: RunDir, allow_blocked: bool = False) -> tuple[ReleasedS
     return released, audit
 
 
-def write_hf(rs: ReleasedSet, folder: Path) -> None:
-    """A `datasets.DatasetDict` with a train split, saved with save_to_disk."""
+def hf_features(class_names: list[str], spaces: list[str]):
     import datasets
 
-    features = datasets.Features(
+    return datasets.Features(
         {
             "image": datasets.Image(),
-            "label": datasets.ClassLabel(names=rs.class_names),
+            "label": datasets.ClassLabel(names=class_names),
             "run_id": datasets.Value("string"),
             "sample_seed": datasets.Value("int64"),
             "sample_index": datasets.Value("int64"),
             "audit_verdict": datasets.Value("string"),
             "nn_distance": datasets.Value("float32"),
-            **{f"audit_{n}": datasets.Value("float32") for n in rs.scores},
+            **{f"audit_{n}": datasets.Value("float32") for n in spaces},
         }
     )
 
-    def rows():
-        for i in range(len(rs.labels)):
-            yield {
-                "image": Image.fromarray(rs.images[i], mode="L"),
-                "label": int(rs.labels[i]),
-                "run_id": rs.run_id,
-                "sample_seed": int(rs.seeds[i]),
-                "sample_index": int(rs.sample_index[i]),
-                "audit_verdict": "passed",
-                "nn_distance": float(rs.nn_distance[i]),
-                **{f"audit_{n}": float(v[i]) for n, v in rs.scores.items()},
-            }
 
-    ds = datasets.Dataset.from_list(list(rows()), features=features)
-    datasets.DatasetDict({"train": ds}).save_to_disk(str(folder / "dataset"))
+def released_rows(rs: ReleasedSet):
+    """One dataset row per released image, made when asked for (nothing is held twice)."""
+    for i in range(len(rs.labels)):
+        yield {
+            "image": Image.fromarray(np.asarray(rs.images[i]), mode="L"),
+            "label": int(rs.labels[i]),
+            "run_id": rs.run_id,
+            "sample_seed": int(rs.seeds[i]),
+            "sample_index": int(rs.sample_index[i]),
+            "audit_verdict": "passed",
+            "nn_distance": float(rs.nn_distance[i]),
+            **{f"audit_{n}": float(v[i]) for n, v in rs.scores.items()},
+        }
+
+
+def write_rows(rows, features, folder: Path, max_shard_size: str = "200MB") -> None:
+    """A `datasets.DatasetDict` (train split) saved with save_to_disk, built by streaming `rows`
+    through `Dataset.from_generator` (written to Arrow in batches, in a scratch cache next to the
+    output, not collected in memory), saved in shards of at most `max_shard_size`."""
+    import datasets
+
+    cache = folder / ".hf-cache"
+    try:
+        # A fresh fingerprint: the rows are a one-shot generator (not picklable, not hashable),
+        # and the scratch cache is deleted below, so nothing could be reused anyway.
+        ds = datasets.Dataset.from_generator(
+            lambda: rows,
+            features=features,
+            cache_dir=str(cache),
+            writer_batch_size=1000,
+            fingerprint=secrets.token_hex(16),
+        )
+        datasets.DatasetDict({"train": ds}).save_to_disk(
+            str(folder / "dataset"), max_shard_size=max_shard_size
+        )
+        del ds
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def write_hf(rs: ReleasedSet, folder: Path) -> None:
+    """A `datasets.DatasetDict` with a train split, saved with save_to_disk (streamed)."""
+    write_rows(released_rows(rs), hf_features(rs.class_names, list(rs.scores)), folder)
 
 
 def write_png(rs: ReleasedSet, folder: Path) -> None:

@@ -35,7 +35,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor
 from opacus import GradSampleModule
 from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch.func import functional_call, grad_and_value, vmap
@@ -172,6 +172,7 @@ def make_private(
     sample_generator: torch.Generator,
     noise_generator: torch.Generator,
     mode: str = "hooks",
+    world: int = 1,
 ) -> PrivateTraining:
     """Wrap `model` and `optimizer` for DP-SGD with sampling rate q = expected_batch_size / N.
 
@@ -204,11 +205,16 @@ def make_private(
             model, batch_first=True, loss_reduction="mean", strict=True, force_functorch=mode == "functorch"
         )
         module.forbid_grad_accumulation()  # one backward per physical batch, then fold/clip
-    dp_optimizer = DPOptimizer(
+    # Distributed (world > 1): each rank sums the clipped gradients of its share of the logical
+    # batch; DistributedDPOptimizer adds the noise on rank 0 only, all-reduces, and with the
+    # per-rank expected batch B/world and its division by world the result is (Σ + noise)/B,
+    # exactly the single-process step.
+    optimizer_class = DistributedDPOptimizer if world > 1 else DPOptimizer
+    dp_optimizer = optimizer_class(
         optimizer,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
-        expected_batch_size=expected_batch_size,
+        expected_batch_size=expected_batch_size / world if world > 1 else expected_batch_size,
         loss_reduction="mean",
         generator=noise_generator,
     )

@@ -19,12 +19,13 @@ from . import __version__
 from .audit import run_audit
 from .audit.models import train_audit_models
 from .data import DataError, ImageSet, load_images
+from .distributed import barrier, from_env
 from .evaluate import evaluate
 from .export import release
 from .model import load_unet, resolve_device
 from .recipe import Recipe, RecipeError, check_against_data, load_recipe
 from .rundir import STAGES, RunDir, new_run_id, read_json, write_json_atomic
-from .sample import generate
+from .sample import generate, merge_shards
 from .train import initial_model, plan_training, pretrain, train, trainable_names
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,7 @@ def open_run(path: str | Path) -> tuple[Checked, RunDir]:
 class StageOptions:
     progress: bool = True
     audit_root: Path | None = None
+    shard: tuple[int, int] | None = None  # sample: this invocation's shard (i, n)
 
 
 def run_stage(stage: str, checked: Checked, run_dir: RunDir, opts: StageOptions) -> None:
@@ -201,7 +203,18 @@ def run_stage(stage: str, checked: Checked, run_dir: RunDir, opts: StageOptions)
             "train", steps=result.steps, epsilon=result.epsilon, seconds=round(result.seconds, 1)
         )
     elif stage == "sample":
-        samples = generate(recipe, run_dir, len(images.class_names), progress=opts.progress)
+        n_classes = len(images.class_names)
+        d = from_env(resolve_device(recipe.training.device).type)
+        shard = opts.shard or ((d.rank, d.world) if d.enabled else None)
+        if shard is None:
+            samples = generate(recipe, run_dir, n_classes, progress=opts.progress)
+        else:
+            generate(recipe, run_dir, n_classes, progress=opts.progress and d.main, shard=shard)
+            barrier(d)
+            samples = merge_shards(recipe, run_dir, n_classes, shard[1]) if d.main else None
+            if samples is None:
+                log.warning("sample shard %d/%d written; samples.npz is assembled when all are there", *shard)
+                return
         run_dir.mark_done(
             "sample",
             n_samples=int(len(samples.labels)),

@@ -16,6 +16,7 @@
       privacy.json                    ε spent (accountant, steps taken), δ, σ, q, steps, C, ...
       train_log.jsonl                 step, batch size, loss (computed on private data: internal)
       samples/samples.npz             uint8 images [M, H, W], labels, per-sample seeds
+      samples/shard-i-of-n.npz        one sampling shard (`--shard i/n`, torchrun), until merged
       audit_models/canary/            the canary audit's DP model (if the recipe asks): its own
                                       checkpoints/, privacy.json, train_log.jsonl and canary.json
                                       (canaries in/out, scores, bound); never sampled or released
@@ -50,6 +51,11 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 STAGES = ("data", "pretrain", "train", "sample", "audit_models", "audit", "release", "evaluate")
+
+
+def _writer() -> bool:
+    """In a torchrun job only rank 0 writes run.json (every rank reads it)."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -177,6 +183,8 @@ class RunDir:
         return read_json(self.run_json) if self.run_json.exists() else {}
 
     def mark_done(self, stage: str, **details: Any) -> None:
+        if not _writer():
+            return
         info = self.info()
         info.setdefault("stages", {})[stage] = {
             "done": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -189,6 +197,8 @@ class RunDir:
 
     def invalidate_from(self, stage: str) -> None:
         """Forget `stage` and every later stage (they rest on its outputs)."""
+        if not _writer():
+            return
         info = self.info()
         later = STAGES[STAGES.index(stage) :]
         info["stages"] = {k: v for k, v in info.get("stages", {}).items() if k not in later}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -102,20 +103,46 @@ class Samples:
             return cls(images=z["images"], labels=z["labels"], seeds=z["seeds"])
 
 
-def generate(recipe: Recipe, run_dir: RunDir, num_classes: int, progress: bool = True) -> Samples:
-    """`sampling.images_per_class` images of every class, written to samples/samples.npz."""
+def plan(recipe: Recipe, num_classes: int) -> tuple[np.ndarray, np.ndarray, list[slice]]:
+    """Labels, per-image seeds and the batches of the whole sample set (shard-independent)."""
+    cfg = recipe.sampling
+    labels = np.repeat(np.arange(num_classes, dtype=np.int64), cfg.images_per_class)
+    seeds = np.array([sample_seed(cfg.seed, i) for i in range(len(labels))], dtype=np.int64)
+    batches = [slice(a, min(a + cfg.batch_size, len(labels))) for a in range(0, len(labels), cfg.batch_size)]
+    return labels, seeds, batches
+
+
+def shard_path(run_dir: RunDir, shard: tuple[int, int]) -> Path:
+    i, n = shard
+    return run_dir.samples.parent / f"shard-{i:04d}-of-{n:04d}.npz"
+
+
+def generate(
+    recipe: Recipe,
+    run_dir: RunDir,
+    num_classes: int,
+    progress: bool = True,
+    shard: tuple[int, int] | None = None,
+) -> Samples | None:
+    """`sampling.images_per_class` images of every class, written to samples/samples.npz.
+
+    Sharded (`shard=(i, n)`, from `--shard i/n` or a torchrun rank): this call generates the
+    batches i, i+n, i+2n, ... of the single-process plan (whole batches, so every image is computed
+    in the very batch it would be in one process: the union is bit for bit the single-process
+    result) into samples/shard-i-of-n.npz; `merge_shards` assembles samples.npz once all n exist.
+    Returns the samples, or None for a shard."""
     cfg = recipe.sampling
     model, train_scheduler = load_generator(run_dir.final_checkpoint, ema=cfg.use_ema)
     info = read_json(run_dir.final_checkpoint / "synthfactory.json")
     model.to(resolve_device(recipe.training.device))
     scheduler = sampling_scheduler(train_scheduler)
     size = int(model.config.sample_size)
-    labels = np.repeat(np.arange(num_classes, dtype=np.int64), cfg.images_per_class)
-    seeds = np.array([sample_seed(cfg.seed, i) for i in range(len(labels))], dtype=np.int64)
+    labels, seeds, batches = plan(recipe, num_classes)
+    mine = batches if shard is None else batches[shard[0] :: shard[1]]
     images = np.empty((len(labels), size, size), dtype=np.uint8)
-    with progress_bar(len(labels), "sample", "img", progress) as bar:
-        for start in range(0, len(labels), cfg.batch_size):
-            sl = slice(start, start + cfg.batch_size)
+    done = np.zeros(len(labels), dtype=bool)
+    with progress_bar(sum(b.stop - b.start for b in mine), "sample", "img", progress) as bar:
+        for sl in mine:
             x = ddim_sample(
                 model,
                 scheduler,
@@ -127,8 +154,42 @@ def generate(recipe: Recipe, run_dir: RunDir, num_classes: int, progress: bool =
                 info["null_class"],
             )
             images[sl] = to_uint8(x)
+            done[sl] = True
             bar.update(len(x))
-    samples = Samples(images=images, labels=labels, seeds=seeds)
     run_dir.samples.parent.mkdir(parents=True, exist_ok=True)
+    if shard is not None:
+        idx = np.flatnonzero(done)
+        tmp = atomic_path(shard_path(run_dir, shard))
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, index=idx, images=images[idx], n_total=len(labels))
+        os.replace(tmp, shard_path(run_dir, shard))
+        return None
+    samples = Samples(images=images, labels=labels, seeds=seeds)
     samples.save(run_dir.samples)
+    return samples
+
+
+def merge_shards(recipe: Recipe, run_dir: RunDir, num_classes: int, n: int) -> Samples | None:
+    """samples.npz from shard-*-of-n.npz once every shard is there (None until then)."""
+    paths = [shard_path(run_dir, (i, n)) for i in range(n)]
+    if not all(p.exists() for p in paths):
+        return None
+    labels, seeds, _ = plan(recipe, num_classes)
+    images, filled = None, np.zeros(len(labels), dtype=bool)
+    for p in paths:
+        with np.load(p) as z:
+            if int(z["n_total"]) != len(labels):
+                raise ValueError(
+                    f"{p}: made for {int(z['n_total'])} images, the recipe asks for {len(labels)}"
+                )
+            if images is None:
+                images = np.empty((len(labels), *z["images"].shape[1:]), dtype=np.uint8)
+            images[z["index"]] = z["images"]
+            filled[z["index"]] = True
+    if not filled.all():
+        raise ValueError(f"shards of {n} leave {int((~filled).sum())} images missing")
+    samples = Samples(images=images, labels=labels, seeds=seeds)
+    samples.save(run_dir.samples)
+    for p in paths:
+        p.unlink()
     return samples

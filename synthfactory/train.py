@@ -36,6 +36,15 @@ from diffusers.training_utils import EMAModel
 
 from . import __version__
 from .data import ImageSet
+from .distributed import (
+    Dist,
+    barrier,
+    broadcast_int,
+    broadcast_parameters,
+    from_env,
+    max_parameter_spread,
+    sum_over_ranks,
+)
 from .model import build_noise_scheduler, build_unet, count_parameters, load_unet, resolve_device
 from .privacy import PrivateTraining, calibrate_noise, epsilon_of, make_private, opacus_version
 from .progress import progress_bar
@@ -159,9 +168,14 @@ def dp_step(
     labels: torch.Tensor,
     generator: torch.Generator,
     settings: StepSettings | None = None,
+    part: Dist | None = None,
 ) -> float:
     """One DP-SGD step on one Poisson batch (possibly empty): per chunk of examples, per-example
-    gradients over k rows, clipped and summed; noise once at the end. Returns the mean loss."""
+    gradients over k rows, clipped and summed; noise once at the end. Returns the mean loss.
+
+    Distributed (`part`): every rank gets the whole logical batch and draws its rows with the
+    same generator, then works on its contiguous share of the examples; the optimizer adds the
+    noise on rank 0 and sums over ranks. An empty share still takes its (collective) step."""
     s = settings or StepSettings()
     opt = private.optimizer
     opt.zero_grad(set_to_none=True)
@@ -169,18 +183,21 @@ def dp_step(
     if n == 0:
         private.empty_step()
         return float("nan")
-    total = 0.0
     drawn = draw_rows(x0, labels, scheduler, s.draws, generator)
-    chunks = _chunks(n, s.max_physical)
+    start, stop = part.share(n) if part is not None else (0, n)
+    total = 0.0
+    chunks = _chunks(stop - start, s.max_physical)
+    if not chunks:
+        private.empty_step()
     for j, (a, b) in enumerate(chunks):
-        rows = tuple(r.to(s.device) for r in drawn.rows(x0, scheduler, a, b, s.draws.k))
+        rows = tuple(r.to(s.device) for r in drawn.rows(x0, scheduler, start + a, start + b, s.draws.k))
         total += private.per_example_backward(s.row_loss, rows, b - a, s.draws.k) * (b - a)
         last = j == len(chunks) - 1
         opt.signal_skip_step(do_skip=not last)  # accumulate clipped sums; noise only at the end
         opt.step()
         if not last:
             opt.zero_grad(set_to_none=True)  # keeps the accumulated clipped sum
-    return total / n
+    return sum_over_ranks(total, part) / n if part is not None else total / n
 
 
 def plain_step(
@@ -473,6 +490,11 @@ def train(recipe: Recipe, images: ImageSet, run_dir: RunDir, progress: bool = Tr
     plan = _planned(recipe, n_train)
     steps_total = plan["steps"]
     device = resolve_device(recipe.training.device)
+    d = from_env(device.type)  # torchrun: join the process group; otherwise one process
+    if d.enabled and device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
+    if d.enabled and not recipe.private:
+        raise ValueError("distributed training runs DP-SGD; train a non-private recipe in one process")
     k = recipe.privacy.noise_multiplicity if recipe.private else 1
     settings = _settings(recipe, n_classes, device, k)
     x_all = torch.from_numpy(images.train_images)
@@ -525,7 +547,7 @@ def train(recipe: Recipe, images: ImageSet, run_dir: RunDir, progress: bool = Tr
         )
     else:
         dp_seed, dp_seed_source = (
-            secrets.randbits(62),
+            broadcast_int(secrets.randbits(62), d),  # rank 0's secret, shared by all ranks
             "secret seed from the OS, kept in the internal checkpoint",
         )
     if state:
@@ -550,15 +572,19 @@ def train(recipe: Recipe, images: ImageSet, run_dir: RunDir, progress: bool = Tr
             sample_generator=sample_gen,
             noise_generator=noise_gen,
             mode=recipe.privacy.per_example_gradients,
+            world=d.world,
         )
         private.accountant.history = [tuple(h) for h in (state["accountant_history"] if state else [])]
         batches = iter(private.sampler)
+    broadcast_parameters(model, d)
     model.train()
 
     started = time.perf_counter()
     previous_seconds = state.get("seconds", 0.0) if state else 0.0
 
     def checkpoint() -> None:
+        if not d.main:
+            return
         _save_state(
             run_dir.train_state,
             {
@@ -577,6 +603,7 @@ def train(recipe: Recipe, images: ImageSet, run_dir: RunDir, progress: bool = Tr
                 "manifest_sha256": images.manifest_sha256(),
                 "synthfactory_version": __version__,
                 "seconds": time.perf_counter() - started + previous_seconds,
+                "world_size": d.world,
             },
         )
 
@@ -589,15 +616,17 @@ def train(recipe: Recipe, images: ImageSet, run_dir: RunDir, progress: bool = Tr
         plan["noise_multiplier"],
         k,
     )
-    _truncate_log(run_dir.train_log, step)
+    if d.main:
+        _truncate_log(run_dir.train_log, step)
     with (
-        open(run_dir.train_log, "a") as logfile,
-        progress_bar(steps_total, "train", "step", progress, initial=step) as bar,
+        open(run_dir.train_log if d.main else os.devnull, "a") as logfile,
+        progress_bar(steps_total, "train", "step", progress and d.main, initial=step) as bar,
     ):
         while step < steps_total:
             if private is not None:
-                idx = torch.as_tensor(next(batches), dtype=torch.long)
-                loss = dp_step(private, scheduler, x_all[idx], y_all[idx], train_gen, settings)
+                idx = torch.as_tensor(next(batches), dtype=torch.long)  # the whole logical batch
+                part = d if d.enabled else None
+                loss = dp_step(private, scheduler, x_all[idx], y_all[idx], train_gen, settings, part)
             else:
                 idx = torch.randperm(n_train, generator=train_gen)[: recipe.training.expected_batch_size]
                 loss = plain_step(model, optimizer, scheduler, x_all[idx], y_all[idx], train_gen, settings)
@@ -622,6 +651,13 @@ def train(recipe: Recipe, images: ImageSet, run_dir: RunDir, progress: bool = Tr
     if recipe.private and record["epsilon"] > recipe.privacy.target_epsilon + 1e-9:
         raise RuntimeError(f"accountant ε {record['epsilon']:.4f} exceeds the target; refusing to go on")
 
+    if d.enabled:
+        record["distributed"] = {
+            "world_size": d.world,
+            "backend": torch.distributed.get_backend(),
+            "max_parameter_spread_across_ranks": max_parameter_spread(model, d),
+            "noise": "added once per step, on rank 0 (Opacus DistributedDPOptimizer)",
+        }
     model.to("cpu").eval()
     info = {
         "class_names": images.class_names,
@@ -629,8 +665,10 @@ def train(recipe: Recipe, images: ImageSet, run_dir: RunDir, progress: bool = Tr
         "ema_decay": decay,
         "steps": step,
     }
-    save_final(model, ema, scheduler, run_dir.final_checkpoint, info)
-    write_json_atomic(run_dir.privacy, record)
+    if d.main:
+        save_final(model, ema, scheduler, run_dir.final_checkpoint, info)
+        write_json_atomic(run_dir.privacy, record)
+    barrier(d)
     return TrainResult(
         steps=step,
         epsilon=record["epsilon"],

@@ -78,6 +78,19 @@ def tiny_recipe(**overrides) -> dict:
 DELETE = object()
 
 
+def dying_on_call(real, at: int):
+    """`real`, except that its `at`-th call raises KeyboardInterrupt (a run killed mid-way)."""
+    calls = {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    return dying
+
+
 def write_recipe(folder: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name

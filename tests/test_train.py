@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DELETE, tiny_recipe, write_recipe
+from conftest import DELETE, dying_on_call, tiny_recipe, write_recipe
 
 from synthfactory import train as train_module
 from synthfactory.model import load_generator
@@ -48,14 +48,8 @@ def test_killed_run_resumes_to_the_same_model_and_epsilon(
     train_module.train(ref_checked.recipe, ref_checked.images, ref_dir, progress=False)
 
     checked, run_dir = _fresh_run(tmp_path, "killed", **settings)
-    real_step, calls = train_module.dp_step, {"n": 0}
-
-    def dying_step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:  # step 5: after the checkpoint at step 4
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
+    real_step = train_module.dp_step
+    dying_step = dying_on_call(real_step, 6)  # step 5, after the checkpoint at step 4
     monkeypatch.setattr(train_module, "dp_step", dying_step)
     with pytest.raises(KeyboardInterrupt):
         train_module.train(checked.recipe, checked.images, run_dir, progress=False)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..distributed import Dist
+
 
 def flatten(images: np.ndarray) -> torch.Tensor:
     """[M, 1, H, W] or [M, H, W] → float32 [M, H·W]."""
@@ -63,21 +65,50 @@ def nearest_neighbours(
     candidates: int = 8,
     exclude_self: bool = False,
     backend: str = "torch",
+    device: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """For each query, the index of its nearest reference and the L2 distance to it.
     `exclude_self`: queries are the references; query i never matches reference i.
-    `backend`: "torch" (blocked matrix products) or "faiss" (faiss-cpu IndexFlatL2, exact) for
-    the candidates; either way the candidates are re-measured in float64."""
-    q, r = flatten(queries), flatten(refs)
+    `backend`: "torch" (blocked matrix products; on the GPU when there is one, or `device`) or
+    "faiss" (faiss-cpu IndexFlatL2, exact) for the candidates; either way the candidates are
+    re-measured in float64."""
+    dev = device or ("cuda" if torch.cuda.is_available() and backend == "torch" else "cpu")
+    q, r = flatten(queries).to(dev), flatten(refs).to(dev)
     n_cand = min(candidates, r.shape[0] - int(exclude_self))
     idx = np.empty(len(q), dtype=np.int64)
     dist = np.empty(len(q), dtype=np.float64)
     for start, cand, exact in _remeasured_candidates(q, r, n_cand, block_size, exclude_self, backend):
         best = exact.argmin(1)
         rows = torch.arange(len(cand))
-        idx[start : start + len(cand)] = cand[rows, best].numpy()
-        dist[start : start + len(cand)] = exact[rows, best].numpy()
+        idx[start : start + len(cand)] = cand[rows, best].cpu().numpy()
+        dist[start : start + len(cand)] = exact[rows, best].cpu().numpy()
     return idx, dist
+
+
+@torch.no_grad()
+def nearest_neighbours_sharded(
+    queries: np.ndarray, refs: np.ndarray, d: Dist, block_size: int = 1024, backend: str = "torch"
+) -> tuple[np.ndarray, np.ndarray]:
+    """`nearest_neighbours` with the references split across the ranks of a torchrun job: each
+    rank searches its contiguous share, then the per-query minimum is reduced over ranks (ties
+    go to the lowest index, as in one process). Every rank returns the full result."""
+    if not d.enabled:
+        return nearest_neighbours(queries, refs, block_size, backend=backend)
+    import torch.distributed as dist
+
+    a, b = d.share(len(refs))
+    idx = np.zeros(len(queries), dtype=np.int64)
+    best = np.full(len(queries), np.inf)
+    if b > a:
+        idx, best = nearest_neighbours(queries, refs[a:b], block_size, backend=backend, device="cpu")
+        idx = idx + a
+    pair = torch.from_numpy(np.stack([best, idx.astype(np.float64)]))  # [2, M] float64 (exact for idx < 2^53)
+    gathered = [torch.empty_like(pair) for _ in range(d.world)]
+    dist.all_gather(gathered, pair)
+    stacked = torch.stack(gathered)  # [world, 2, M]; ranks hold increasing index ranges
+    winner = stacked[:, 0].argmin(0)  # the first rank with the minimum: the lowest index on ties
+    cols = torch.arange(len(queries))
+    return stacked[winner, 1, cols].long().numpy(), stacked[winner, 0, cols].numpy()
 
 
 @torch.no_grad()

@@ -1,0 +1,101 @@
+"""PyTorch distributed, as `torchrun` (or Slurm/Kubernetes launching torchrun) sets it up.
+
+`synthfactory train RUN_DIR` under `torchrun --nproc_per_node=N [--nnodes ...]` reads RANK,
+WORLD_SIZE and LOCAL_RANK from the environment and joins the process group: NCCL on CUDA, gloo
+on the CPU. Without those variables everything runs in one process, unchanged.
+
+How DP-SGD is split (train.py, privacy.py): every rank draws the same Poisson batch over the
+whole data set from one shared, secret generator, and computes the clipped per-example
+gradients of its contiguous share of that batch; Opacus' DistributedDPOptimizer adds the noise
+on rank 0 only, all-reduces the sums and divides by the expected logical batch size. So a step
+on N ranks is the single-process step (same batch, same noise, same accountant), only its
+per-example work is split. Only rank 0 writes checkpoints and reports.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def share(self, n: int) -> tuple[int, int]:
+        """This rank's contiguous share [a, b) of n items (the first ranks get one more)."""
+        base, extra = divmod(n, self.world)
+        a = self.rank * base + min(self.rank, extra)
+        return a, a + base + (1 if self.rank < extra else 0)
+
+
+def from_env(device_type: str = "cpu") -> Dist:
+    """Join the process group torchrun describes (if any). Idempotent."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        torch.cuda.set_device(local)
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local)
+
+
+def broadcast_int(value: int, d: Dist) -> int:
+    """Rank 0's value on every rank (e.g. the secret DP seed)."""
+    if not d.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def broadcast_parameters(model: torch.nn.Module, d: Dist) -> None:
+    """Every rank starts from rank 0's weights (what DPDDP does at wrap time)."""
+    if d.enabled:
+        for p in model.parameters():
+            dist.broadcast(p.data, src=0)
+
+
+def sum_over_ranks(value: float, d: Dist) -> float:
+    if not d.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def max_parameter_spread(model: torch.nn.Module, d: Dist) -> float:
+    """Largest |parameter − rank 0's parameter| over all ranks and parameters (0 in one process)."""
+    if not d.enabled:
+        return 0.0
+    worst = torch.zeros(1, dtype=torch.float64, device=next(model.parameters()).device)
+    for p in model.parameters():
+        ref = p.data.clone()
+        dist.broadcast(ref, src=0)
+        worst = torch.maximum(worst, (p.data - ref).abs().max().double().reshape(1))
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return float(worst.item())
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()

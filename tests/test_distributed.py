@@ -1,0 +1,146 @@
+"""DP training under `torchrun --nproc_per_node=2` on the CPU (gloo): the same step as one
+process, noise added once per step, one accountant, parameters identical on both ranks, and a
+resume that changes the number of ranks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import dying_on_call, tiny_recipe, write_recipe
+
+import synthfactory.train as train_module
+from synthfactory.model import load_generator
+from synthfactory.run import check, create_run
+from synthfactory.rundir import read_json
+
+SETTINGS = {
+    "training__steps": 6,
+    "training__checkpoint_every": 2,
+    "training__expected_batch_size": 24,
+    "training__max_physical_batch_size": 8,  # several chunks per rank
+    "privacy__noise_multiplicity": 2,
+}
+
+
+def _fresh(base: Path, name: str, **overrides):
+    checked = check(write_recipe(base / name, tiny_recipe(**{**SETTINGS, **overrides})))
+    return checked, create_run(checked, base / name / "runs")
+
+
+def _torchrun(run_dir: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cli = Path(sys.executable).with_name("synthfactory")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    return subprocess.run(
+        [str(torchrun), "--standalone", f"--nproc_per_node={nproc}", str(cli), "train", str(run_dir), "-q"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+
+
+def _max_weight_difference(a: Path, b: Path) -> float:
+    worst = 0.0
+    for ema in (False, True):
+        ma, _ = load_generator(a, ema=ema)
+        mb, _ = load_generator(b, ema=ema)
+        for p, q in zip(ma.parameters(), mb.parameters(), strict=True):
+            worst = max(worst, float((p - q).abs().max().detach()))
+    return worst
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The reference: one process, noise seed 7 (tests only), 6 steps."""
+    base = tmp_path_factory.mktemp("single")
+    checked, run_dir = _fresh(base, "ref")
+    train_module.train(checked.recipe, checked.images, run_dir, progress=False)
+    other_checked, other = _fresh(base, "other_noise", privacy__noise_seed=8)
+    train_module.train(other_checked.recipe, other_checked.images, other, progress=False)
+    return run_dir, other
+
+
+def test_two_ranks_take_the_single_process_step(single, tmp_path) -> None:
+    ref, other_noise = single
+    checked, run_dir = _fresh(tmp_path, "ddp")
+    res = _torchrun(run_dir.root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got, want = read_json(run_dir.privacy), read_json(ref.privacy)
+    assert got["distributed"]["world_size"] == 2 and got["distributed"]["backend"] == "gloo"
+    assert got["distributed"]["max_parameter_spread_across_ranks"] == 0.0  # identical on both ranks
+    assert got["accountant_history"] == want["accountant_history"] and got["epsilon"] == want["epsilon"]
+    assert got["steps_taken"] == want["steps_taken"] == 6
+    diff = _max_weight_difference(ref.final_checkpoint, run_dir.final_checkpoint)
+    # What one more noise draw per step does (another noise seed): far above the tolerance, so a
+    # second rank adding its own noise would fail this test.
+    noise_effect = _max_weight_difference(ref.final_checkpoint, other_noise.final_checkpoint)
+    print(f"max |2 ranks − 1 process| = {diff:.3g}; effect of another noise draw = {noise_effect:.3g}")
+    assert diff < 1e-5 < noise_effect / 100, (diff, noise_effect)
+    assert len(run_dir.train_log.read_text().splitlines()) == 6  # rank 0 alone logs
+
+
+def test_a_run_killed_in_one_process_resumes_on_two_ranks(single, tmp_path, monkeypatch) -> None:
+    ref, _ = single
+    checked, run_dir = _fresh(tmp_path, "resumed")
+    real_step = train_module.dp_step
+    dying_step = dying_on_call(real_step, 6)  # step 5, after the checkpoint at step 4
+    monkeypatch.setattr(train_module, "dp_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(checked.recipe, checked.images, run_dir, progress=False)
+    assert torch.load(run_dir.train_state, weights_only=True)["step"] == 4
+    res = _torchrun(run_dir.root)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got, want = read_json(run_dir.privacy), read_json(ref.privacy)
+    assert got["accountant_history"] == want["accountant_history"] and got["steps_taken"] == 6
+    assert _max_weight_difference(ref.final_checkpoint, run_dir.final_checkpoint) < 1e-5
+
+
+SHARDED_SEARCH = """
+import sys
+import numpy as np
+from synthfactory.distributed import from_env
+from synthfactory.audit.nearest import nearest_neighbours_sharded
+d = from_env()
+rng = np.random.default_rng(0)
+refs = rng.uniform(-1, 1, (301, 1, 12, 12)).astype(np.float32)
+queries = np.concatenate([rng.uniform(-1, 1, (40, 1, 12, 12)).astype(np.float32), refs[[0, 150, 151, 300]]])
+idx, dist = nearest_neighbours_sharded(queries, refs, d, block_size=16)
+np.savez(sys.argv[1] + f"/rank{d.rank}.npz", idx=idx, dist=dist)
+"""
+
+
+def test_audit_search_sharded_over_two_ranks_matches_one_process(tmp_path) -> None:
+    import numpy as np
+
+    from synthfactory.audit.nearest import nearest_neighbours
+
+    script = tmp_path / "search.py"
+    script.write_text(SHARDED_SEARCH)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    res = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    rng = np.random.default_rng(0)
+    refs = rng.uniform(-1, 1, (301, 1, 12, 12)).astype(np.float32)
+    queries = np.concatenate(
+        [rng.uniform(-1, 1, (40, 1, 12, 12)).astype(np.float32), refs[[0, 150, 151, 300]]]
+    )
+    want_idx, want_dist = nearest_neighbours(queries, refs, block_size=16, device="cpu")
+    for rank in (0, 1):
+        with np.load(tmp_path / f"rank{rank}.npz") as z:
+            np.testing.assert_array_equal(z["idx"], want_idx)
+            np.testing.assert_allclose(z["dist"], want_dist, rtol=0, atol=1e-12)
+    assert (
+        want_idx[-4:].tolist() == [0, 150, 151, 300] and (want_dist[-4:] == 0).all()
+    )  # copies on both shards
