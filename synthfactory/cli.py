@@ -7,7 +7,6 @@ Exit codes: 0 done; 2 invalid recipe or data (nothing written); 3 release or pub
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +15,7 @@ import typer
 from .export import ReleaseRefused
 from .recipe import RecipeError, parse_override
 from .run import StageOptions, check, create_run, open_run, run_remaining, run_stage, summary
+from .rundir import is_rank_zero
 
 app = typer.Typer(
     add_completion=False,
@@ -57,7 +57,7 @@ def _guard(fn, *args, **kwargs):
 
 
 def _print_summary(run_path: Path) -> None:
-    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 speaks for the job
+    if not is_rank_zero():  # torchrun: rank 0 speaks for the job
         return
     from .rundir import RunDir
 
@@ -216,8 +216,9 @@ def sample(
     if shard is not None:
         try:
             i, n = (int(x) for x in shard.split("/"))
-            assert 0 <= i < n
-        except (ValueError, AssertionError):
+        except ValueError:
+            i, n = -1, 0
+        if not 0 <= i < n:
             _fail(2, f"error: --shard {shard!r}: expected i/n with 0 <= i < n, e.g. 0/4")
         part = (i, n)
     checked, rd = _guard(open_run, run_dir)

@@ -55,13 +55,17 @@ def from_env(device_type: str = "cpu") -> Dist:
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local)
 
 
+def _scalar(value, dtype: torch.dtype) -> torch.Tensor:
+    """A one-element tensor where the backend can send it (NCCL: on the GPU)."""
+    t = torch.tensor([value], dtype=dtype)
+    return t.cuda() if dist.get_backend() == "nccl" else t
+
+
 def broadcast_int(value: int, d: Dist) -> int:
     """Rank 0's value on every rank (e.g. the secret DP seed)."""
     if not d.enabled:
         return value
-    t = torch.tensor([value], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
+    t = _scalar(value, torch.int64)
     dist.broadcast(t, src=0)
     return int(t.item())
 
@@ -76,9 +80,7 @@ def broadcast_parameters(model: torch.nn.Module, d: Dist) -> None:
 def sum_over_ranks(value: float, d: Dist) -> float:
     if not d.enabled:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
+    t = _scalar(value, torch.float64)
     dist.all_reduce(t)
     return float(t.item())
 

@@ -18,6 +18,7 @@ import yaml
 from . import __version__
 from .audit import run_audit
 from .audit.models import train_audit_models
+from .audit.models import wanted as audit_models_wanted
 from .data import DataError, ImageSet, load_images
 from .distributed import barrier, from_env
 from .evaluate import evaluate
@@ -222,7 +223,7 @@ def run_stage(stage: str, checked: Checked, run_dir: RunDir, opts: StageOptions)
             guidance_scale=recipe.sampling.guidance_scale,
         )
     elif stage == "audit_models":
-        if not (recipe.audit.canary.enabled or recipe.audit.membership.nonprivate_reference):
+        if not audit_models_wanted(recipe):
             run_dir.mark_done("audit_models", skipped="the recipe asks for no canary or reference model")
             return
         done = train_audit_models(recipe, run_dir, images, progress=opts.progress)

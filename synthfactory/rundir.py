@@ -53,8 +53,8 @@ os.umask(_UMASK)
 STAGES = ("data", "pretrain", "train", "sample", "audit_models", "audit", "release", "evaluate")
 
 
-def _writer() -> bool:
-    """In a torchrun job only rank 0 writes run.json (every rank reads it)."""
+def is_rank_zero() -> bool:
+    """True outside torchrun and on its rank 0: only that process writes run.json and prints."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
@@ -183,7 +183,7 @@ class RunDir:
         return read_json(self.run_json) if self.run_json.exists() else {}
 
     def mark_done(self, stage: str, **details: Any) -> None:
-        if not _writer():
+        if not is_rank_zero():
             return
         info = self.info()
         info.setdefault("stages", {})[stage] = {
@@ -197,7 +197,7 @@ class RunDir:
 
     def invalidate_from(self, stage: str) -> None:
         """Forget `stage` and every later stage (they rest on its outputs)."""
-        if not _writer():
+        if not is_rank_zero():
             return
         info = self.info()
         later = STAGES[STAGES.index(stage) :]

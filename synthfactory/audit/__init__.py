@@ -91,32 +91,27 @@ PRIVACY_KEYS = (
 def membership_audit(recipe: Recipe, run_dir: RunDir, images: ImageSet, nonmember_idx: np.ndarray) -> dict:
     """The loss attack on the generator the samples came from (EMA weights if sampling used them)."""
     cfg = recipe.audit.membership
-    model, scheduler = load_generator(run_dir.final_checkpoint, ema=recipe.sampling.use_ema)
     n = min(cfg.max_examples, len(images.train_labels), len(nonmember_idx))
     rng = np.random.default_rng(cfg.seed)
     mem = np.sort(rng.choice(len(images.train_labels), size=n, replace=False))
     non = np.sort(rng.choice(nonmember_idx, size=n, replace=False))
     ts = list(cfg.timesteps)
-    m_loss = denoising_losses(
-        model, scheduler, images.train_images[mem], images.train_labels[mem], ts, cfg.seed
-    )
-    n_loss = denoising_losses(
-        model, scheduler, images.heldout_images[non], images.heldout_labels[non], ts, cfg.seed + 10**6
-    )
-    out = loss_attack(m_loss, n_loss, ts)
+
+    def attack(checkpoint: Path) -> dict:
+        model, scheduler = load_generator(checkpoint, ema=recipe.sampling.use_ema)
+        m_loss = denoising_losses(
+            model, scheduler, images.train_images[mem], images.train_labels[mem], ts, cfg.seed
+        )
+        n_loss = denoising_losses(
+            model, scheduler, images.heldout_images[non], images.heldout_labels[non], ts, cfg.seed + 10**6
+        )
+        return loss_attack(m_loss, n_loss, ts)
+
+    out = attack(run_dir.final_checkpoint)
     out["weights"] = "EMA" if recipe.sampling.use_ema else "final"
     out["nonmembers_from"] = "held-out real images, near-duplicates of training images left out"
     if cfg.nonprivate_reference and has_nonprivate_reference(run_dir):
-        ref, ref_scheduler = load_generator(
-            run_dir.nonprivate_run.final_checkpoint, ema=recipe.sampling.use_ema
-        )
-        m_ref = denoising_losses(
-            ref, ref_scheduler, images.train_images[mem], images.train_labels[mem], ts, cfg.seed
-        )
-        n_ref = denoising_losses(
-            ref, ref_scheduler, images.heldout_images[non], images.heldout_labels[non], ts, cfg.seed + 10**6
-        )
-        baseline = loss_attack(m_ref, n_ref, ts)
+        baseline = attack(run_dir.nonprivate_run.final_checkpoint)
         baseline["model"] = (
             "NOT PRIVATE reference: same data, model, steps, batch size and learning rate, no "
             "clipping or noise; trained only for this comparison, never released"

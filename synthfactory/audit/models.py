@@ -87,7 +87,8 @@ def run_canary_audit(recipe: Recipe, run_dir: RunDir, images: ImageSet, progress
     ts = list(cfg.timesteps)
     model, scheduler = load_generator(sub.final_checkpoint, ema=ema)
     own = n_real + np.arange(cfg.m)
-    baseline_label = n_real + cfg.m if recipe.training.label_dropout > 0 else 0
+    null_label = recipe.training.label_dropout > 0  # the model has a null class after the canaries
+    baseline_label = n_real + cfg.m if null_label else 0
     own_loss = denoising_losses(model, scheduler, canaries, own, ts, cfg.seed)
     base_loss = denoising_losses(model, scheduler, canaries, np.full(cfg.m, baseline_label), ts, cfg.seed)
     scores = canary_scores(own_loss, base_loss)
@@ -115,11 +116,7 @@ def run_canary_audit(recipe: Recipe, run_dir: RunDir, images: ImageSet, progress
         ),
         "score": (
             "the canary model's ε-prediction loss under the "
-            + (
-                "null label"
-                if baseline_label == n_real + cfg.m
-                else f"label of class {images.class_names[0]!r}"
-            )
+            + ("null label" if null_label else f"label of class {images.class_names[0]!r}")
             + " minus that under the canary's own label, mean over timesteps "
             f"{ts}, fixed noise; {'EMA' if ema else 'final'} weights"
         ),
@@ -147,10 +144,19 @@ def run_canary_audit(recipe: Recipe, run_dir: RunDir, images: ImageSet, progress
     return out
 
 
+def wants_nonprivate_reference(recipe: Recipe) -> bool:
+    return recipe.audit.membership.enabled and recipe.audit.membership.nonprivate_reference
+
+
+def wanted(recipe: Recipe) -> bool:
+    """Whether the recipe asks for any audit model (else the stage is skipped)."""
+    return recipe.audit.canary.enabled or wants_nonprivate_reference(recipe)
+
+
 def train_audit_models(recipe: Recipe, run_dir: RunDir, images: ImageSet, progress: bool = True) -> dict:
     """The audit_models stage: whichever of the two runs the recipe asks for."""
     done: dict = {}
-    if recipe.audit.membership.enabled and recipe.audit.membership.nonprivate_reference:
+    if wants_nonprivate_reference(recipe):
         done["nonprivate_reference"] = train_nonprivate_reference(recipe, run_dir, images, progress)
     if recipe.audit.canary.enabled:
         c = run_canary_audit(recipe, run_dir, images, progress)
@@ -175,4 +181,4 @@ def has_nonprivate_reference(run_dir: RunDir) -> bool:
     return (run_dir.nonprivate_run.final_checkpoint / "unet").is_dir()
 
 
-__all__ = ["train_audit_models", "canary_result", "has_nonprivate_reference"]
+__all__ = ["train_audit_models", "canary_result", "has_nonprivate_reference", "wanted"]
