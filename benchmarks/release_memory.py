@@ -1,15 +1,16 @@
-"""Peak memory of a streamed release: N generated (random) images of S×S written as a
-`datasets` DatasetDict with the release's own writer (`export.write_rows`), side by side with
-the size of the pixel data it would take to hold them all.
+"""Peak memory of a streamed release: N generated (random) S×S images written to a sample store
+(the run directory's samples/store/, as the sample stage writes it), then released as a
+`datasets` DatasetDict by the release stage's own writer (`export.write_hf` over a
+`ReleasedSet` that reads the store one image at a time), side by side with the size of the pixel
+data it would take to hold them all.
 
     python benchmarks/release_memory.py                 # 100,000 images of 128×128
     python benchmarks/release_memory.py --n 20000 --size 64
 
-Prints the peak anonymous memory of this process during the release (RssAnon sampled every
-20 ms: heap and arrays, what the writer holds) and its peak resident set (ru_maxrss, which also
-counts pages of the memory-mapped Arrow files that `save_to_disk` reads back; the kernel can drop
-those at any time), the pixel bytes, the ratio, the wall time and the size on disk. The images are made one at a time from per-image seeds, so the benchmark
-measures the writer, not a sample store.
+Prints the peak resident set of this process (ru_maxrss: everything resident, including pages of
+memory-mapped files) and the peak anonymous memory (RssAnon sampled every 20 ms: heap and
+arrays), the pixel bytes, the ratio, the wall time and the size on disk. The images are made
+from per-image seeds in chunks of 1,000, so nothing holds them all at any point.
 """
 
 from __future__ import annotations
@@ -60,21 +61,36 @@ class AnonPeak:
         self.peak = max(self.peak, rss_anon_gib())
 
 
-def rows(n: int, size: int, classes: int):
-    from PIL import Image
+def make_store(path: Path, n: int, size: int, classes: int) -> None:
+    """n random images in a sample store, written 1,000 at a time (as sampling writes batches)."""
+    from synthfactory.sample import StoreWriter
 
-    for i in range(n):
-        rng = np.random.default_rng(i)
-        yield {
-            "image": Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), mode="L"),
-            "label": int(i % classes),
-            "run_id": "benchmark",
-            "sample_seed": i,
-            "sample_index": i,
-            "audit_verdict": "passed",
-            "nn_distance": float(rng.random()),
-            "audit_pixel_l2": float(rng.random()),
-        }
+    labels = np.arange(n, dtype=np.int64) % classes
+    writer = StoreWriter(path, labels, np.arange(n, dtype=np.int64), (size, size))
+    for a in range(0, n, 1000):
+        rng = np.random.default_rng(a)
+        writer.write(a, rng.integers(0, 256, (min(1000, n - a), size, size), dtype=np.uint8))
+    writer.commit()
+
+
+def released_set(store: Path, classes: int):
+    """Every stored image released (the audit's verdicts are not what this measures)."""
+    from synthfactory.export import ReleasedSet
+    from synthfactory.sample import Samples, StoreImages
+
+    s = Samples.load(store)
+    k = np.arange(len(s.labels), dtype=np.int64)
+    rng = np.random.default_rng(0)
+    return ReleasedSet(
+        store=StoreImages(store),
+        labels=s.labels,
+        seeds=s.seeds,
+        sample_index=k,
+        nn_distance=rng.random(len(k)).astype(np.float32),
+        class_names=[f"c{i}" for i in range(classes)],
+        scores={"pixel_l2": rng.random(len(k)).astype(np.float32)},
+        run_id="benchmark",
+    )
 
 
 def main() -> None:
@@ -87,40 +103,33 @@ def main() -> None:
 
     import datasets  # noqa: F401  (imported before the baseline, as the release stage has it)
 
-    from synthfactory.export import hf_features, write_rows
+    from synthfactory.export import write_hf
 
     out = args.out or Path(tempfile.mkdtemp(prefix="release-memory-"))
+    t0 = time.perf_counter()
+    make_store(out / "samples" / "store", args.n, args.size, args.classes)
+    store_seconds = time.perf_counter() - t0
     before, anon_before = peak_rss_gib(), rss_anon_gib()
     t0 = time.perf_counter()
     with AnonPeak() as anon:
-        write_rows(
-            rows(args.n, args.size, args.classes),
-            hf_features([f"c{i}" for i in range(args.classes)], ["pixel_l2"]),
-            out,
-        )
+        write_hf(released_set(out / "samples" / "store", args.classes), out / "release")
     seconds = time.perf_counter() - t0
     after = peak_rss_gib()
     pixel_gib = args.n * args.size**2 / 2**30
-    on_disk = sum(p.stat().st_size for p in (out / "dataset").rglob("*") if p.is_file()) / 2**30
-    ds = datasets.load_from_disk(str(out / "dataset"))["train"]
+    split = out / "release" / "dataset" / "train"
+    on_disk = sum(p.stat().st_size for p in split.glob("*.arrow")) / 2**30
+    ds = datasets.load_from_disk(str(out / "release" / "dataset"))["train"]
     assert len(ds) == args.n
-    print(f"images               {args.n:,} of {args.size}×{args.size}")
+    print(
+        f"images               {args.n:,} of {args.size}×{args.size} (sample store written in {store_seconds:.1f} s)"
+    )
     print(f"pixel data           {pixel_gib:.2f} GiB (what holding them all would take)")
+    print(f"peak RSS             {before:.2f} GiB before the release, {after:.2f} GiB after (ru_maxrss)")
     print(f"anonymous memory     {anon_before:.2f} GiB before, peak {anon.peak:.2f} GiB during the release")
-    print(f"peak / pixel data    {anon.peak / pixel_gib:.2f} (anonymous)")
-    print(
-        f"peak RSS             {before:.2f} GiB before, {after:.2f} GiB after (ru_maxrss: counts the pages of"
-    )
-    print(
-        "                     the memory-mapped Arrow files save_to_disk reads back, which the kernel can drop)"
-    )
+    print(f"peak RSS / pixels    {after / pixel_gib:.2f}")
     print(f"wall time            {seconds:.1f} s ({args.n / seconds:,.0f} images/s)")
-    print(
-        f"on disk              {on_disk:.2f} GiB in {len(list((out / 'dataset' / 'train').glob('*.arrow')))} Arrow shards"
-    )
-    print(
-        f"under 2 GiB          anonymous {'yes' if anon.peak < 2 else 'NO'}, RSS {'yes' if after < 2 else 'NO'}"
-    )
+    print(f"on disk              {on_disk:.2f} GiB in {len(list(split.glob('*.arrow')))} Arrow shards")
+    print(f"under 2 GiB          {'yes' if after < 2 else 'NO'} (peak RSS {after:.2f} GiB)")
     if args.out is None:
         shutil.rmtree(out, ignore_errors=True)
 

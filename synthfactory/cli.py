@@ -205,7 +205,7 @@ def sample(
     shard: Annotated[
         str | None,
         typer.Option(
-            "--shard", help="Generate only shard i of n (e.g. 0/4); the last one assembles samples.npz."
+            "--shard", help="Generate only shard i of n (e.g. 0/4); the last one assembles the sample store."
         ),
     ] = None,
     audit_dir: AuditDir = None,

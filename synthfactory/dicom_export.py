@@ -190,7 +190,7 @@ def write_dicom_files(rs, folder: Path) -> list[Path]:
         label = int(rs.labels[k])
         name = rs.class_names[label]
         ds = synthetic_dataset(
-            rs.images[k],
+            rs.image(k),
             run_id=rs.run_id,
             recipe_name=rs.recipe_name,
             modality=rs.modality,

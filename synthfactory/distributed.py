@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -96,6 +97,35 @@ def max_parameter_spread(model: torch.nn.Module, d: Dist) -> float:
         worst = torch.maximum(worst, (p.data - ref).abs().max().double().reshape(1))
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     return float(worst.item())
+
+
+def all_gather_array(x: np.ndarray, d: Dist) -> np.ndarray:
+    """Every rank's `x` (the same shape on every rank), stacked in rank order: [world, *x.shape]."""
+    if not d.enabled:
+        return x[None]
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    parts = [torch.empty_like(t) for _ in range(d.world)]
+    dist.all_gather(parts, t)
+    return torch.stack(parts).cpu().numpy()
+
+
+def best_over_ranks(
+    idx: np.ndarray, score: np.ndarray, d: Dist, higher_is_closer: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, the best (reference index, score) over what each rank found in its shard of the
+    references: the lowest score (or the highest). Ties go to the lowest rank, and ranks hold
+    increasing index ranges, so to the lowest index, as in one process. A rank with an empty
+    shard passes ±inf."""
+    if not d.enabled:
+        return idx, score
+    pair = np.stack([np.asarray(score, np.float64), np.asarray(idx, np.float64)])  # exact below 2^53
+    gathered = all_gather_array(pair, d)  # [world, 2, M]
+    key = -gathered[:, 0] if higher_is_closer else gathered[:, 0]
+    winner = key.argmin(0)  # the first rank holding the best score
+    cols = np.arange(pair.shape[1])
+    return gathered[winner, 1, cols].astype(np.int64), gathered[winner, 0, cols]
 
 
 def barrier(d: Dist) -> None:

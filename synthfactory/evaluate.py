@@ -317,7 +317,7 @@ def evaluate(
     started = time.perf_counter()
     rs, audit = audited_set(run_dir)
     numbers = evaluate_arrays(
-        rs.images,
+        rs.all_images(),
         rs.labels,
         images,
         recipe.evaluation,

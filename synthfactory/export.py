@@ -1,6 +1,6 @@
 """Release: write the samples that passed the memorization audit, and nothing else.
 
-The release reads samples/samples.npz and audit/audit.json from the run directory, refuses if
+The release reads the sample store (samples/store/) and audit/audit.json from the run directory, refuses if
 the audit blocked the release or does not match the samples on disk, and writes each requested
 format through a writer `(ReleasedSet, folder) -> None` in WRITERS (Hub push and DICOM plug in
 here). The release folder is built aside and moved into place in one rename.
@@ -8,6 +8,7 @@ here). The release folder is built aside and moved into place in one rename.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -21,7 +22,7 @@ from PIL import Image
 
 from . import __version__
 from .rundir import RunDir, atomic_path, read_json, write_json_atomic
-from .sample import Samples
+from .sample import Samples, StoreImages
 
 
 class ReleaseRefused(RuntimeError):
@@ -32,10 +33,10 @@ class ReleaseRefused(RuntimeError):
 class ReleasedSet:
     """Only audited, passed samples, with the provenance every released image carries."""
 
-    images: np.ndarray  # uint8 [K, H, W]
+    store: StoreImages | np.ndarray  # every sample, read when asked for; released: store[sample_index]
     labels: np.ndarray  # int64 [K]
     seeds: np.ndarray  # int64 [K]
-    sample_index: np.ndarray  # int64 [K], index into samples.npz
+    sample_index: np.ndarray  # int64 [K], index into the sample store
     nn_distance: np.ndarray  # float32 [K]
     class_names: list[str]
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # per audit space, [K]
@@ -47,6 +48,17 @@ class ReleasedSet:
     ct_window: tuple[float, float] | None = None
     epsilon: float | None = None
     delta: float | None = None
+
+    def image(self, k: int) -> np.ndarray:
+        """Released image k (read from the store when asked for)."""
+        return np.asarray(self.store[self.sample_index[k]])
+
+    def all_images(self) -> np.ndarray:
+        """Every released image in memory, uint8 [K, H, W] (the evaluation trains on them)."""
+        out = np.empty((len(self.sample_index), *self.store.shape[1:]), dtype=np.uint8)
+        for k in range(len(out)):
+            out[k] = self.image(k)
+        return out
 
 
 def audited_set(run_dir: RunDir, allow_blocked: bool = False) -> tuple[ReleasedSet, dict]:
@@ -63,7 +75,7 @@ def audited_set(run_dir: RunDir, allow_blocked: bool = False) -> tuple[ReleasedS
             f"{audit['summary']['n_samples']} samples look copied (see {run_dir.audit_json})"
         )
     if audit.get("samples_sha256") != samples.sha256() or audit["run_id"] != run_dir.run_id:
-        raise ReleaseRefused("samples.npz changed after the audit; run the audit again before releasing")
+        raise ReleaseRefused("the samples changed after the audit; run the audit again before releasing")
     passed = np.array([s["index"] for s in audit["samples"] if not s["flagged"]], dtype=np.int64)
     dist = np.array([s["nn_distance"] for s in audit["samples"]], dtype=np.float32)
     scores = {
@@ -73,7 +85,7 @@ def audited_set(run_dir: RunDir, allow_blocked: bool = False) -> tuple[ReleasedS
     data = (yaml.safe_load(run_dir.recipe.read_text()) or {}).get("data", {})
     window = data.get("ct_window") or {}
     released = ReleasedSet(
-        images=samples.images[passed],
+        store=StoreImages(run_dir.samples) if run_dir.samples.is_dir() else samples.images,
         labels=samples.labels[passed],
         seeds=samples.seeds[passed],
         sample_index=passed,
@@ -113,7 +125,7 @@ def released_rows(rs: ReleasedSet):
     """One dataset row per released image, made when asked for (nothing is held twice)."""
     for i in range(len(rs.labels)):
         yield {
-            "image": Image.fromarray(np.asarray(rs.images[i]), mode="L"),
+            "image": Image.fromarray(rs.image(i), mode="L"),
             "label": int(rs.labels[i]),
             "run_id": rs.run_id,
             "sample_seed": int(rs.seeds[i]),
@@ -124,29 +136,76 @@ def released_rows(rs: ReleasedSet):
         }
 
 
-def write_rows(rows, features, folder: Path, max_shard_size: str = "200MB") -> None:
-    """A `datasets.DatasetDict` (train split) saved with save_to_disk, built by streaming `rows`
-    through `Dataset.from_generator` (written to Arrow in batches, in a scratch cache next to the
-    output, not collected in memory), saved in shards of at most `max_shard_size`."""
-    import datasets
+def parse_size(size: str) -> int:
+    """'200MB' → bytes (decimal units, as `datasets` reads them)."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for unit, factor in units.items():
+        if size.upper().endswith(unit):
+            return int(float(size[: -len(unit)]) * factor)
+    return int(size)
 
-    cache = folder / ".hf-cache"
-    try:
-        # A fresh fingerprint: the rows are a one-shot generator (not picklable, not hashable),
-        # and the scratch cache is deleted below, so nothing could be reused anyway.
-        ds = datasets.Dataset.from_generator(
-            lambda: rows,
-            features=features,
-            cache_dir=str(cache),
-            writer_batch_size=1000,
-            fingerprint=secrets.token_hex(16),
-        )
-        datasets.DatasetDict({"train": ds}).save_to_disk(
-            str(folder / "dataset"), max_shard_size=max_shard_size
-        )
-        del ds
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
+
+def write_rows(rows, features, folder: Path, max_shard_size: str = "200MB", batch_rows: int = 500) -> int:
+    """A `datasets.DatasetDict` (train split) in `save_to_disk`'s layout under folder/dataset,
+    streamed: `rows` go through `datasets`' own ArrowWriter (features encoded as `datasets`
+    encodes them, images as PNG) straight into the final Arrow shards of at most
+    `max_shard_size` each; at most `batch_rows` rows are held at a time, and no Arrow file is
+    read back (a `Dataset.from_generator` cache followed by `save_to_disk` would write every
+    byte twice and page the whole cache in). The shards are renamed to
+    data-i-of-n.arrow once n is known, and state.json / dataset_info.json are written as
+    `save_to_disk` writes them, so `datasets.load_from_disk` reads the folder. Returns the
+    number of rows."""
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    split = folder / "dataset" / "train"
+    split.mkdir(parents=True)
+    limit = parse_size(max_shard_size)
+    shards: list[Path] = []
+    writer, shard_bytes, n_rows, total_bytes = None, 0, 0, 0
+
+    def close() -> None:
+        nonlocal writer, total_bytes
+        if writer is not None:
+            total_bytes += writer.finalize()[1]
+            writer.close()
+            writer = None
+
+    for row in rows:
+        encoded = features.encode_example(row)
+        size = sum(len(v["bytes"]) for v in encoded.values() if isinstance(v, dict) and v.get("bytes"))
+        if writer is None or (shard_bytes and shard_bytes + size > limit):
+            close()
+            shards.append(split / f"part-{len(shards):05d}.arrow")
+            writer = ArrowWriter(features=features, path=str(shards[-1]), writer_batch_size=batch_rows)
+            shard_bytes = 0
+        writer.write(encoded)
+        shard_bytes += size
+        n_rows += 1
+    if writer is None:  # no rows: one empty shard, as save_to_disk writes for an empty dataset
+        shards.append(split / "part-00000.arrow")
+        writer = ArrowWriter(features=features, path=str(shards[-1]))
+    close()
+    names = [f"data-{i:05d}-of-{len(shards):05d}.arrow" for i in range(len(shards))]
+    for path, name in zip(shards, names, strict=True):
+        path.rename(split / name)
+    state = {
+        "_data_files": [{"filename": n} for n in names],
+        "_fingerprint": secrets.token_hex(8),
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": "train",
+    }
+    (split / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    splits = datasets.SplitDict()
+    splits.add(datasets.SplitInfo(name="train", num_bytes=total_bytes, num_examples=n_rows))
+    datasets.DatasetInfo(features=features, splits=splits, dataset_size=total_bytes).write_to_directory(
+        str(split)
+    )
+    (folder / "dataset" / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
+    return n_rows
 
 
 def write_hf(rs: ReleasedSet, folder: Path) -> None:
@@ -158,8 +217,8 @@ def write_png(rs: ReleasedSet, folder: Path) -> None:
     """png/<class>/<sample index>.png, 8-bit grayscale."""
     for name in rs.class_names:
         (folder / "png" / name).mkdir(parents=True, exist_ok=True)
-    for img, label, idx in zip(rs.images, rs.labels, rs.sample_index, strict=True):
-        Image.fromarray(img, mode="L").save(folder / "png" / rs.class_names[label] / f"{idx:06d}.png")
+    for k, (label, idx) in enumerate(zip(rs.labels, rs.sample_index, strict=True)):
+        Image.fromarray(rs.image(k), mode="L").save(folder / "png" / rs.class_names[label] / f"{idx:06d}.png")
 
 
 def write_grid(rs: ReleasedSet, path: Path, per_class: int = 10) -> None:
@@ -179,7 +238,7 @@ def write_grid(rs: ReleasedSet, path: Path, per_class: int = 10) -> None:
             ax = axes[r, c]
             ax.axis("off")
             if c < len(picks):
-                ax.imshow(rs.images[picks[c]], cmap="gray", vmin=0, vmax=255)
+                ax.imshow(rs.image(picks[c]), cmap="gray", vmin=0, vmax=255)
         axes[r, 0].text(-0.15, 0.5, name, transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=7)
     fig.suptitle("synthetic samples that passed the memorization audit", fontsize=8)
     fig.subplots_adjust(

@@ -214,7 +214,9 @@ def run_stage(stage: str, checked: Checked, run_dir: RunDir, opts: StageOptions)
             barrier(d)
             samples = merge_shards(recipe, run_dir, n_classes, shard[1]) if d.main else None
             if samples is None:
-                log.warning("sample shard %d/%d written; samples.npz is assembled when all are there", *shard)
+                log.warning(
+                    "sample shard %d/%d written; the sample store is assembled when all are there", *shard
+                )
                 return
         run_dir.mark_done(
             "sample",
@@ -230,7 +232,8 @@ def run_stage(stage: str, checked: Checked, run_dir: RunDir, opts: StageOptions)
         run_dir.mark_done("audit_models", **done)
     elif stage == "audit":
         res = run_audit(recipe, run_dir, images, opts.audit_root)
-        run_dir.mark_done("audit", decision=res.decision, report=str(res.report_dir))
+        if res is not None:  # None: a torchrun rank other than 0, which writes nothing
+            run_dir.mark_done("audit", decision=res.decision, report=str(res.report_dir))
     elif stage == "release":
         report = run_dir.info().get("stages", {}).get("audit", {}).get("report")
         folder, info = release(

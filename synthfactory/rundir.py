@@ -15,7 +15,8 @@
       checkpoints/final/synthfactory.json  class names, null (unconditional) class, EMA decay
       privacy.json                    ε spent (accountant, steps taken), δ, σ, q, steps, C, ...
       train_log.jsonl                 step, batch size, loss (computed on private data: internal)
-      samples/samples.npz             uint8 images [M, H, W], labels, per-sample seeds
+      samples/store/                  the samples: images.npy (uint8 [M, H, W], plain .npy, read
+                                      memory-mapped), labels.npy, seeds.npy (per-sample seeds)
       samples/shard-i-of-n.npz        one sampling shard (`--shard i/n`, torchrun), until merged
       audit_models/canary/            the canary audit's DP model (if the recipe asks): its own
                                       checkpoints/, privacy.json, train_log.jsonl and canary.json
@@ -147,7 +148,7 @@ class RunDir:
 
     @property
     def samples(self) -> Path:
-        return self.root / "samples" / "samples.npz"
+        return self.root / "samples" / "store"
 
     @property
     def canary_run(self) -> RunDir:

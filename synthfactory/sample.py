@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,27 +81,126 @@ def ddim_sample(
 
 @dataclass
 class Samples:
-    images: np.ndarray  # uint8 [M, H, W]
+    """The sample store: uint8 images [M, H, W], labels and per-sample seeds.
+
+    On disk a folder (samples/store/) of three plain .npy files. `load` memory-maps the images
+    (the audit reads them as an array); the release reads them one at a time (`StoreImages`);
+    sampling writes them batch by batch (`StoreWriter`). Nothing needs all M images in memory at
+    once (200,000 images of 128×128 are 3.3 GB)."""
+
+    images: np.ndarray  # uint8 [M, H, W]; a read-only memmap when loaded
     labels: np.ndarray  # int64 [M]
     seeds: np.ndarray  # int64 [M]
 
-    def save(self, path) -> None:
-        tmp = atomic_path(path)
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, images=self.images, labels=self.labels, seeds=self.seeds)
-        os.replace(tmp, path)
+    def save(self, path: Path) -> None:
+        writer = StoreWriter(path, self.labels, self.seeds, self.images.shape[1:])
+        for a in range(0, len(self.labels), CHUNK):
+            writer.write(a, self.images[a : a + CHUNK])
+        writer.commit()
 
     def sha256(self) -> str:
-        """Hash of pixels, labels and seeds: the audit records it, the release checks it."""
+        """Hash of pixels, labels and seeds: the audit records it, the release checks it. Read in
+        chunks (same bytes, same hash as one `tobytes()` of each array)."""
         h = hashlib.sha256()
-        for arr in (self.images, self.labels, self.seeds):
+        for a in range(0, len(self.images), CHUNK):
+            h.update(np.ascontiguousarray(self.images[a : a + CHUNK]).data)
+        for arr in (self.labels, self.seeds):
             h.update(np.ascontiguousarray(arr).tobytes())
         return h.hexdigest()
 
     @classmethod
-    def load(cls, path) -> Samples:
-        with np.load(path) as z:
-            return cls(images=z["images"], labels=z["labels"], seeds=z["seeds"])
+    def load(cls, path: Path) -> Samples:
+        path = Path(path)
+        legacy = path.parent / "samples.npz"  # run directories written before the store
+        if not path.exists() and legacy.exists():
+            with np.load(legacy) as z:
+                return cls(images=z["images"], labels=z["labels"], seeds=z["seeds"])
+        return cls(
+            images=np.load(path / "images.npy", mmap_mode="r"),
+            labels=np.load(path / "labels.npy"),
+            seeds=np.load(path / "seeds.npy"),
+        )
+
+
+CHUNK = 4096  # images per piece when hashing or copying the store
+
+
+class StoreWriter:
+    """A new sample store, written in a folder beside `path` and moved into place by `commit`
+    (an older store at `path` is replaced). Labels and seeds are saved at once; the images file
+    gets its .npy header, then batches are written at their place with plain file writes (no
+    memory map, so written pages never count as this process's memory)."""
+
+    def __init__(self, path: Path, labels: np.ndarray, seeds: np.ndarray, image_shape: tuple[int, ...]):
+        self.path = Path(path)
+        self.tmp = atomic_path(self.path)
+        self.tmp.mkdir()
+        np.save(self.tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
+        np.save(self.tmp / "seeds.npy", np.asarray(seeds, dtype=np.int64))
+        self.image_bytes = int(np.prod(image_shape))
+        self.shape = (len(labels), *image_shape)
+        self._fh = open(self.tmp / "images.npy", "wb")
+        header = {"descr": "|u1", "fortran_order": False, "shape": self.shape}
+        np.lib.format.write_array_header_1_0(self._fh, header)
+        self.offset = self._fh.tell()
+        self._fh.truncate(self.offset + len(labels) * self.image_bytes)
+        self._fh.flush()
+
+    def write(self, start: int, images: np.ndarray) -> None:
+        """Images [b, *image_shape] (uint8) at rows start … start + b − 1."""
+        images = np.ascontiguousarray(images, dtype=np.uint8)
+        if images.shape[1:] != self.shape[1:] or not 0 <= start <= self.shape[0] - len(images):
+            raise ValueError(
+                f"rows {start}+{len(images)} of shape {images.shape[1:]} do not fit {self.shape}"
+            )
+        os.pwrite(self._fh.fileno(), images.data, self.offset + start * self.image_bytes)
+
+    def commit(self) -> None:
+        self._fh.close()
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self._fh.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class StoreImages:
+    """The store's images read one at a time with plain file reads (`pread`): what the release
+    streams. Unlike a memory map, the pages read never count as this process's resident memory,
+    so releasing 200,000 images keeps the process small."""
+
+    def __init__(self, path: Path):
+        self.file = Path(path) / "images.npy"
+        with open(self.file, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            self.shape, fortran, dtype = read_header(fh)
+            self.offset = fh.tell()
+        if dtype != np.uint8 or fortran:
+            raise ValueError(f"{self.file}: expected a C-ordered uint8 array, found {dtype}")
+        self.image_bytes = int(np.prod(self.shape[1:]))
+        self._fd = os.open(self.file, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        k = int(k)
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        raw = os.pread(self._fd, self.image_bytes, self.offset + k * self.image_bytes)
+        return np.frombuffer(raw, dtype=np.uint8).reshape(self.shape[1:])
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def plan(recipe: Recipe, num_classes: int) -> tuple[np.ndarray, np.ndarray, list[slice]]:
@@ -124,12 +224,12 @@ def generate(
     progress: bool = True,
     shard: tuple[int, int] | None = None,
 ) -> Samples | None:
-    """`sampling.images_per_class` images of every class, written to samples/samples.npz.
+    """`sampling.images_per_class` images of every class, written to the sample store (samples/store/).
 
     Sharded (`shard=(i, n)`, from `--shard i/n` or a torchrun rank): this call generates the
     batches i, i+n, i+2n, ... of the single-process plan (whole batches, so every image is computed
     in the very batch it would be in one process: the union is bit for bit the single-process
-    result) into samples/shard-i-of-n.npz; `merge_shards` assembles samples.npz once all n exist.
+    result) into samples/shard-i-of-n.npz; `merge_shards` assembles the store once all n exist.
     Returns the samples, or None for a shard."""
     cfg = recipe.sampling
     model, train_scheduler = load_generator(run_dir.final_checkpoint, ema=cfg.use_ema)
@@ -139,8 +239,10 @@ def generate(
     size = int(model.config.sample_size)
     labels, seeds, batches = plan(recipe, num_classes)
     mine = batches if shard is None else batches[shard[0] :: shard[1]]
-    images = np.empty((len(labels), size, size), dtype=np.uint8)
-    done = np.zeros(len(labels), dtype=bool)
+    run_dir.samples.parent.mkdir(parents=True, exist_ok=True)
+    # One process: straight into the store's memory-mapped images. A shard: only its batches.
+    store = StoreWriter(run_dir.samples, labels, seeds, (size, size)) if shard is None else None
+    parts: list[tuple[slice, np.ndarray]] = []
     with progress_bar(sum(b.stop - b.start for b in mine), "sample", "img", progress) as bar:
         for sl in mine:
             x = ddim_sample(
@@ -153,43 +255,53 @@ def generate(
                 cfg.guidance_scale,
                 info["null_class"],
             )
-            images[sl] = to_uint8(x)
-            done[sl] = True
+            if store is not None:
+                store.write(sl.start, to_uint8(x))
+            else:
+                parts.append((sl, to_uint8(x)))
             bar.update(len(x))
-    run_dir.samples.parent.mkdir(parents=True, exist_ok=True)
-    if shard is not None:
-        idx = np.flatnonzero(done)
+    if store is None:
+        idx = (
+            np.concatenate([np.arange(sl.start, sl.stop) for sl, _ in parts])
+            if parts
+            else np.zeros(0, np.int64)
+        )
+        images = np.concatenate([im for _, im in parts]) if parts else np.zeros((0, size, size), np.uint8)
         tmp = atomic_path(shard_path(run_dir, shard))
         with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, index=idx, images=images[idx], n_total=len(labels))
+            np.savez_compressed(fh, index=idx, images=images, n_total=len(labels))
         os.replace(tmp, shard_path(run_dir, shard))
         return None
-    samples = Samples(images=images, labels=labels, seeds=seeds)
-    samples.save(run_dir.samples)
-    return samples
+    store.commit()
+    return Samples.load(run_dir.samples)
 
 
 def merge_shards(recipe: Recipe, run_dir: RunDir, num_classes: int, n: int) -> Samples | None:
-    """samples.npz from shard-*-of-n.npz once every shard is there (None until then)."""
+    """The sample store from shard-*-of-n.npz once every shard is there (None until then)."""
     paths = [shard_path(run_dir, (i, n)) for i in range(n)]
     if not all(p.exists() for p in paths):
         return None
     labels, seeds, _ = plan(recipe, num_classes)
-    images, filled = None, np.zeros(len(labels), dtype=bool)
-    for p in paths:
+    store, filled = None, np.zeros(len(labels), dtype=bool)
+    for p in paths:  # one shard in memory at a time
         with np.load(p) as z:
             if int(z["n_total"]) != len(labels):
                 raise ValueError(
                     f"{p}: made for {int(z['n_total'])} images, the recipe asks for {len(labels)}"
                 )
-            if images is None:
-                images = np.empty((len(labels), *z["images"].shape[1:]), dtype=np.uint8)
-            images[z["index"]] = z["images"]
-            filled[z["index"]] = True
+            index, images = z["index"], z["images"]
+            if store is None:
+                store = StoreWriter(run_dir.samples, labels, seeds, images.shape[1:])
+            for a in range(0, len(index), CHUNK):  # runs of consecutive indices: whole batches
+                part = index[a : a + CHUNK]
+                runs = np.split(np.arange(len(part)), np.flatnonzero(np.diff(part) != 1) + 1)
+                for r in runs:
+                    store.write(int(part[r[0]]), images[a + r[0] : a + r[-1] + 1])
+            filled[index] = True
     if not filled.all():
+        store.abort()
         raise ValueError(f"shards of {n} leave {int((~filled).sum())} images missing")
-    samples = Samples(images=images, labels=labels, seeds=seeds)
-    samples.save(run_dir.samples)
+    store.commit()
     for p in paths:
         p.unlink()
-    return samples
+    return Samples.load(run_dir.samples)

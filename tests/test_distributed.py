@@ -106,41 +106,89 @@ SHARDED_SEARCH = """
 import sys
 import numpy as np
 from synthfactory.distributed import from_env
-from synthfactory.audit.nearest import nearest_neighbours_sharded
+from synthfactory.audit.nearest import knn_distances_sharded
+from synthfactory.audit.spaces import SPACES, search_sharded
 d = from_env()
 rng = np.random.default_rng(0)
 refs = rng.uniform(-1, 1, (301, 1, 12, 12)).astype(np.float32)
 queries = np.concatenate([rng.uniform(-1, 1, (40, 1, 12, 12)).astype(np.float32), refs[[0, 150, 151, 300]]])
-idx, dist = nearest_neighbours_sharded(queries, refs, d, block_size=16)
-np.savez(sys.argv[1] + f"/rank{d.rank}.npz", idx=idx, dist=dist)
+out = {"knn": knn_distances_sharded(queries, refs, 5, d, block_size=16)}
+for name in SPACES:
+    out[name + "_idx"], out[name + "_score"] = search_sharded(name, queries, refs, d, block_size=16, shift=2)
+np.savez(sys.argv[1] + f"/rank{d.rank}.npz", **out)
 """
 
 
-def test_audit_search_sharded_over_two_ranks_matches_one_process(tmp_path) -> None:
-    import numpy as np
-
-    from synthfactory.audit.nearest import nearest_neighbours
-
-    script = tmp_path / "search.py"
-    script.write_text(SHARDED_SEARCH)
+def _torchrun_script(script: Path, *args: str) -> subprocess.CompletedProcess:
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)
-    res = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env=env,
+    return subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node=2", str(script), *args],
+        capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
+
+
+def test_audit_searches_sharded_over_two_ranks_match_one_process(tmp_path) -> None:
+    """Every similarity space and the k-nearest distances, with the training images split over
+    two ranks, give the one-process answer (copies sitting on either shard included)."""
+    import numpy as np
+
+    from synthfactory.audit.nearest import knn_distances
+    from synthfactory.audit.spaces import SPACES, search
+
+    script = tmp_path / "search.py"
+    script.write_text(SHARDED_SEARCH)
+    res = _torchrun_script(script, str(tmp_path))
     assert res.returncode == 0, res.stderr[-3000:]
     rng = np.random.default_rng(0)
     refs = rng.uniform(-1, 1, (301, 1, 12, 12)).astype(np.float32)
     queries = np.concatenate(
         [rng.uniform(-1, 1, (40, 1, 12, 12)).astype(np.float32), refs[[0, 150, 151, 300]]]
     )
-    want_idx, want_dist = nearest_neighbours(queries, refs, block_size=16, device="cpu")
     for rank in (0, 1):
         with np.load(tmp_path / f"rank{rank}.npz") as z:
-            np.testing.assert_array_equal(z["idx"], want_idx)
-            np.testing.assert_allclose(z["dist"], want_dist, rtol=0, atol=1e-12)
-    assert (
-        want_idx[-4:].tolist() == [0, 150, 151, 300] and (want_dist[-4:] == 0).all()
-    )  # copies on both shards
+            np.testing.assert_allclose(z["knn"], knn_distances(queries, refs, 5, block_size=16), atol=1e-12)
+            for name in SPACES:
+                want_idx, want_score = search(name, queries, refs, block_size=16, shift=2)
+                np.testing.assert_array_equal(z[name + "_idx"], want_idx, err_msg=name)
+                np.testing.assert_allclose(z[name + "_score"], want_score, atol=1e-5, err_msg=name)
+                assert z[name + "_idx"][-4:].tolist() == [0, 150, 151, 300], name  # on both shards
+            assert (z["pixel_l2_score"][-4:] == 0).all()
+
+
+def test_the_audit_stage_under_torchrun_writes_the_one_process_audit(run_copy, tmp_path) -> None:
+    """`synthfactory audit RUN_DIR` on two ranks: the same flags, nearest images, scores and
+    decision as one process (planted copies flagged), written once, by rank 0."""
+    import shutil
+
+    import numpy as np
+    from test_audit import plant
+
+    from synthfactory.audit import run_audit
+    from synthfactory.rundir import RunDir
+
+    checked, run_dir = run_copy
+    plant(run_copy)
+    two = RunDir(tmp_path / "two" / run_dir.run_id)
+    shutil.copytree(run_dir.root, two.root)
+    one = run_audit(checked.recipe, run_dir, checked.images, tmp_path / "pa-one")
+    cli = Path(sys.executable).with_name("synthfactory")
+    res = _torchrun_script(cli, "audit", str(two.root), "--audit-dir", str(tmp_path / "pa-two"), "-q")
+    assert res.returncode == 0, res.stderr[-3000:]
+    got, want = read_json(two.audit_json), one.audit
+    assert got["distributed"]["world_size"] == 2 and want["distributed"] is None
+    assert got["decision"] == want["decision"] and got["summary"] == want["summary"]
+    assert want["summary"]["n_flagged"] >= 12  # the planted exact and near copies
+    for g, w in zip(got["samples"], want["samples"], strict=True):
+        assert (g["flagged"], g["flagged_by"], g["nearest_train_index"]) == (
+            w["flagged"], w["flagged_by"], w["nearest_train_index"]
+        )  # fmt: skip
+        assert g["nn_distance"] == w["nn_distance"]
+        np.testing.assert_allclose(list(g["scores"].values()), list(w["scores"].values()), atol=1e-5)
+        assert g["carlini_ratio"] == pytest.approx(w["carlini_ratio"], abs=1e-9)
+    for name, space in got["spaces"].items():
+        assert space["threshold"] == pytest.approx(want["spaces"][name]["threshold"], abs=1e-5), name
+    assert two.info()["stages"]["audit"]["decision"] == want["decision"]
+    reports = list((tmp_path / "pa-two").rglob("audit.json"))
+    assert len(reports) == 1  # rank 0 alone wrote the report folder

@@ -50,8 +50,9 @@ def test_release_refuses_samples_changed_after_the_audit(run_copy, tmp_path) -> 
     checked, run_dir = run_copy
     run_audit(checked.recipe, run_dir, checked.images, tmp_path / "pa")
     s = Samples.load(run_dir.samples)
-    s.images[0] = 255 - s.images[0]
-    s.save(run_dir.samples)
+    images = np.array(s.images)  # the store is read-only (memory-mapped)
+    images[0] = 255 - images[0]
+    Samples(images, s.labels, s.seeds).save(run_dir.samples)
     with pytest.raises(ReleaseRefused, match="changed after the audit"):
         release(run_dir, ["hf"], private=True)
 
@@ -60,3 +61,41 @@ def test_release_refuses_without_audit(run_copy) -> None:
     _, run_dir = run_copy
     with pytest.raises(ReleaseRefused, match="no audit"):
         release(run_dir, ["hf"], private=True)
+
+
+def test_streamed_writer_shards_and_round_trips_through_load_from_disk(tmp_path) -> None:
+    """`write_rows` writes save_to_disk's layout itself: shards of at most max_shard_size, in
+    order, read back by `datasets.load_from_disk` with features, pixels and row order intact."""
+    from PIL import Image
+
+    from synthfactory.export import hf_features, write_rows
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (25, 32, 32), dtype=np.uint8)  # ~1 kB of PNG each
+    rows = (
+        {
+            "image": Image.fromarray(images[i], mode="L"),
+            "label": i % 2,
+            "run_id": "r",
+            "sample_seed": 100 + i,
+            "sample_index": i,
+            "audit_verdict": "passed",
+            "nn_distance": 0.5,
+            "audit_pixel_l2": float(i),
+        }
+        for i in range(25)
+    )
+    assert write_rows(rows, hf_features(["a", "b"], ["pixel_l2"]), tmp_path, max_shard_size="5KB") == 25
+    split = tmp_path / "dataset" / "train"
+    shards = sorted(split.glob("*.arrow"))
+    assert len(shards) >= 4 and shards[0].name == f"data-00000-of-{len(shards):05d}.arrow"
+    ds = datasets.load_from_disk(str(tmp_path / "dataset"))["train"]
+    assert len(ds) == 25 and ds.features["label"].names == ["a", "b"]
+    assert ds.info.splits["train"].num_examples == 25
+    for i, row in enumerate(ds):
+        np.testing.assert_array_equal(np.asarray(row["image"]), images[i])
+        assert row["sample_index"] == i and row["sample_seed"] == 100 + i and row["audit_pixel_l2"] == i
+
+    empty = tmp_path / "empty"
+    assert write_rows(iter(()), hf_features(["a", "b"], []), empty) == 0
+    assert len(datasets.load_from_disk(str(empty / "dataset"))["train"]) == 0

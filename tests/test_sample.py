@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+
 import numpy as np
 import torch
 
@@ -54,7 +57,7 @@ def test_classifier_free_guidance(tiny_run) -> None:
 
 
 def test_shards_reproduce_the_single_process_samples_bit_for_bit(run_copy) -> None:
-    """Three `--shard i/3` invocations (in any order) give exactly the one-process samples.npz."""
+    """Three `--shard i/3` invocations (in any order) give exactly the one-process sample store."""
     from synthfactory.run import StageOptions, run_stage
     from synthfactory.sample import Samples, shard_path
 
@@ -67,10 +70,44 @@ def test_shards_reproduce_the_single_process_samples_bit_for_bit(run_copy) -> No
     checked = type(checked)(recipe, checked.images, checked.plan, checked.public)
     run_stage("sample", checked, run_dir, StageOptions(progress=False))
     whole = Samples.load(run_dir.samples)
-    run_dir.samples.unlink()
+    shutil.rmtree(run_dir.samples)
     for i in (2, 0, 1):
         run_stage("sample", checked, run_dir, StageOptions(progress=False, shard=(i, 3)))
         assert run_dir.is_done("sample") == (i == 1) and run_dir.samples.exists() == (i == 1)
     merged = Samples.load(run_dir.samples)
     assert merged.sha256() == whole.sha256() and len(merged.labels) == 14
     assert not shard_path(run_dir, (0, 3)).exists()  # shards are removed once merged
+
+
+def test_the_sample_store_is_memory_mapped_and_hashes_as_one_piece(tmp_path, monkeypatch) -> None:
+    """The store is read in pieces (memory map, chunked hash) with the same hash as one
+    `tobytes()`; a run directory from before the store (samples/samples.npz) still loads."""
+    import pytest
+
+    import synthfactory.sample as sample_module
+    from synthfactory.sample import StoreImages, StoreWriter
+
+    monkeypatch.setattr(sample_module, "CHUNK", 7)  # several pieces, the last one short
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (30, 5, 6), dtype=np.uint8)
+    labels, seeds = rng.integers(0, 3, 30), rng.integers(0, 2**62, 30)
+    store = tmp_path / "samples" / "store"
+    Samples(images, labels, seeds).save(store)
+    loaded = Samples.load(store)
+    assert isinstance(loaded.images, np.memmap) and not loaded.images.flags.writeable
+    np.testing.assert_array_equal(loaded.images, images)
+    one_piece = hashlib.sha256(images.tobytes() + labels.astype(np.int64).tobytes() + seeds.tobytes())
+    assert loaded.sha256() == one_piece.hexdigest()
+    assert sorted(p.name for p in store.parent.iterdir()) == ["store"]  # nothing left aside
+    streamed = StoreImages(store)  # what the release reads: one image per file read
+    assert len(streamed) == 30 and all(np.array_equal(streamed[k], images[k]) for k in (0, 13, 29))
+    with pytest.raises(IndexError):
+        streamed[30]
+    writer = StoreWriter(tmp_path / "other", labels, seeds, (5, 6))
+    with pytest.raises(ValueError, match="do not fit"):
+        writer.write(28, images[:3])
+    writer.abort()
+    assert not any(p.name.startswith(".other") for p in tmp_path.iterdir())
+    shutil.rmtree(store)
+    np.savez_compressed(store.parent / "samples.npz", images=images, labels=labels, seeds=seeds)
+    assert Samples.load(store).sha256() == one_piece.hexdigest()

@@ -22,7 +22,8 @@ import numpy as np
 from .. import __version__
 from ..data import ImageSet
 from ..data.common import random_subset
-from ..model import load_generator
+from ..distributed import Dist, from_env
+from ..model import load_generator, resolve_device
 from ..recipe import AuditConfig, Recipe
 from ..rundir import RunDir, read_json, write_json_atomic
 from ..sample import Samples, uint8_to_model_range
@@ -30,9 +31,9 @@ from .copying import data_copying_test, neighbour_ratios
 from .gate import Calibration, calibrate, decide, ordinal
 from .membership import denoising_losses, loss_attack
 from .models import canary_result, has_nonprivate_reference
-from .nearest import knn_distances, nearest_neighbours
+from .nearest import knn_distances_sharded, nearest_neighbours
 from .report import write_reports
-from .spaces import SPACES, search
+from .spaces import SPACES, search_sharded
 
 SCHEMA = "synthfactory.audit/v2"
 
@@ -160,11 +161,20 @@ def gate_scaled(
     heldout_y: np.ndarray,
     synth_f: np.ndarray,
     synth_y: np.ndarray,
+    d: Dist | None = None,
 ) -> GateResult:
-    """`gate` for images already on the [-1, 1] scale of the 8-bit grid, [N, H, W]."""
+    """`gate` for images already on the [-1, 1] scale of the 8-bit grid, [N, H, W]. Under
+    torchrun (`d`), every search splits the training images across the ranks and reduces the
+    per-query best; every rank returns the same result."""
     h, w = train_f.shape[-2:]
+    d = d or Dist()
+
+    def find(space: str, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        args = (cfg.block_size, cfg.shift, cfg.shift_candidates, cfg.search)
+        return search_sharded(space, queries, train_f, d, *args)
+
     # Held-out images that are near-exact copies of a training image: the split leaks there.
-    _, h_dist = nearest_neighbours(heldout_f, train_f, cfg.block_size, backend=cfg.search)
+    _, h_dist = find("pixel_l2", heldout_f)
     bg = h_dist / np.sqrt(h * w) > cfg.threshold.near_duplicate_rms
     if bg.sum() < 20:
         raise ValueError(
@@ -175,7 +185,7 @@ def gate_scaled(
     synth: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    s_pixel = nearest_neighbours(synth_f, train_f, cfg.block_size, backend=cfg.search)
+    s_pixel = find("pixel_l2", synth_f)
     for name in cfg.spaces:
         if name == "pixel_l2":
             background[name] = h_dist[bg]
@@ -183,9 +193,8 @@ def gate_scaled(
             seconds[name] = round(time.perf_counter() - t0, 2)
             continue
         t0 = time.perf_counter()
-        args = (train_f, cfg.block_size, cfg.shift, cfg.shift_candidates)
-        background[name] = search(name, heldout_f[bg], *args)[1]
-        synth[name] = search(name, synth_f, *args)
+        background[name] = find(name, heldout_f[bg])[1]
+        synth[name] = find(name, synth_f)
         seconds[name] = round(time.perf_counter() - t0, 2)
     higher = {n: SPACES[n].higher_is_closer for n in cfg.spaces}
     cal = calibrate(background, higher, heldout_y[bg], cfg.threshold.percentile, cfg.threshold.min_per_class)
@@ -199,8 +208,13 @@ def gate_scaled(
 
 def run_audit(
     recipe: Recipe, run_dir: RunDir, images: ImageSet, audit_root: Path | None = None
-) -> AuditResult:
+) -> AuditResult | None:
+    """The audit of a run's samples. Under torchrun every rank takes a share of the training
+    images in each nearest-neighbour search (the expensive part); rank 0 then runs the rest
+    (data-copying test, membership inference) and writes everything; the other ranks return
+    None."""
     started = time.perf_counter()
+    d = from_env(resolve_device(recipe.training.device).type)
     samples = Samples.load(run_dir.samples)
     privacy = read_json(run_dir.privacy)
     cfg = recipe.audit
@@ -212,7 +226,7 @@ def run_audit(
     heldout_u8 = quantize(images.heldout_images[pick])
     heldout_y = images.heldout_labels[pick]
     train_f, heldout_f, synth_f = (uint8_to_model_range(x) for x in (train_u8, heldout_u8, samples.images))
-    g = gate_scaled(cfg, train_f, heldout_f, heldout_y, synth_f, samples.labels)
+    g = gate_scaled(cfg, train_f, heldout_f, heldout_y, synth_f, samples.labels, d)
     bg, dup, h_dist = g.background_mask, ~g.background_mask, g.heldout_distance
     background, synth, cal, flags, flagged = g.background, g.synth, g.calibration, g.flags, g.flagged
     timings = g.seconds
@@ -221,10 +235,14 @@ def run_audit(
     released = 0 if decision == "block" else int(len(flagged) - n_dropped)
 
     nn_idx, nn_dist = g.pixel_nearest
-    ratios = neighbour_ratios(knn_distances(synth_f, train_f, cfg.neighbours, cfg.block_size), cfg.neighbours)
-    bg_ratios = neighbour_ratios(
-        knn_distances(heldout_f[bg], train_f, cfg.neighbours, cfg.block_size), cfg.neighbours
+    ratios = neighbour_ratios(
+        knn_distances_sharded(synth_f, train_f, cfg.neighbours, d, cfg.block_size), cfg.neighbours
     )
+    bg_ratios = neighbour_ratios(
+        knn_distances_sharded(heldout_f[bg], train_f, cfg.neighbours, d, cfg.block_size), cfg.neighbours
+    )
+    if not d.main:
+        return None  # rank 0 finishes the audit and writes it
     copying = None
     if cfg.copying_test.enabled:
         copying = data_copying_test(
@@ -355,6 +373,12 @@ def run_audit(
             for i in range(len(flagged))
         ],
         "limits": LIMITS,
+        "distributed": {
+            "world_size": d.world,
+            "split": "the training images of every nearest-neighbour search, one contiguous share per rank",
+        }
+        if d.enabled
+        else None,
         "seconds": round(time.perf_counter() - started, 1),
     }
     run_dir.audit_json.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..distributed import Dist
+from ..distributed import Dist, all_gather_array
 
 
 def flatten(images: np.ndarray) -> torch.Tensor:
@@ -86,32 +86,6 @@ def nearest_neighbours(
 
 
 @torch.no_grad()
-def nearest_neighbours_sharded(
-    queries: np.ndarray, refs: np.ndarray, d: Dist, block_size: int = 1024, backend: str = "torch"
-) -> tuple[np.ndarray, np.ndarray]:
-    """`nearest_neighbours` with the references split across the ranks of a torchrun job: each
-    rank searches its contiguous share, then the per-query minimum is reduced over ranks (ties
-    go to the lowest index, as in one process). Every rank returns the full result."""
-    if not d.enabled:
-        return nearest_neighbours(queries, refs, block_size, backend=backend)
-    import torch.distributed as dist
-
-    a, b = d.share(len(refs))
-    idx = np.zeros(len(queries), dtype=np.int64)
-    best = np.full(len(queries), np.inf)
-    if b > a:
-        idx, best = nearest_neighbours(queries, refs[a:b], block_size, backend=backend, device="cpu")
-        idx = idx + a
-    pair = torch.from_numpy(np.stack([best, idx.astype(np.float64)]))  # [2, M] float64 (exact for idx < 2^53)
-    gathered = [torch.empty_like(pair) for _ in range(d.world)]
-    dist.all_gather(gathered, pair)
-    stacked = torch.stack(gathered)  # [world, 2, M]; ranks hold increasing index ranges
-    winner = stacked[:, 0].argmin(0)  # the first rank with the minimum: the lowest index on ties
-    cols = torch.arange(len(queries))
-    return stacked[winner, 1, cols].long().numpy(), stacked[winner, 0, cols].numpy()
-
-
-@torch.no_grad()
 def knn_distances(queries: np.ndarray, refs: np.ndarray, k: int, block_size: int = 1024) -> np.ndarray:
     """Sorted L2 distances [M, k] from each query to its k nearest references (the candidates
     from the matrix product re-measured exactly, as above)."""
@@ -122,3 +96,20 @@ def knn_distances(queries: np.ndarray, refs: np.ndarray, k: int, block_size: int
     for start, _, exact in _remeasured_candidates(q, r, n_cand, block_size, False, "torch"):
         out[start : start + len(exact)] = exact.sort(1).values[:, :k].numpy()
     return out
+
+
+def knn_distances_sharded(
+    queries: np.ndarray, refs: np.ndarray, k: int, d: Dist, block_size: int = 1024
+) -> np.ndarray:
+    """`knn_distances` with the references split across the ranks of a torchrun job: each rank
+    finds the k nearest in its shard, and the k smallest of all ranks' lists are kept."""
+    if not d.enabled:
+        return knn_distances(queries, refs, k, block_size)
+    k = min(k, len(refs))
+    a, b = d.share(len(refs))
+    local = np.full((len(queries), k), np.inf)
+    if b > a:
+        found = knn_distances(queries, refs[a:b], k, block_size)
+        local[:, : found.shape[1]] = found
+    merged = all_gather_array(local, d).transpose(1, 0, 2).reshape(len(queries), -1)  # [M, world·k]
+    return np.sort(merged, axis=1)[:, :k]

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import rankdata
 
+from ..distributed import Dist, best_over_ranks
 from .nearest import flatten, nearest_neighbours
 
 
@@ -204,10 +205,12 @@ def search(
     block_size: int = 1024,
     shift: int = 4,
     candidates: int | None = None,
+    backend: str = "torch",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest training image and score of every query in one space."""
+    """Nearest training image and score of every query in one space (`backend`, torch or faiss,
+    for the pixel search)."""
     if name == "pixel_l2":
-        return nearest_neighbours(queries, train, block_size)
+        return nearest_neighbours(queries, train, block_size, backend=backend)
     if name == "ncc":
         return max_dot(zscore_rows(flatten(queries)), zscore_rows(flatten(train)), block_size)
     if name == "shift_flip_ncc":
@@ -219,3 +222,30 @@ def search(
         both = torch.stack([q, q.flip(-1)], 1).flatten(0, 1).numpy()
         return max_dot(rank_thumbnail(both), rank_thumbnail(train), block_size, variants=2)
     raise ValueError(f"unknown similarity space {name!r}; known: {', '.join(SPACES)}")
+
+
+def search_sharded(
+    name: str,
+    queries: np.ndarray,
+    train: np.ndarray,
+    d: Dist,
+    block_size: int = 1024,
+    shift: int = 4,
+    candidates: int | None = None,
+    backend: str = "torch",
+) -> tuple[np.ndarray, np.ndarray]:
+    """`search` with the training images split across the ranks of a torchrun job: each rank
+    searches its contiguous share, then the best score per query is reduced over the ranks (ties
+    to the lowest index). Exact searches give the one-process answer; with a `candidates`
+    shortlist (shift_flip_ncc) each rank keeps its own shortlist, so the search sees more
+    candidates than one process would, never fewer. Every rank returns the full result."""
+    if not d.enabled:
+        return search(name, queries, train, block_size, shift, candidates, backend)
+    higher = SPACES[name].higher_is_closer
+    a, b = d.share(len(train))
+    idx = np.zeros(len(queries), dtype=np.int64)
+    score = np.full(len(queries), -np.inf if higher else np.inf)
+    if b > a:
+        idx, score = search(name, queries, train[a:b], block_size, shift, candidates, backend)
+        idx = idx + a
+    return best_over_ranks(idx, score, d, higher)
