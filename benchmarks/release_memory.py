@@ -6,6 +6,11 @@ data it would take to hold them all.
 
     python benchmarks/release_memory.py                 # 100,000 images of 128×128
     python benchmarks/release_memory.py --n 20000 --size 64
+    python benchmarks/release_memory.py --push          # then push it (datasets' push_to_hub)
+
+`--push` then pushes the release with `DatasetDict.push_to_hub` (what `synthfactory publish`
+calls, Parquet shards of ≤ 200 MB) to the loopback stand-in Hub of the tests
+(tests/hub_standin.py), run in a child process so that what it receives is not counted here.
 
 Prints the peak resident set of this process (ru_maxrss: everything resident, including pages of
 memory-mapped files) and the peak anonymous memory (RssAnon sampled every 20 ms: heap and
@@ -16,8 +21,10 @@ from per-image seeds in chunks of 1,000, so nothing holds them all at any point.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -93,13 +100,37 @@ def released_set(store: Path, classes: int):
     )
 
 
+def _serve(queue) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from hub_standin import StandInHub
+
+    with StandInHub() as h:
+        queue.put(h.endpoint)
+        threading.Event().wait()
+
+
+def start_standin_hub():
+    """The tests' stand-in Hub in a child process; points huggingface_hub and datasets at it
+    (set before they are imported)."""
+    import multiprocessing as mp
+
+    queue = mp.get_context("fork").Queue()
+    process = mp.get_context("fork").Process(target=_serve, args=(queue,), daemon=True)
+    process.start()
+    endpoint = queue.get(timeout=30)
+    os.environ.update(HF_ENDPOINT=endpoint, HF_TOKEN="hf_benchmark", HF_HUB_DISABLE_XET="1")
+    return process, endpoint
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--classes", type=int, default=4)
     ap.add_argument("--out", type=Path, default=None, help="folder for the release (default: a temp folder)")
+    ap.add_argument("--push", action="store_true", help="also push it to a loopback stand-in Hub")
     args = ap.parse_args()
+    hub = start_standin_hub() if args.push else None
 
     import datasets  # noqa: F401  (imported before the baseline, as the release stage has it)
 
@@ -130,6 +161,22 @@ def main() -> None:
     print(f"wall time            {seconds:.1f} s ({args.n / seconds:,.0f} images/s)")
     print(f"on disk              {on_disk:.2f} GiB in {len(list(split.glob('*.arrow')))} Arrow shards")
     print(f"under 2 GiB          {'yes' if after < 2 else 'NO'} (peak RSS {after:.2f} GiB)")
+    if hub is not None:
+        process, endpoint = hub
+        t0 = time.perf_counter()
+        with AnonPeak() as push_anon:
+            datasets.load_from_disk(str(out / "release" / "dataset")).push_to_hub(
+                "benchmark/release", private=True, max_shard_size="200MB"
+            )
+        push_seconds = time.perf_counter() - t0
+        pushed = peak_rss_gib()
+        process.terminate()
+        print(f"push_to_hub          {push_seconds:.1f} s to {endpoint}")
+        print(
+            f"push memory          peak RSS {pushed:.2f} GiB (ru_maxrss, from here on), anonymous peak "
+            f"{push_anon.peak:.2f} GiB; the rest are pages of the memory-mapped Arrow shards that "
+            "push_to_hub reads (file-backed, reclaimable)"
+        )
     if args.out is None:
         shutil.rmtree(out, ignore_errors=True)
 

@@ -259,6 +259,12 @@ def publish(
             "--force-blocked", help="Publish although the audit blocked the release (the card says so)."
         ),
     ] = False,
+    max_shard_size: Annotated[
+        str,
+        typer.Option(
+            "--max-shard-size", help="Largest Parquet shard uploaded (one is built in memory at a time)."
+        ),
+    ] = "200MB",
 ) -> None:
     """Push the released dataset, its card, the public audit summary and the recipe to the Hub."""
     from .publish import PublishRefused
@@ -266,7 +272,10 @@ def publish(
     from .rundir import RunDir
 
     try:
-        out = push(RunDir(run_dir), repo_id, private, revision, force_not_private, force_blocked)
+        out = push(
+            RunDir(run_dir), repo_id, private, revision, force_not_private, force_blocked,
+            max_shard_size=max_shard_size,
+        )  # fmt: skip
     except PublishRefused as e:
         _fail(3, f"publish refused: {e}")
     typer.echo(

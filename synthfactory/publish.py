@@ -288,9 +288,12 @@ def publish(
     force_not_private: bool = False,
     force_blocked: bool = False,
     token: str | None = None,
+    max_shard_size: str = "200MB",
 ) -> dict:
     """Push the release to `repo_id` (a dataset repository). Returns what was pushed; also
-    written to publish.json in the run directory."""
+    written to publish.json in the run directory. `datasets` builds each Parquet shard (at most
+    `max_shard_size`) in memory and uploads it before the next, so a large release is pushed
+    shard by shard."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
     warnings = check_publishable(run_dir, force_not_private, force_blocked)
@@ -330,6 +333,7 @@ def publish(
             private=private,
             revision=revision,
             token=token,
+            max_shard_size=max_shard_size,
             commit_message=f"synthfactory {run_dir.run_id}: {sum(counts.values())} audited synthetic images",
         )
         out = {

@@ -133,6 +133,8 @@ class StoreWriter:
 
     def __init__(self, path: Path, labels: np.ndarray, seeds: np.ndarray, image_shape: tuple[int, ...]):
         self.path = Path(path)
+        for stale in self.path.parent.glob(f".{self.path.name}.*.tmp"):  # left by an interrupted run
+            shutil.rmtree(stale, ignore_errors=True)
         self.tmp = atomic_path(self.path)
         self.tmp.mkdir()
         np.save(self.tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
@@ -153,7 +155,10 @@ class StoreWriter:
             raise ValueError(
                 f"rows {start}+{len(images)} of shape {images.shape[1:]} do not fit {self.shape}"
             )
-        os.pwrite(self._fh.fileno(), images.data, self.offset + start * self.image_bytes)
+        view, at = memoryview(images).cast("B"), self.offset + start * self.image_bytes
+        while view:  # pwrite may write less than asked
+            n = os.pwrite(self._fh.fileno(), view, at)
+            view, at = view[n:], at + n
 
     def commit(self) -> None:
         self._fh.close()

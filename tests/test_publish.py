@@ -129,10 +129,11 @@ def test_push_to_standin_hub_then_load_dataset(released, hub, tmp_path, capsys) 
 
     _, run_dir = released
     release_before = _tree_hash(run_dir.release_dir(True))
-    out = publish(run_dir, "hospital/synthetic-mri")
+    out = publish(run_dir, "hospital/synthetic-mri", max_shard_size="1KB")  # several shards
     files = hub.files("hospital/synthetic-mri")
     assert {"README.md", "privacy_audit/audit-summary.md", "recipe.yaml"} <= set(files)
-    assert any(p.startswith("data/train-") and p.endswith(".parquet") for p in files)
+    shards = [p for p in files if p.startswith("data/train-") and p.endswith(".parquet")]
+    assert len(shards) >= 2, shards
     assert not [p for p in files if "internal" in p or p.endswith(".html")]
     assert hub.repos["hospital/synthetic-mri"].private and out["private"]
     card = files["README.md"].decode()
