@@ -36,11 +36,13 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
-    def share(self, n: int) -> tuple[int, int]:
-        """This rank's contiguous share [a, b) of n items (the first ranks get one more)."""
+    def share(self, n: int, rank: int | None = None) -> tuple[int, int]:
+        """This rank's (or `rank`'s) contiguous share [a, b) of n items (the first ranks get one
+        more)."""
+        r = self.rank if rank is None else rank
         base, extra = divmod(n, self.world)
-        a = self.rank * base + min(self.rank, extra)
-        return a, a + base + (1 if self.rank < extra else 0)
+        a = r * base + min(r, extra)
+        return a, a + base + (1 if r < extra else 0)
 
 
 def from_env(device_type: str = "cpu") -> Dist:

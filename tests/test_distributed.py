@@ -115,6 +115,8 @@ queries = np.concatenate([rng.uniform(-1, 1, (40, 1, 12, 12)).astype(np.float32)
 out = {"knn": knn_distances_sharded(queries, refs, 5, d, block_size=16)}
 for name in SPACES:
     out[name + "_idx"], out[name + "_score"] = search_sharded(name, queries, refs, d, block_size=16, shift=2)
+# the half-resolution shortlist of 8 per query, agreed across the ranks
+out["short_idx"], out["short_score"] = search_sharded("shift_flip_ncc", queries, refs, d, 16, 2, candidates=8)
 np.savez(sys.argv[1] + f"/rank{d.rank}.npz", **out)
 """
 
@@ -154,6 +156,9 @@ def test_audit_searches_sharded_over_two_ranks_match_one_process(tmp_path) -> No
                 np.testing.assert_array_equal(z[name + "_idx"], want_idx, err_msg=name)
                 np.testing.assert_allclose(z[name + "_score"], want_score, atol=1e-5, err_msg=name)
                 assert z[name + "_idx"][-4:].tolist() == [0, 150, 151, 300], name  # on both shards
+            want_idx, want_score = search("shift_flip_ncc", queries, refs, 16, 2, candidates=8)
+            np.testing.assert_array_equal(z["short_idx"], want_idx)
+            np.testing.assert_allclose(z["short_score"], want_score, atol=1e-6)
             assert (z["pixel_l2_score"][-4:] == 0).all()
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import rankdata
 
-from ..distributed import Dist, best_over_ranks
+from ..distributed import Dist, all_gather_array, best_over_ranks
 from .nearest import flatten, nearest_neighbours
 
 
@@ -116,28 +116,57 @@ def shift_flip_search(
     (translation, query block). With `candidates`: a first pass at half resolution (2×2 average
     pooled, translations up to ±⌈shift/2⌉) keeps each query's `candidates` best references, and
     the full-resolution score is computed exactly for those only."""
-    m, h, w = queries.shape
-    if candidates is None or refs.shape[0] <= candidates or min(h, w) < 8:
+    if not uses_shortlist(queries.shape, refs.shape[0], candidates):
         return _full_shift_flip(queries, refs, shift, block_size)
+    cand = coarse_shortlist(queries, refs, shift, block_size, candidates)[1]
+    return score_shortlist(queries, refs, cand, shift, block_size)
+
+
+def uses_shortlist(query_shape: tuple[int, ...], n_refs: int, candidates: int | None) -> bool:
+    h, w = query_shape[-2:]
+    return candidates is not None and n_refs > candidates and min(h, w) >= 8
+
+
+@torch.no_grad()
+def coarse_shortlist(
+    queries: torch.Tensor, refs: torch.Tensor, shift: int, block_size: int, candidates: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's `candidates` best references at half resolution (2×2 average pooled,
+    translations up to ±⌈shift/2⌉, and the flip): (coarse scores, reference indices), [M, K]."""
     half_q = F.avg_pool2d(queries[:, None], 2)[:, 0]
     half_r = F.avg_pool2d(refs[:, None], 2)[:, 0]
     hh, hw = half_q.shape[1:]
     s2 = (shift + 1) // 2
-    idx = np.empty(m, dtype=np.int64)
-    val = np.empty(m, dtype=np.float64)
-    for a in range(0, m, block_size):
-        qb, hq = queries[a : a + block_size], half_q[a : a + block_size]
-        coarse = torch.full((len(qb), refs.shape[0]), -2.0)
+    k = min(candidates, refs.shape[0])
+    vals = torch.empty(len(queries), k)
+    idx = torch.empty(len(queries), k, dtype=torch.long)
+    for a in range(0, len(queries), block_size):
+        hq = half_q[a : a + block_size]
+        coarse = torch.full((len(hq), refs.shape[0]), -2.0)
         for flip, dy, dx in _shifts(s2):
             qc, rc = overlap_crops(hh, hw, dy, dx)
             q = _z_crops(hq.flip(-1) if flip else hq, qc)
             torch.maximum(coarse, q @ _z_crops(half_r, rc).T, out=coarse)
-        cand = coarse.topk(candidates, dim=1).indices  # [b, K]
+        vals[a : a + len(hq)], idx[a : a + len(hq)] = coarse.topk(k, dim=1)
+    return vals, idx
+
+
+@torch.no_grad()
+def score_shortlist(
+    queries: torch.Tensor, refs: torch.Tensor, cand: torch.Tensor, shift: int, block_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The exact full-resolution score of each query against its shortlisted references
+    `cand` [M, K]: the best (reference index, score) per query."""
+    m = len(queries)
+    idx = np.empty(m, dtype=np.int64)
+    val = np.empty(m, dtype=np.float64)
+    for a in range(0, m, block_size):
+        qb, cb = queries[a : a + block_size], cand[a : a + block_size]
         best = torch.maximum(
-            _overlap_corr(qb, refs[cand], shift), _overlap_corr(qb.flip(-1), refs[cand], shift)
+            _overlap_corr(qb, refs[cb], shift), _overlap_corr(qb.flip(-1), refs[cb], shift)
         )  # [b, K]
         v, j = best.max(1)
-        idx[a : a + len(qb)] = cand[torch.arange(len(qb)), j].numpy()
+        idx[a : a + len(qb)] = cb[torch.arange(len(qb)), j].numpy()
         val[a : a + len(qb)] = v.double().numpy()
     return idx, np.clip(val, -1.0, 1.0)
 
@@ -237,10 +266,15 @@ def search_sharded(
     """`search` with the training images split across the ranks of a torchrun job: each rank
     searches its contiguous share, then the best score per query is reduced over the ranks (ties
     to the lowest index). Exact searches give the one-process answer; with a `candidates`
-    shortlist (shift_flip_ncc) each rank keeps its own shortlist, so the search sees more
-    candidates than one process would, never fewer. Every rank returns the full result."""
+    shortlist (shift_flip_ncc) the ranks first agree on one global shortlist per query (see
+    `_shift_flip_sharded`), so the answer is the one-process answer there too. Every rank
+    returns the full result."""
     if not d.enabled:
         return search(name, queries, train, block_size, shift, candidates, backend)
+    if name == "shift_flip_ncc" and uses_shortlist(queries.shape, len(train), candidates):
+        return _shift_flip_sharded(
+            _images2d(queries), _images2d(train), d, shift, min(block_size, 256), candidates
+        )
     higher = SPACES[name].higher_is_closer
     a, b = d.share(len(train))
     idx = np.zeros(len(queries), dtype=np.int64)
@@ -249,3 +283,33 @@ def search_sharded(
         idx, score = search(name, queries, train[a:b], block_size, shift, candidates, backend)
         idx = idx + a
     return best_over_ranks(idx, score, d, higher)
+
+
+def _shift_flip_sharded(
+    queries: torch.Tensor, train: torch.Tensor, d: Dist, shift: int, block_size: int, candidates: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """shift_flip_ncc with a shortlist across ranks, as in one process: each rank shortlists
+    its share of the training images at half resolution; the ranks' lists are gathered and the
+    `candidates` best overall kept (the one-process shortlist); the exact scores of those are then
+    split by query across the ranks and gathered."""
+    a, b = d.share(len(train))
+    k = candidates
+    vals = np.full((len(queries), k), -np.inf)
+    idx = np.zeros((len(queries), k), dtype=np.int64)
+    if b > a:
+        v, i = coarse_shortlist(queries, train[a:b], shift, block_size, k)
+        vals[:, : v.shape[1]], idx[:, : v.shape[1]] = v.double().numpy(), i.numpy() + a
+    all_vals = all_gather_array(vals, d).transpose(1, 0, 2).reshape(len(queries), -1)  # [M, world·K]
+    all_idx = all_gather_array(idx, d).transpose(1, 0, 2).reshape(len(queries), -1)
+    top = np.argsort(-all_vals, axis=1, kind="stable")[:, :k]  # ties: lower rank, then list order
+    cand = torch.from_numpy(np.take_along_axis(all_idx, top, axis=1))
+    qa, qb = d.share(len(queries))
+    width = -(-len(queries) // d.world)  # the largest query share, for equal-sized gathers
+    mine = np.full((2, width), np.nan)
+    if qb > qa:
+        i, v = score_shortlist(queries[qa:qb], train, cand[qa:qb], shift, block_size)
+        mine[0, : qb - qa], mine[1, : qb - qa] = i, v
+    parts = all_gather_array(mine, d)  # [world, 2, width]
+    sizes = [hi - lo for lo, hi in (d.share(len(queries), r) for r in range(d.world))]
+    out = np.concatenate([parts[r, :, :size] for r, size in enumerate(sizes)], axis=1)
+    return out[0].astype(np.int64), out[1]
