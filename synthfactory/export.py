@@ -209,7 +209,7 @@ def write_rows(rows, features, folder: Path, max_shard_size: str = "200MB", batc
 
 
 def write_hf(rs: ReleasedSet, folder: Path) -> None:
-    """A `datasets.DatasetDict` with a train split, saved with save_to_disk (streamed)."""
+    """A `datasets.DatasetDict` with a train split in save_to_disk's layout, streamed (`write_rows`)."""
     write_rows(released_rows(rs), hf_features(rs.class_names, list(rs.scores)), folder)
 
 
