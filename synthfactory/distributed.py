@@ -14,6 +14,7 @@ per-example work is split. Only rank 0 writes checkpoints and reports.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -52,10 +53,19 @@ def from_env(device_type: str = "cpu") -> Dist:
         return Dist()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        # Leave the group before the interpreter tears down: a rank that exits with the group
+        # alive can abort in the backend's threads ("terminate called without an active
+        # exception", seen once in CI with gloo) and fail the whole torchrun job.
+        atexit.register(_leave)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":
         torch.cuda.set_device(local)
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local)
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _scalar(value, dtype: torch.dtype) -> torch.Tensor:
