@@ -16,7 +16,8 @@
       privacy.json                    ε spent (accountant, steps taken), δ, σ, q, steps, C, ...
       train_log.jsonl                 step, batch size, loss (computed on private data: internal)
       samples/store/                  the samples: images.npy (uint8 [M, H, W], plain .npy, read
-                                      memory-mapped), labels.npy, seeds.npy (per-sample seeds)
+                                      memory-mapped or one at a time), labels.npy, seeds.npy
+                                      (per-sample seeds)
       samples/shard-i-of-n.npz        one sampling shard (`--shard i/n`, torchrun), until merged
       audit_models/canary/            the canary audit's DP model (if the recipe asks): its own
                                       checkpoints/, privacy.json, train_log.jsonl and canary.json

@@ -245,7 +245,7 @@ def generate(
     labels, seeds, batches = plan(recipe, num_classes)
     mine = batches if shard is None else batches[shard[0] :: shard[1]]
     run_dir.samples.parent.mkdir(parents=True, exist_ok=True)
-    # One process: straight into the store's memory-mapped images. A shard: only its batches.
+    # One process: each batch straight into the store. A shard: its batches, saved together.
     store = StoreWriter(run_dir.samples, labels, seeds, (size, size)) if shard is None else None
     parts: list[tuple[slice, np.ndarray]] = []
     with progress_bar(sum(b.stop - b.start for b in mine), "sample", "img", progress) as bar:
@@ -297,11 +297,8 @@ def merge_shards(recipe: Recipe, run_dir: RunDir, num_classes: int, n: int) -> S
             index, images = z["index"], z["images"]
             if store is None:
                 store = StoreWriter(run_dir.samples, labels, seeds, images.shape[1:])
-            for a in range(0, len(index), CHUNK):  # runs of consecutive indices: whole batches
-                part = index[a : a + CHUNK]
-                runs = np.split(np.arange(len(part)), np.flatnonzero(np.diff(part) != 1) + 1)
-                for r in runs:
-                    store.write(int(part[r[0]]), images[a + r[0] : a + r[-1] + 1])
+            for k, image in zip(index, images, strict=True):
+                store.write(int(k), image[None])
             filled[index] = True
     if not filled.all():
         store.abort()

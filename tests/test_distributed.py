@@ -32,18 +32,22 @@ def _fresh(base: Path, name: str, **overrides):
     return checked, create_run(checked, base / name / "runs")
 
 
-def _torchrun(run_dir: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+CLI = Path(sys.executable).with_name("synthfactory")
+
+
+def _torchrun(program: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=2 program args...`, one thread per rank."""
     torchrun = Path(sys.executable).with_name("torchrun")
-    cli = Path(sys.executable).with_name("synthfactory")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)
     return subprocess.run(
-        [str(torchrun), "--standalone", f"--nproc_per_node={nproc}", str(cli), "train", str(run_dir), "-q"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=env,
-    )
+        [str(torchrun), "--standalone", "--nproc_per_node=2", str(program), *args],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )  # fmt: skip
+
+
+def _train_on_two_ranks(run_dir: Path) -> subprocess.CompletedProcess:
+    return _torchrun(CLI, "train", str(run_dir), "-q", timeout=900)
 
 
 def _max_weight_difference(a: Path, b: Path) -> float:
@@ -70,7 +74,7 @@ def single(tmp_path_factory):
 def test_two_ranks_take_the_single_process_step(single, tmp_path) -> None:
     ref, other_noise = single
     checked, run_dir = _fresh(tmp_path, "ddp")
-    res = _torchrun(run_dir.root)
+    res = _train_on_two_ranks(run_dir.root)
     assert res.returncode == 0, res.stderr[-3000:]
     got, want = read_json(run_dir.privacy), read_json(ref.privacy)
     assert got["distributed"]["world_size"] == 2 and got["distributed"]["backend"] == "gloo"
@@ -95,7 +99,7 @@ def test_a_run_killed_in_one_process_resumes_on_two_ranks(single, tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         train_module.train(checked.recipe, checked.images, run_dir, progress=False)
     assert torch.load(run_dir.train_state, weights_only=True)["step"] == 4
-    res = _torchrun(run_dir.root)
+    res = _train_on_two_ranks(run_dir.root)
     assert res.returncode == 0, res.stderr[-3000:]
     got, want = read_json(run_dir.privacy), read_json(ref.privacy)
     assert got["accountant_history"] == want["accountant_history"] and got["steps_taken"] == 6
@@ -121,16 +125,6 @@ np.savez(sys.argv[1] + f"/rank{d.rank}.npz", **out)
 """
 
 
-def _torchrun_script(script: Path, *args: str) -> subprocess.CompletedProcess:
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("RANK", None)
-    return subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node=2", str(script), *args],
-        capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
-
-
 def test_audit_searches_sharded_over_two_ranks_match_one_process(tmp_path) -> None:
     """Every similarity space and the k-nearest distances, with the training images split over
     two ranks, give the one-process answer (copies sitting on either shard included)."""
@@ -141,7 +135,7 @@ def test_audit_searches_sharded_over_two_ranks_match_one_process(tmp_path) -> No
 
     script = tmp_path / "search.py"
     script.write_text(SHARDED_SEARCH)
-    res = _torchrun_script(script, str(tmp_path))
+    res = _torchrun(script, str(tmp_path))
     assert res.returncode == 0, res.stderr[-3000:]
     rng = np.random.default_rng(0)
     refs = rng.uniform(-1, 1, (301, 1, 12, 12)).astype(np.float32)
@@ -178,8 +172,7 @@ def test_the_audit_stage_under_torchrun_writes_the_one_process_audit(run_copy, t
     two = RunDir(tmp_path / "two" / run_dir.run_id)
     shutil.copytree(run_dir.root, two.root)
     one = run_audit(checked.recipe, run_dir, checked.images, tmp_path / "pa-one")
-    cli = Path(sys.executable).with_name("synthfactory")
-    res = _torchrun_script(cli, "audit", str(two.root), "--audit-dir", str(tmp_path / "pa-two"), "-q")
+    res = _torchrun(CLI, "audit", str(two.root), "--audit-dir", str(tmp_path / "pa-two"), "-q")
     assert res.returncode == 0, res.stderr[-3000:]
     got, want = read_json(two.audit_json), one.audit
     assert got["distributed"]["world_size"] == 2 and want["distributed"] is None

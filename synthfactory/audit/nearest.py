@@ -65,14 +65,13 @@ def nearest_neighbours(
     candidates: int = 8,
     exclude_self: bool = False,
     backend: str = "torch",
-    device: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """For each query, the index of its nearest reference and the L2 distance to it.
     `exclude_self`: queries are the references; query i never matches reference i.
-    `backend`: "torch" (blocked matrix products; on the GPU when there is one, or `device`) or
+    `backend`: "torch" (blocked matrix products; on the GPU when there is one) or
     "faiss" (faiss-cpu IndexFlatL2, exact) for the candidates; either way the candidates are
     re-measured in float64."""
-    dev = device or ("cuda" if torch.cuda.is_available() and backend == "torch" else "cpu")
+    dev = "cuda" if torch.cuda.is_available() and backend == "torch" else "cpu"
     q, r = flatten(queries).to(dev), flatten(refs).to(dev)
     n_cand = min(candidates, r.shape[0] - int(exclude_self))
     idx = np.empty(len(q), dtype=np.int64)
