@@ -83,6 +83,24 @@ def broadcast_int(value: int, d: Dist) -> int:
     return int(t.item())
 
 
+def broadcast_object(obj, d: Dist):
+    """Rank 0's picklable object on every rank (e.g. the training state it read from disk)."""
+    if not d.enabled:
+        return obj
+    box = [obj if d.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_over_ranks(flag: bool, d: Dist) -> bool:
+    """True on every rank when `flag` is true on any rank (so that all ranks stop together)."""
+    if not d.enabled:
+        return flag
+    t = _scalar(int(flag), torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def broadcast_parameters(model: torch.nn.Module, d: Dist) -> None:
     """Every rank starts from rank 0's weights (what DPDDP does at wrap time)."""
     if d.enabled:

@@ -57,8 +57,9 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def load_unet(folder: Path) -> UNet2DModel:
-    """A UNet2DModel saved with save_pretrained."""
-    return UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False)
+    """A UNet2DModel saved with save_pretrained, from safetensors only: a checkpoint folder named
+    in a recipe is never unpickled (a pickle can run code)."""
+    return UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False, use_safetensors=True)
 
 
 def load_generator(checkpoint: Path, ema: bool = False) -> tuple[UNet2DModel, DDPMScheduler]:

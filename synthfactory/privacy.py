@@ -34,7 +34,6 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor
 from opacus import GradSampleModule
 from opacus.accountants import IAccountant, create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
@@ -64,22 +63,50 @@ def make_conv_inputs_contiguous(model: torch.nn.Module) -> list:
     ]
 
 
+MAX_SIGMA = 1e6  # as Opacus' get_noise_multiplier: a budget that needs more noise is too small
+
+
 def calibrate_noise(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+    prior: list[tuple[float, float, int]] | tuple = (),
 ) -> float:
-    """Smallest noise multiplier σ (to 0.01 in ε) whose ε after `steps` steps is ≤ target."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=accountant,
-                epsilon_tolerance=0.01,
-            )
+    """Smallest noise multiplier σ (to 0.01 in ε) whose ε after `prior` plus `steps` steps at
+    (σ, q) is ≤ target.
+
+    The bisection of Opacus' `get_noise_multiplier` (same bracket, same tolerance, so the same σ
+    without a prior), written out because Opacus' cannot start from a prior history: a run that
+    starts from another DP run's weights on the same data composes with it (`prior`).
+    """
+    prior = [tuple(h) for h in prior]
+
+    def eps(sigma: float) -> float:
+        return epsilon_of([*prior, (sigma, sample_rate, steps)], delta, accountant)
+
+    if prior and epsilon_of(prior, delta, accountant) >= target_epsilon:
+        raise ValueError(
+            f"the composed prior run already spends ε = {epsilon_of(prior, delta, accountant):.3f} "
+            f"≥ the target {target_epsilon:g}"
         )
+    low, high, eps_high = 0.0, 10.0, float("inf")
+    while eps_high > target_epsilon:
+        high *= 2
+        eps_high = eps(high)
+        if high > MAX_SIGMA:
+            raise ValueError("The privacy budget is too low.")
+    for _ in range(200):  # within 0.01 of the target in ~20 halvings; a target no σ reaches stops here
+        if target_epsilon - eps_high <= 0.01:
+            break
+        sigma = (low + high) / 2
+        e = eps(sigma)
+        if e < target_epsilon:
+            high, eps_high = sigma, e
+        else:
+            low = sigma
+    return float(high)
 
 
 def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
@@ -90,8 +117,15 @@ def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant
     acc.history = [tuple(h) for h in history]
     with warnings.catch_warnings():
         # RDP: the bound is valid, only possibly loose, when the best order is the largest.
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
         return float(acc.get_epsilon(delta=delta))
+
+
+def as_parameter_precision(grad_sample: torch.Tensor, p: torch.nn.Parameter) -> torch.Tensor:
+    """Per-example gradients in the parameter's precision (fp32) before clipping. Under bf16
+    autocast Opacus' hooks return bf16 per-example gradients and compute their norms in bf16,
+    so a clipped norm could exceed C by ~0.04 %; norms, clip factors and sums must be fp32."""
+    return grad_sample.to(p.dtype)
 
 
 @dataclass
@@ -132,8 +166,9 @@ class PrivateTraining:
             return self._vmap_backward(row_loss, rows, n_examples, k)
         loss = row_loss(self.module, *rows).mean()
         loss.backward()
-        if k > 1:
-            for p in self.params.values():
+        for p in self.params.values():
+            p.grad_sample = as_parameter_precision(p.grad_sample, p)
+            if k > 1:
                 p.grad_sample = p.grad_sample.view(n_examples, k, *p.shape).mean(1)
         return float(loss.detach())
 
@@ -155,7 +190,7 @@ class PrivateTraining:
         in_dims = (None,) + (0,) * len(shaped)
         grads, losses = vmap(grad_and_value(example_loss), in_dims=in_dims)(trainable, *shaped)
         for name, p in self.params.items():
-            p.grad_sample = grads[name]
+            p.grad_sample = as_parameter_precision(grads[name], p)
         return float(losses.mean())
 
 

@@ -15,7 +15,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,7 +28,11 @@ class RecipeError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
+MAX_STEPS = 10_000_000
 
 
 class CTWindow(_Strict):
@@ -41,9 +45,9 @@ class CTWindow(_Strict):
 class PhantomSpec(_Strict):
     """Size and seed of the built-in procedural data set."""
 
-    n_train: int = Field(2000, ge=2)
-    n_heldout: int = Field(500, ge=2)
-    seed: int = 0
+    n_train: int = Field(2000, ge=2, le=1_000_000)
+    n_heldout: int = Field(500, ge=2, le=1_000_000)
+    seed: Seed = 0
 
 
 class DataConfig(_Strict):
@@ -54,7 +58,7 @@ class DataConfig(_Strict):
     train_split: str = "train"
     heldout_split: str = "test"
     heldout_fraction: float | None = Field(None, gt=0, lt=1)
-    split_seed: int = 0
+    split_seed: Seed = 0
     labels_csv: Path | None = None
     ct_window: CTWindow = CTWindow()
     percentiles: tuple[float, float] = (0.5, 99.5)
@@ -130,12 +134,12 @@ class TimestepSampling(_Strict):
 
 
 class TrainingConfig(_Strict):
-    steps: int | None = Field(None, ge=1)
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     epochs: float | None = Field(None, gt=0)
     expected_batch_size: int = Field(ge=1)
     max_physical_batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(gt=0, le=1)
-    seed: int = 0
+    seed: Seed = 0
     checkpoint_every: int = Field(50, ge=1)
     timesteps: TimestepSampling = TimestepSampling()
     ema_decay: float | None = Field(0.999, gt=0, lt=1)
@@ -162,13 +166,13 @@ class TrainingConfig(_Strict):
 
 class PrivacyConfig(_Strict):
     enabled: bool = True
-    target_epsilon: float | None = Field(None, gt=0)
+    target_epsilon: float | None = Field(None, gt=0, le=1000)
     delta: float | None = Field(None, gt=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
     accountant: Literal["rdp", "prv"] = "rdp"
     noise_multiplicity: int = Field(4, ge=1, le=64)
     per_example_gradients: Literal["hooks", "functorch", "vmap"] = "vmap"
-    noise_seed: int | None = None
+    noise_seed: Seed | None = None
     i_understand_this_is_not_private: bool = False
 
     @model_validator(mode="after")
@@ -189,7 +193,7 @@ class PrivacyConfig(_Strict):
 class SamplingConfig(_Strict):
     images_per_class: int = Field(ge=1)
     ddim_steps: int = Field(50, ge=1, le=1000)
-    seed: int = 0
+    seed: Seed = 0
     batch_size: int = Field(64, ge=1)
     guidance_scale: float = Field(1.0, ge=0)
     use_ema: bool = True
@@ -208,7 +212,7 @@ class PretrainConfig(_Strict):
     steps: int = Field(500, ge=1)
     expected_batch_size: int = Field(64, ge=1)
     learning_rate: float = Field(1e-3, gt=0, le=1)
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _check(self) -> PretrainConfig:
@@ -226,7 +230,7 @@ class ClassifierConfig(_Strict):
     patience: int = Field(15, ge=1)
     batch_size: int = Field(128, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class EvaluationConfig(_Strict):
@@ -250,7 +254,7 @@ class ThresholdRule(_Strict):
     # [-1, 1] scale) are near-copies through a leaking split: left out of the background, counted.
     near_duplicate_rms: float = Field(0.02, ge=0)
     max_heldout: int | None = Field(5000, ge=20)  # background sample size (cost of search)
-    seed: int = 0
+    seed: Seed = 0
 
 
 SpaceName = Literal["pixel_l2", "ncc", "shift_flip_ncc", "rank_thumbnail"]
@@ -266,7 +270,7 @@ class MembershipConfig(_Strict):
     enabled: bool = True
     max_examples: int = Field(500, ge=10)  # members and non-members each
     timesteps: list[int] = Field(default_factory=lambda: [10, 50, 100, 200, 400], min_length=1)
-    seed: int = 0
+    seed: Seed = 0
     # Also train a NON-private model (same data, model, steps, batch size; never released) and
     # run the same attack on it, to show what DP changes. Costs one more training run.
     nonprivate_reference: bool = False
@@ -278,7 +282,7 @@ class CanaryConfig(_Strict):
 
     enabled: bool = False
     m: int = Field(1000, ge=10)
-    seed: int = 0  # canary patterns, labels and which canaries go in (the auditor's randomness)
+    seed: Seed = 0  # canary patterns, labels and which canaries go in (the auditor's randomness)
     confidence: float = Field(0.95, gt=0.5, lt=1)
     timesteps: list[int] = Field(default_factory=lambda: [10, 50, 100, 200, 400], min_length=1)
 
@@ -381,8 +385,16 @@ class Recipe(_Strict):
         return self
 
     @property
-    def private(self) -> bool:
+    def dp_sgd(self) -> bool:
+        """Whether training runs DP-SGD (clipping, noise, Poisson sampling, accountant)."""
         return self.privacy.enabled
+
+    @property
+    def private(self) -> bool:
+        """Whether the run can claim (ε, δ): DP-SGD with secret randomness. A run whose DP noise
+        and sampling are seeded from the recipe (`privacy.noise_seed`) runs the same mechanism,
+        but anyone who reads the recipe can regenerate and subtract the noise: it is not private."""
+        return self.privacy.enabled and self.privacy.noise_seed is None
 
     def sha256(self) -> str:
         """Hash of the validated recipe (canonical JSON), recorded in every report."""
@@ -401,6 +413,7 @@ def _field_name(loc: tuple[Any, ...], msg: str) -> tuple[str, str]:
 
 
 def _format_errors(path: Path, err: ValidationError) -> str:
+    """Every error of a recipe on one line: `<file>: <field>: <why>; <field>: <why> ...`."""
     lines = []
     for e in err.errors():
         msg = str(e["msg"]).removeprefix("Value error, ")
@@ -409,8 +422,8 @@ def _format_errors(path: Path, err: ValidationError) -> str:
             msg = "unknown key (check its spelling and level)"
         elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
             msg = f"{msg} (got {e['input']!r})"
-        lines.append(f"{path}: {field}: {msg}")
-    return "\n".join(lines)
+        lines.append(f"{field}: {msg}")
+    return f"{path}: " + "; ".join(" ".join(line.split()) for line in lines)
 
 
 def _resolve(base: Path, p: Path | None) -> Path | None:
@@ -507,11 +520,18 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None, smoke
 
     base = path.resolve().parent
 
+    def resolved(p: Path | None, field: str) -> Path | None:
+        try:
+            p = _resolve(base, p)
+            exists = p is None or p.exists()
+        except (ValueError, OSError) as e:  # a NUL byte, a name too long, ...
+            raise RecipeError(f"{path}: {field}: not a usable path ({e})") from None
+        if not exists:
+            raise RecipeError(f"{path}: {field}: no such file or folder: {p}")
+        return p
+
     def resolved_data(data: DataConfig, prefix: str) -> DataConfig:
-        paths = {"path": _resolve(base, data.path), "labels_csv": _resolve(base, data.labels_csv)}
-        for field, p in paths.items():
-            if p is not None and not p.exists():
-                raise RecipeError(f"{path}: {prefix}.{field}: no such file or folder: {p}")
+        paths = {k: resolved(getattr(data, k), f"{prefix}.{k}") for k in ("path", "labels_csv")}
         return data.model_copy(update=paths)
 
     update: dict[str, Any] = {"data": resolved_data(recipe.data, "data")}
@@ -521,10 +541,15 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None, smoke
         if pre.data is not None:
             pre_update["data"] = resolved_data(pre.data, "pretrain.data")
         if pre.checkpoint is not None:
-            ckpt = _resolve(base, pre.checkpoint)
+            ckpt = resolved(pre.checkpoint, "pretrain.checkpoint")
             if not (ckpt / "config.json").is_file():
                 raise RecipeError(
                     f"{path}: pretrain.checkpoint: {ckpt} is not a diffusers model folder (no config.json)"
+                )
+            if not any(ckpt.glob("diffusion_pytorch_model*.safetensors")):
+                raise RecipeError(
+                    f"{path}: pretrain.checkpoint: {ckpt} has no safetensors weights "
+                    "(diffusion_pytorch_model.safetensors); other formats are not loaded"
                 )
             pre_update["checkpoint"] = ckpt
         update["pretrain"] = pre.model_copy(update=pre_update)
@@ -540,6 +565,11 @@ def check_against_data(recipe: Recipe, recipe_path: str | Path, n_train: int) ->
         raise RecipeError(
             f"{recipe_path}: privacy.delta: {delta:g} must be below 1/N = 1/{n_train} "
             f"= {1 / n_train:.3g} (N = private training images); pick e.g. {0.1 / n_train:.1g}"
+        )
+    steps = recipe.training.total_steps(n_train)
+    if steps > MAX_STEPS:
+        raise RecipeError(
+            f"{recipe_path}: training.epochs: {steps:.3g} steps planned, more than {MAX_STEPS:,} at this batch size"
         )
     if recipe.training.expected_batch_size > n_train:
         raise RecipeError(

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from . import __version__
-from .audit import run_audit
+from .audit import near_copies, run_audit
 from .audit.models import train_audit_models
 from .audit.models import wanted as audit_models_wanted
 from .data import DataError, ImageSet, load_images
@@ -24,10 +24,19 @@ from .distributed import barrier, from_env
 from .evaluate import evaluate
 from .export import release
 from .model import load_unet, resolve_device
+from .origin import CheckpointRefused, CheckpointUse, checkpoint_use
 from .recipe import Recipe, RecipeError, check_against_data, load_recipe
 from .rundir import STAGES, RunDir, new_run_id, read_json, write_json_atomic
 from .sample import generate, merge_shards
-from .train import initial_model, plan_training, pretrain, train, trainable_names
+from .train import (
+    initial_model,
+    plan_training,
+    pretrain,
+    prior_history,
+    train,
+    trainable_names,
+    training_finished,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +70,26 @@ def _load(recipe: Recipe, recipe_path: str | Path) -> tuple[ImageSet, ImageSet |
                 f"{recipe_path}: pretrain.data: {shared} of its images are exact copies of private "
                 "images; data declared public must not contain the private set"
             )
+        near = int(near_copies(public.train_images, images.train_images, recipe.audit).sum())
+        if near:
+            raise RecipeError(
+                f"{recipe_path}: pretrain.data: {near} of its images are near-copies of private training "
+                f"images (root-mean-square difference ≤ audit.threshold.near_duplicate_rms = "
+                f"{recipe.audit.threshold.near_duplicate_rms:g}); data declared public must not contain them"
+            )
     return images, public
+
+
+def _checkpoint_use(recipe: Recipe, recipe_path: str | Path, images: ImageSet) -> CheckpointUse | None:
+    """What `pretrain.checkpoint` is to this run (public, or a DP run to compose with)."""
+    if recipe.pretrain is None or recipe.pretrain.checkpoint is None:
+        return None
+    try:
+        return checkpoint_use(
+            recipe.pretrain.checkpoint, images.train_hashes(), images.manifest_sha256(), recipe.private
+        )
+    except CheckpointRefused as e:
+        raise RecipeError(f"{recipe_path}: pretrain.checkpoint: {e}") from None
 
 
 def check(recipe_path: str | Path, overrides: dict | None = None, smoke: bool = False) -> Checked:
@@ -70,8 +98,9 @@ def check(recipe_path: str | Path, overrides: dict | None = None, smoke: bool = 
     recipe = load_recipe(recipe_path, overrides, smoke)
     images, public = _load(recipe, recipe_path)
     check_against_data(recipe, recipe_path, len(images.train_labels))
+    use = _checkpoint_use(recipe, recipe_path, images)
     try:
-        plan = plan_training(recipe, len(images.train_labels))
+        plan = plan_training(recipe, len(images.train_labels), use.prior_history if use else None)
     except ValueError as e:
         raise RecipeError(
             f"{recipe_path}: privacy.target_epsilon: cannot be reached with these steps and batch size ({e})"
@@ -86,15 +115,13 @@ def check(recipe_path: str | Path, overrides: dict | None = None, smoke: bool = 
             model.load_state_dict(load_unet(recipe.pretrain.checkpoint).state_dict())
         except (RuntimeError, OSError, ValueError) as e:
             raise RecipeError(
-                f"{recipe_path}: pretrain.checkpoint: does not fit the recipe's model "
+                f"{recipe_path}: pretrain.checkpoint: cannot be loaded into the recipe's model "
                 f"(classes + null class = {model.config.num_class_embeds} embeddings): {str(e)[:300]}"
             ) from None
     try:
-        device = resolve_device(recipe.training.device)
+        resolve_device(recipe.training.device)
     except ValueError as e:
         raise RecipeError(f"{recipe_path}: {e}") from None
-    if recipe.training.precision == "bf16" and device.type != "cuda":
-        raise RecipeError(f"{recipe_path}: training.precision: bf16 needs a CUDA device; use fp32 on the CPU")
     return Checked(recipe, images, plan, public)
 
 
@@ -175,7 +202,8 @@ def open_run(path: str | Path) -> tuple[Checked, RunDir]:
             f"{run_dir.recipe}: data: the images differ from those this run started with "
             f"(manifest {images.manifest_sha256()[:12]} ≠ {expected[:12]}); start a new run"
         )
-    return Checked(recipe, images, plan_training(recipe, len(images.train_labels)), public), run_dir
+    plan = plan_training(recipe, len(images.train_labels), prior_history(run_dir))
+    return Checked(recipe, images, plan, public), run_dir
 
 
 @dataclass
@@ -188,6 +216,11 @@ class StageOptions:
 def run_stage(stage: str, checked: Checked, run_dir: RunDir, opts: StageOptions) -> None:
     """Run one stage and record it in run.json; later stages are invalidated first."""
     recipe, images = checked.recipe, checked.images
+    if stage in ("pretrain", "train") and run_dir.is_done("train") and training_finished(run_dir):
+        raise RecipeError(
+            f"{run_dir.root}: training of this run has finished and its DP secret is deleted; "
+            "training again on the same private data would spend ε a second time: start a new run"
+        )
     run_dir.invalidate_from(stage)
     if stage == "data":
         write_data_stage(run_dir, images)
@@ -236,9 +269,7 @@ def run_stage(stage: str, checked: Checked, run_dir: RunDir, opts: StageOptions)
             run_dir.mark_done("audit", decision=res.decision, report=str(res.report_dir))
     elif stage == "release":
         report = run_dir.info().get("stages", {}).get("audit", {}).get("report")
-        folder, info = release(
-            run_dir, list(recipe.outputs.formats), recipe.private, Path(report) if report else None
-        )
+        folder, info = release(run_dir, list(recipe.outputs.formats), Path(report) if report else None)
         run_dir.mark_done("release", folder=str(folder), n_released=info["n_released"])
     elif stage == "evaluate":
         if not recipe.evaluation.enabled:

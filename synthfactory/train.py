@@ -13,8 +13,14 @@ RNG states, the accountant's history); a killed run resumes from its last checkp
 the rolled-back steps with the same batches and noise, so ε is never under-reported.
 
 Randomness: model initialisation, noise levels and diffusion noise use `training.seed`. The DP
-noise and the Poisson sampling use a secret seed from the OS (kept in the internal checkpoint)
-unless `privacy.noise_seed` is set, which is for tests only: anyone who knows it knows the noise.
+noise and the Poisson sampling use a secret seed from the OS, kept in the resumable state
+(checkpoints/train_state.pt) only while training runs: the state is deleted once the final
+checkpoint and privacy.json are written, and a finished run is never trained again (that would
+spend ε twice). `privacy.noise_seed` seeds them instead, for tests: such a run is NOT PRIVATE.
+
+A run may start from the weights of another DP run on the same private data
+(`pretrain.checkpoint`, see origin.py): its accountant history comes first in this run's
+accountant, σ is calibrated for the composed ε, and privacy.json reports the composed ε.
 """
 
 from __future__ import annotations
@@ -38,14 +44,17 @@ from . import __version__
 from .data import ImageSet
 from .distributed import (
     Dist,
+    any_over_ranks,
     barrier,
     broadcast_int,
+    broadcast_object,
     broadcast_parameters,
     from_env,
     max_parameter_spread,
     sum_over_ranks,
 )
 from .model import build_noise_scheduler, build_unet, count_parameters, load_unet, resolve_device
+from .origin import checkpoint_use, public_origin, trained_origin, write_origin
 from .privacy import PrivateTraining, calibrate_noise, epsilon_of, make_private, opacus_version
 from .progress import progress_bar
 from .recipe import Recipe, TimestepSampling
@@ -121,7 +130,8 @@ def make_rows(
 
 
 def make_row_loss(device: torch.device, bf16: bool) -> Callable[..., torch.Tensor]:
-    """Per-row epsilon-prediction loss; the forward pass in bf16 autocast if asked (CUDA)."""
+    """Per-row epsilon-prediction loss; the forward pass in bf16 autocast if asked (CUDA or CPU).
+    Per-example gradients are cast to fp32 before clipping (privacy.as_parameter_precision)."""
 
     def row_loss(model, noisy, t, labels, noise) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -262,8 +272,6 @@ def _generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator
 
 def _settings(recipe: Recipe, n_classes: int, device: torch.device, k: int) -> StepSettings:
     bf16 = recipe.training.precision == "bf16"
-    if bf16 and device.type != "cuda":
-        raise ValueError("training.precision: bf16 needs a CUDA device; use fp32 on the CPU")
     return StepSettings(
         draws=Draws(
             k=k,
@@ -280,25 +288,56 @@ def _settings(recipe: Recipe, n_classes: int, device: torch.device, k: int) -> S
 # --- the training plan and the privacy record -----------------------------------------------------
 
 
-def _planned(recipe: Recipe, n_train: int) -> dict:
-    """σ, q and steps the run will use; σ calibrated so ε(steps) ≤ target."""
+def _planned(recipe: Recipe, n_train: int, prior: list | None = None) -> dict:
+    """σ, q and steps the run will use; σ calibrated so that ε(prior + steps) ≤ target, where
+    `prior` is the accountant history of a DP run this one starts from (composition)."""
     steps = recipe.training.total_steps(n_train)
     q = recipe.training.expected_batch_size / n_train
-    plan = {"steps": steps, "sample_rate": q, "noise_multiplier": None}
-    if recipe.private:
+    plan = {"steps": steps, "sample_rate": q, "noise_multiplier": None, "prior_history": list(prior or [])}
+    if recipe.dp_sgd:
         plan["noise_multiplier"] = calibrate_noise(
-            recipe.privacy.target_epsilon, recipe.privacy.delta, q, steps, recipe.privacy.accountant
-        )
+            recipe.privacy.target_epsilon, recipe.privacy.delta, q, steps, recipe.privacy.accountant,
+            prior=plan["prior_history"],
+        )  # fmt: skip
     return plan
 
 
-def plan_training(recipe: Recipe, n_train: int) -> dict:
-    """What training would do (for `validate`): steps, q, σ and the ε both accountants give."""
-    plan = _planned(recipe, n_train)
-    if recipe.private:
-        history = [(plan["noise_multiplier"], plan["sample_rate"], plan["steps"])]
+def plan_training(recipe: Recipe, n_train: int, prior: list | None = None) -> dict:
+    """What training would do (for `validate`): steps, q, σ and the ε both accountants give
+    (composed with `prior`, if any)."""
+    plan = _planned(recipe, n_train, prior)
+    if recipe.dp_sgd:
+        history = [*plan["prior_history"], (plan["noise_multiplier"], plan["sample_rate"], plan["steps"])]
         plan["epsilon"] = {a: epsilon_of(history, recipe.privacy.delta, a) for a in ("rdp", "prv")}
     return plan
+
+
+def prior_history(run_dir: RunDir) -> list:
+    """The accountant history this run composes with: that of the DP run whose weights its
+    pre-training stage loaded (pretrain.json), else none."""
+    path = run_dir.pretrained / "pretrain.json"
+    composed = read_json(path).get("composed_with") if path.exists() else None
+    return [tuple(h) for h in composed["accountant_history"]] if composed else []
+
+
+COVERED_BY_EPSILON = [
+    "the generator's weights (checkpoints/final: the last and the EMA weights)",
+    "every image drawn from it: the whole sample store, generated from public seeds before the "
+    "audit, and so each released image with its label, run id, sample seed and sample index",
+]
+NOT_COVERED_BY_EPSILON = [
+    "which samples the memorization audit withheld: the audit compares every sample with the "
+    "private training images after training, so which of them are released depends on those "
+    "images beyond ε",
+    "the audit's statistics (thresholds, distance percentiles, counts flagged, the data-copying "
+    "test, the membership attack) and the evaluation's figures, all computed from real images",
+    "the number of private training images N, which sets q = B/N (DP-SGD treats it as public)",
+    "floating-point and timing side channels of the sampler and noise (Opacus secure_mode is not used)",
+]
+SEEDED_WARNING = (
+    "NOT PRIVATE: privacy.noise_seed seeds the DP noise and the Poisson sampling; anyone who "
+    "knows the seed can regenerate the noise and subtract it, so the accountant's ε is no guarantee"
+)
 
 
 def privacy_record(
@@ -311,24 +350,29 @@ def privacy_record(
     trainable: dict | None = None,
     pretrained: dict | None = None,
 ) -> dict:
-    """The privacy ledger written to privacy.json and carried into every report."""
+    """The privacy ledger written to privacy.json and carried into every report. `history` is
+    the accountant's whole history: the composed prior run's (plan["prior_history"]), then this
+    run's steps."""
     public = ["model architecture and hyper-parameters from the recipe (no data)"]
     if pretrained:
         public.append(pretrained["statement"])
+    mechanism = "NOT PRIVATE: plain SGD (Adam), no clipping or noise"
+    if recipe.dp_sgd:
+        mechanism = (
+            f"DP-SGD (Opacus {opacus_version()}): per-example clipping, Gaussian noise, Poisson sampling"
+        )
+        if not recipe.private:
+            mechanism += "; noise and sampling SEEDED from the recipe (privacy.noise_seed): NOT PRIVATE"
     rec = {
         "private": recipe.private,
-        "mechanism": (
-            f"DP-SGD (Opacus {opacus_version()}): per-example clipping, Gaussian noise, Poisson sampling"
-            if recipe.private
-            else "NOT PRIVATE: plain SGD (Adam), no clipping or noise"
-        ),
+        "mechanism": mechanism,
         "n_train": int(len(images.train_labels)),
         "expected_batch_size": recipe.training.expected_batch_size,
         "sample_rate": plan["sample_rate"],
         "steps_planned": plan["steps"],
         "steps_taken": steps_taken,
-        "noise_multiplicity": recipe.privacy.noise_multiplicity if recipe.private else 1,
-        "per_example_gradients": recipe.privacy.per_example_gradients if recipe.private else None,
+        "noise_multiplicity": recipe.privacy.noise_multiplicity if recipe.dp_sgd else 1,
+        "per_example_gradients": recipe.privacy.per_example_gradients if recipe.dp_sgd else None,
         "data_manifest_sha256": images.manifest_sha256(),
         "recipe_sha256": recipe.sha256(),
         "preprocessing": images.preprocessing,
@@ -338,34 +382,47 @@ def privacy_record(
             f"({len(images.train_labels)} images, classes {images.class_names})",
             "trained_parameters": trainable,
         },
-        "not_covered_by_epsilon": [
-            "the memorization audit reads the private training images after training; which "
-            "samples it drops (and their nearest-neighbour distances) depend on them beyond ε",
-            "floating-point and timing side channels of the sampler and noise (Opacus "
-            "secure_mode is not used)",
-        ],
+        "covered_by_epsilon": COVERED_BY_EPSILON if recipe.private else [],
+        "not_covered_by_epsilon": NOT_COVERED_BY_EPSILON,
     }
     if pretrained:
         rec["pretraining"] = pretrained
-    if recipe.private:
-        delta = recipe.privacy.delta
-        acc = recipe.privacy.accountant
-        other = "prv" if acc == "rdp" else "rdp"
+    if not recipe.dp_sgd:
         rec.update(
             {
-                "accountant": acc,
-                "target_epsilon": recipe.privacy.target_epsilon,
-                "delta": delta,
-                "epsilon": epsilon_of(history, delta, acc),
-                "epsilon_other_accountant": {other: epsilon_of(history, delta, other)},
-                "noise_multiplier": plan["noise_multiplier"],
-                "max_grad_norm": recipe.privacy.max_grad_norm,
-                "accountant_history": [list(h) for h in history],
-                "dp_randomness": dp_seed_source,
+                "epsilon": None,
+                "delta": None,
+                "warning": "NOT PRIVATE: trained WITHOUT differential privacy (no clipping or noise)",
             }
         )
-    else:
-        rec.update({"epsilon": None, "delta": None, "warning": "NOT PRIVATE: no differential privacy"})
+        return rec
+    delta, acc = recipe.privacy.delta, recipe.privacy.accountant
+    other = "prv" if acc == "rdp" else "rdp"
+    prior = [tuple(h) for h in plan.get("prior_history") or []]
+    rec.update(
+        {
+            "accountant": acc,
+            "target_epsilon": recipe.privacy.target_epsilon,
+            "delta": delta,
+            "epsilon": epsilon_of(history, delta, acc),
+            "epsilon_other_accountant": {other: epsilon_of(history, delta, other)},
+            # σ as the accountant recorded it for this run's steps (the last entry), not the plan's
+            "noise_multiplier": history[-1][0] if steps_taken else plan["noise_multiplier"],
+            "max_grad_norm": recipe.privacy.max_grad_norm,
+            "accountant_history": [list(h) for h in history],
+            "dp_randomness": dp_seed_source,
+        }
+    )
+    if prior:
+        rec["composed_with"] = {
+            **(pretrained or {}).get("composed_with", {}),
+            "epsilon_alone": epsilon_of(prior, delta, acc),
+            "reading": "this run started from the weights of a DP run on the same private data; "
+            "its accountant history is the first part of accountant_history, and epsilon is the "
+            "composed ε of both",
+        }
+    if not recipe.private:
+        rec["warning"] = SEEDED_WARNING
     return rec
 
 
@@ -388,15 +445,23 @@ def _save_state(path: Path, state: dict) -> None:
 
 
 def save_final(
-    model: UNet2DModel, ema: EMAModel | None, scheduler: DDPMScheduler, folder: Path, info: dict
+    model: UNet2DModel,
+    ema: EMAModel | None,
+    scheduler: DDPMScheduler,
+    folder: Path,
+    info: dict,
+    origin: dict,
 ) -> None:
-    """checkpoints/final/{unet, unet_ema, scheduler, synthfactory.json}, moved in atomically."""
+    """checkpoints/final/{unet, unet_ema, scheduler, synthfactory.json}, moved in atomically;
+    each UNet folder carries its origin (what it was trained on, and how privately)."""
     tmp = atomic_path(folder)
     model.save_pretrained(tmp / "unet")
+    write_origin(tmp / "unet", origin)
     if ema is not None:
         ema_model = UNet2DModel.from_config(model.config)
         ema.copy_to(ema_model.parameters())
         ema_model.save_pretrained(tmp / "unet_ema")
+        write_origin(tmp / "unet_ema", origin)
     scheduler.save_pretrained(tmp / "scheduler")
     write_json_atomic(tmp / "synthfactory.json", info)
     if folder.exists():
@@ -428,14 +493,23 @@ def pretrain(
     model = initial_model(recipe, images.image_size, n_classes, None)
     if cfg.checkpoint is not None:
         model.load_state_dict(load_unet(cfg.checkpoint).state_dict())
+        use = checkpoint_use(cfg.checkpoint, images.train_hashes(), images.manifest_sha256(), recipe.private)
         digest = folder_sha256(cfg.checkpoint)
         record = {
             "kind": "checkpoint",
             "checkpoint": str(cfg.checkpoint),
             "weights_sha256": digest,
-            "statement": f"initial weights from the checkpoint {cfg.checkpoint} (sha256 {digest[:12]}), "
-            "declared public by the recipe",
+            "origin": use.kind,
+            "statement": f"initial weights from the checkpoint {cfg.checkpoint} (sha256 {digest[:12]}): "
+            + use.statement,
         }
+        if use.kind == "composed":
+            record["composed_with"] = {
+                "run_id": use.origin.get("run_id"),
+                "accountant_history": [list(h) for h in use.prior_history],
+            }
+        # Weights that saw this data keep their origin, so that reusing them composes (or is refused) again.
+        origin = use.origin if use.kind in ("composed", "not_private") else public_origin(record["statement"])
     else:
         assert public is not None
         conditional = public.class_names == images.class_names
@@ -468,11 +542,13 @@ def pretrain(
             "statement": f"pre-training without DP on {n} images from the {recipe.pretrain.data.source} "
             f"source, declared public by the recipe ({cfg.steps} steps; "
             + ("class-conditional" if conditional else "class-agnostic, null label")
-            + "); none of them is an exact copy of a private image",
+            + "); none of them is a copy or near-copy of a private image",
         }
+        origin = public_origin(record["statement"])
     model.to("cpu").eval()
     tmp = atomic_path(run_dir.pretrained)
     model.save_pretrained(tmp / "unet")
+    write_origin(tmp / "unet", origin)
     write_json_atomic(tmp / "pretrain.json", record)
     if run_dir.pretrained.exists():
         shutil.rmtree(run_dir.pretrained)
@@ -483,19 +559,98 @@ def pretrain(
 # --- the private stage ----------------------------------------------------------------------------
 
 
+def training_finished(run_dir: RunDir) -> bool:
+    """Training ended: the final checkpoint and privacy.json are written and the resumable state
+    (which holds the DP secret) is gone. Training such a run again would spend ε a second time."""
+    return (
+        run_dir.privacy.is_file() and run_dir.final_checkpoint.is_dir() and not run_dir.train_state.exists()
+    )
+
+
+def _finished_result(recipe: Recipe, images: ImageSet, run_dir: RunDir) -> TrainResult:
+    """The recorded result of a finished run (nothing is trained again)."""
+    record = read_json(run_dir.privacy)
+    if (
+        record["recipe_sha256"] != recipe.sha256()
+        or record["data_manifest_sha256"] != images.manifest_sha256()
+    ):
+        raise RuntimeError(f"{run_dir.privacy} belongs to another recipe or data set; start a new run")
+    log.info("training of %s finished earlier; not training again", run_dir.root)
+    return TrainResult(
+        steps=record["steps_taken"],
+        epsilon=record["epsilon"],
+        checkpoint=run_dir.final_checkpoint,
+        privacy=record,
+        seconds=record.get("train_seconds", 0.0),
+    )
+
+
+def read_train_state(run_dir: RunDir, recipe: Recipe, images: ImageSet, device: torch.device, d: Dist):
+    """The state to resume from, or None. Rank 0 reads checkpoints/train_state.pt and broadcasts
+    it: another rank may have no copy (a node's own disk) or a stale one, and a rank that went
+    on with its own seed would draw other Poisson batches. A rank holding a copy that disagrees
+    with rank 0's (step, DP seed) stops every rank."""
+    path = run_dir.train_state
+    own = torch.load(path, weights_only=True, map_location="cpu") if path.exists() else None
+    state = broadcast_object(own, d)
+
+    def key(s: dict | None):
+        return None if s is None else (s["step"], s["dp_seed"])
+
+    if any_over_ranks(own is not None and key(own) != key(state), d):
+        raise RuntimeError(
+            f"{path}: a rank's copy disagrees with rank 0's (step, DP seed); resume where every "
+            "rank sees rank 0's file, or remove the stale copies"
+        )
+    if state is None:
+        return None
+    if state["recipe_sha256"] != recipe.sha256() or state["manifest_sha256"] != images.manifest_sha256():
+        raise RuntimeError(
+            f"{path} belongs to another recipe or data set; start a new run instead of resuming this one"
+        )
+    if state["device"] != device.type:
+        raise RuntimeError(f"{path} was written on {state['device']}; resume it there")
+    return state
+
+
+def restore_ema(ema: EMAModel, saved: dict, device: torch.device) -> None:
+    """The EMA shadow weights from a checkpoint (read onto the CPU), moved to the model's device."""
+    ema.load_state_dict(saved)
+    ema.to(device=device)
+
+
+def log_line(step: int, batch: int, loss: float) -> str:
+    """One train_log.jsonl line; an empty Poisson batch has no loss (null, as JSON has no NaN)."""
+    return json.dumps({"step": step, "batch": batch, "loss": loss if batch else None}, allow_nan=False)
+
+
+def dp_randomness(recipe: Recipe, state: dict | None, d: Dist) -> tuple[int, str]:
+    """The seed of the DP noise and Poisson sampling, and where it came from: the checkpoint's
+    when resuming, else a secret from the OS drawn by rank 0 (or the recipe's, tests only)."""
+    if state:
+        return state["dp_seed"], state["dp_seed_source"]
+    if recipe.privacy.noise_seed is not None:
+        return recipe.privacy.noise_seed, "seeded from the recipe (privacy.noise_seed): the noise is known"
+    secret = broadcast_int(secrets.randbits(62), d)  # rank 0's, shared by all ranks
+    return secret, "secret seed from the OS, kept in the resumable state until training ends, then deleted"
+
+
 def train(recipe: Recipe, images: ImageSet, run_dir: RunDir, progress: bool = True) -> TrainResult:
-    """Train (or resume training) and write checkpoints/final and privacy.json."""
+    """Train (or resume training) and write checkpoints/final and privacy.json; then delete the
+    resumable state, which holds the DP secret (a finished run is not trained again)."""
+    if training_finished(run_dir):
+        return _finished_result(recipe, images, run_dir)
     n_train = len(images.train_labels)
     n_classes = len(images.class_names)
-    plan = _planned(recipe, n_train)
+    plan = _planned(recipe, n_train, prior_history(run_dir))
     steps_total = plan["steps"]
     device = resolve_device(recipe.training.device)
     d = from_env(device.type)  # torchrun: join the process group; otherwise one process
     if d.enabled and device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
-    if d.enabled and not recipe.private:
+    if d.enabled and not recipe.dp_sgd:
         raise ValueError("distributed training runs DP-SGD; train a non-private recipe in one process")
-    k = recipe.privacy.noise_multiplicity if recipe.private else 1
+    k = recipe.privacy.noise_multiplicity if recipe.dp_sgd else 1
     settings = _settings(recipe, n_classes, device, k)
     x_all = torch.from_numpy(images.train_images)
     y_all = torch.from_numpy(images.train_labels)
@@ -522,36 +677,17 @@ def train(recipe: Recipe, images: ImageSet, run_dir: RunDir, progress: bool = Tr
         else None
     )
 
-    state = None
-    if run_dir.train_state.exists():
-        state = torch.load(run_dir.train_state, weights_only=True, map_location="cpu")
-        if state["recipe_sha256"] != recipe.sha256() or state["manifest_sha256"] != images.manifest_sha256():
-            raise RuntimeError(
-                f"{run_dir.train_state} belongs to another recipe or data set; "
-                "start a new run instead of resuming this one"
-            )
-        if state["device"] != device.type:
-            raise RuntimeError(f"{run_dir.train_state} was written on {state['device']}; resume it there")
+    state = read_train_state(run_dir, recipe, images, device, d)
+    if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None:
-            ema.load_state_dict(state["ema"])
+            restore_ema(ema, state["ema"], device)
         log.info("resuming training at step %d of %d", state["step"], steps_total)
 
     step = state["step"] if state else 0
     train_gen = _generator(recipe.training.seed + 1)
-    if recipe.privacy.noise_seed is not None:
-        dp_seed, dp_seed_source = (
-            recipe.privacy.noise_seed,
-            "seeded from the recipe (testing only: the noise is known)",
-        )
-    else:
-        dp_seed, dp_seed_source = (
-            broadcast_int(secrets.randbits(62), d),  # rank 0's secret, shared by all ranks
-            "secret seed from the OS, kept in the internal checkpoint",
-        )
-    if state:
-        dp_seed, dp_seed_source = state["dp_seed"], state["dp_seed_source"]
+    dp_seed, dp_seed_source = dp_randomness(recipe, state, d)
     sample_gen, noise_gen = _generator(dp_seed), _generator(dp_seed + 1, device)
     if state:
         train_gen.set_state(state["train_rng"])
@@ -559,7 +695,7 @@ def train(recipe: Recipe, images: ImageSet, run_dir: RunDir, progress: bool = Tr
         noise_gen.set_state(state["noise_rng"])
 
     private: PrivateTraining | None = None
-    if recipe.private:
+    if recipe.dp_sgd:
         private = make_private(
             model,
             optimizer,
@@ -574,7 +710,9 @@ def train(recipe: Recipe, images: ImageSet, run_dir: RunDir, progress: bool = Tr
             mode=recipe.privacy.per_example_gradients,
             world=d.world,
         )
-        private.accountant.history = [tuple(h) for h in (state["accountant_history"] if state else [])]
+        # The accountant goes on from the checkpoint's history, or starts from the composed prior run's.
+        start = state["accountant_history"] if state else plan["prior_history"]
+        private.accountant.history = [tuple(h) for h in start]
         batches = iter(private.sampler)
     broadcast_parameters(model, d)
     model.train()
@@ -633,7 +771,7 @@ def train(recipe: Recipe, images: ImageSet, run_dir: RunDir, progress: bool = Tr
             if ema is not None:
                 ema.step(model.parameters())
             step += 1
-            logfile.write(json.dumps({"step": step, "batch": int(len(idx)), "loss": loss}) + "\n")
+            logfile.write(log_line(step, int(len(idx)), loss) + "\n")
             bar.update(1)
             bar.set_postfix(batch=len(idx), loss=f"{loss:.4f}")
             if step % recipe.training.checkpoint_every == 0 or step == steps_total:
@@ -648,7 +786,7 @@ def train(recipe: Recipe, images: ImageSet, run_dir: RunDir, progress: bool = Tr
     record["ema_decay"] = decay
     record["label_dropout"] = recipe.training.label_dropout
     record["timesteps"] = recipe.training.timesteps.model_dump()
-    if recipe.private and record["epsilon"] > recipe.privacy.target_epsilon + 1e-9:
+    if recipe.dp_sgd and record["epsilon"] > recipe.privacy.target_epsilon + 1e-9:
         raise RuntimeError(f"accountant ε {record['epsilon']:.4f} exceeds the target; refusing to go on")
 
     if d.enabled:
@@ -666,8 +804,10 @@ def train(recipe: Recipe, images: ImageSet, run_dir: RunDir, progress: bool = Tr
         "steps": step,
     }
     if d.main:
-        save_final(model, ema, scheduler, run_dir.final_checkpoint, info)
+        origin = trained_origin(run_dir.run_id, images.manifest_sha256(), record)
+        save_final(model, ema, scheduler, run_dir.final_checkpoint, info, origin)
         write_json_atomic(run_dir.privacy, record)
+        run_dir.train_state.unlink(missing_ok=True)  # the DP secret: a finished run needs no resume
     barrier(d)
     return TrainResult(
         steps=step,

@@ -56,6 +56,10 @@ class ImageSet:
         lines = "\n".join(json.dumps(m, sort_keys=True) for m in self.manifest)
         return hashlib.sha256(lines.encode()).hexdigest()
 
+    def train_hashes(self) -> set[str]:
+        """SHA-256 of every private training image (from the manifest)."""
+        return {m["sha256"] for m in self.manifest if m["split"] == "train"}
+
     @property
     def image_size(self) -> int:
         return int(self.train_images.shape[-1])
