@@ -43,7 +43,8 @@ AuditDir = Annotated[
 
 
 def _fail(code: int, message: str) -> None:
-    typer.secho(message, err=True, fg=typer.colors.RED)
+    """One line on stderr (a message that quotes a library's error may hold line breaks), exit code."""
+    typer.secho(" ".join(message.split()), err=True, fg=typer.colors.RED)
     raise typer.Exit(code)
 
 
@@ -75,7 +76,7 @@ def _print_summary(run_path: Path) -> None:
                 f"{p['steps_taken']} steps, C = {p['max_grad_norm']:g}"
             )
         else:
-            typer.secho("privacy    NOT PRIVATE: trained without differential privacy", fg=typer.colors.RED)
+            typer.secho(f"privacy    {p.get('warning', 'NOT PRIVATE')}", fg=typer.colors.RED)
     a = s.get("audit")
     if a:
         echo(
@@ -139,11 +140,13 @@ def validate(recipe: RecipeArg, set_: Sets = None, smoke: Smoke = False) -> None
         )
     plan = c.plan
     line = f"training   {plan['steps']} steps, q = {plan['sample_rate']:.4g}"
-    if c.recipe.private:
+    if c.recipe.dp_sgd:
         eps = ", ".join(f"{k} {v:.3f}" for k, v in plan["epsilon"].items())
         line += f", σ = {plan['noise_multiplier']:.4f} → ε {eps} at δ = {c.recipe.privacy.delta:g}"
-    else:
-        line += ", NOT PRIVATE"
+        if plan["prior_history"]:
+            line += " (composed with the DP run pretrain.checkpoint comes from)"
+    if not c.recipe.private:
+        line += ", NOT PRIVATE" + (" (privacy.noise_seed: the DP noise is known)" if c.recipe.dp_sgd else "")
     typer.echo(line)
 
 

@@ -13,8 +13,10 @@ Per file:
   `BurnedInAnnotation` NO; patient birth date and sex empty (type 2);
 - the class: `SeriesDescription` "synthetic <class>", and in the private block
   "SYNTHFACTORY 1" (group 0x0011): 0x1001 class name, 0x1002 class index, 0x1003 run id,
-  0x1004 sample seed, 0x1005 sample index, 0x1006 audit verdict, 0x1007 nearest-neighbour scores
-  (JSON), 0x1008 ε and δ; the same in `ImageComments` as text for viewers that hide private tags;
+  0x1004 sample seed, 0x1005 sample index, 0x1008 ε and δ (or NOT PRIVATE); the same in
+  `ImageComments` as text for viewers that hide private tags. Only what the DP generator and
+  public seeds determine: no audit figure (0x1006 and 0x1007, which once held the audit verdict
+  and the nearest-neighbour scores, are no longer written);
 - pixels: 8-bit MONOCHROME2. For CT read from DICOM through a window, `RescaleSlope` and
   `RescaleIntercept` map the stored values back to Hounsfield units (`RescaleType` HU) and the
   window is that of the recipe; otherwise the values are the model's 8-bit output (`RescaleType`
@@ -23,7 +25,6 @@ Per file:
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -46,8 +47,6 @@ PRIVATE_TAGS = {
     "run_id": (0x03, "LO"),
     "sample_seed": (0x04, "LO"),
     "sample_index": (0x05, "UL"),
-    "audit_verdict": (0x06, "LO"),
-    "audit_scores": (0x07, "UT"),
     "privacy": (0x08, "LO"),
 }
 
@@ -75,8 +74,6 @@ def synthetic_dataset(
     class_index: int,
     sample_index: int,
     sample_seed: int,
-    audit_verdict: str,
-    audit_scores: dict[str, float],
     privacy: str,
     rescale: tuple[float, float, str],
     window: tuple[float, float] | None,
@@ -133,7 +130,7 @@ def synthetic_dataset(
     ds.PatientOrientation = ""
     ds.ImageComments = (
         f"SYNTHETIC image, not for diagnosis. class={class_name}; class_index={class_index}; "
-        f"run={run_id}; sample={sample_index}; seed={sample_seed}; audit={audit_verdict}; {privacy}"
+        f"run={run_id}; sample={sample_index}; seed={sample_seed}; {privacy}"
     )[:10240]
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -159,8 +156,6 @@ def synthetic_dataset(
         "run_id": run_id[:64],
         "sample_seed": str(int(sample_seed)),
         "sample_index": int(sample_index),
-        "audit_verdict": audit_verdict[:64],
-        "audit_scores": json.dumps({k: round(float(v), 6) for k, v in audit_scores.items()}),
         "privacy": privacy[:64],
     }
     for key, (offset, vr) in PRIVATE_TAGS.items():
@@ -172,7 +167,6 @@ def read_provenance(ds: Dataset) -> dict:
     """The private block back as a dict (what a consumer of the files reads)."""
     block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR)
     out = {key: block[offset].value for key, (offset, _) in PRIVATE_TAGS.items()}
-    out["audit_scores"] = json.loads(out["audit_scores"])
     out["sample_seed"] = int(out["sample_seed"])
     return out
 
@@ -182,9 +176,7 @@ def write_dicom_files(rs, folder: Path) -> list[Path]:
     created = datetime.now(timezone.utc)
     rescale = hu_rescale(rs.modality, rs.source, rs.ct_window)
     window = rs.ct_window if rescale[2] == "HU" else None
-    privacy = (
-        f"DP eps={rs.epsilon:.4g} delta={rs.delta:g}" if rs.epsilon is not None else "NOT PRIVATE (no DP)"
-    )
+    privacy = f"DP eps={rs.epsilon:.4g} delta={rs.delta:g}" if rs.private else "NOT PRIVATE"
     paths = []
     for k in range(len(rs.labels)):
         label = int(rs.labels[k])
@@ -198,8 +190,6 @@ def write_dicom_files(rs, folder: Path) -> list[Path]:
             class_index=label,
             sample_index=int(rs.sample_index[k]),
             sample_seed=int(rs.seeds[k]),
-            audit_verdict="passed",
-            audit_scores={n: float(v[k]) for n, v in rs.scores.items()},
             privacy=privacy,
             rescale=rescale,
             window=window,

@@ -4,6 +4,12 @@ The release reads the sample store (samples/store/) and audit/audit.json from th
 the audit blocked the release or does not match the samples on disk, and writes each requested
 format through a writer `(ReleasedSet, folder) -> None` in WRITERS (Hub push and DICOM plug in
 here). The release folder is built aside and moved into place in one rename.
+
+What a released image carries is a function of the DP generator and public seeds only: the
+image, its label, the run id, its sample seed and its index in the sample store. No per-sample
+audit figure (nearest-neighbour distance, similarity score) leaves: each is a function of the
+private images outside ε; they stay in the run directory (audit/). A run without the DP
+guarantee (no DP-SGD, or seeded DP noise) is released under release-NOT-PRIVATE/.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +43,8 @@ class ReleasedSet:
     labels: np.ndarray  # int64 [K]
     seeds: np.ndarray  # int64 [K]
     sample_index: np.ndarray  # int64 [K], index into the sample store
-    nn_distance: np.ndarray  # float32 [K]
     class_names: list[str]
-    scores: dict[str, np.ndarray] = field(default_factory=dict)  # per audit space, [K]
+    private: bool = False  # the DP guarantee holds (privacy.json)
     run_id: str = ""
     recipe_name: str = ""
     recipe_sha256: str = ""
@@ -77,11 +82,6 @@ def audited_set(run_dir: RunDir, allow_blocked: bool = False) -> tuple[ReleasedS
     if audit.get("samples_sha256") != samples.sha256() or audit["run_id"] != run_dir.run_id:
         raise ReleaseRefused("the samples changed after the audit; run the audit again before releasing")
     passed = np.array([s["index"] for s in audit["samples"] if not s["flagged"]], dtype=np.int64)
-    dist = np.array([s["nn_distance"] for s in audit["samples"]], dtype=np.float32)
-    scores = {
-        n: np.array([audit["samples"][i]["scores"][n] for i in passed], dtype=np.float32)
-        for n in audit["spaces"]
-    }
     data = (yaml.safe_load(run_dir.recipe.read_text()) or {}).get("data", {})
     window = data.get("ct_window") or {}
     released = ReleasedSet(
@@ -89,9 +89,8 @@ def audited_set(run_dir: RunDir, allow_blocked: bool = False) -> tuple[ReleasedS
         labels=samples.labels[passed],
         seeds=samples.seeds[passed],
         sample_index=passed,
-        nn_distance=dist[passed],
         class_names=list(audit["data"]["class_names"]),
-        scores=scores,
+        private=bool(read_json(run_dir.privacy)["private"]),
         run_id=audit["run_id"],
         recipe_name=audit["recipe_name"],
         recipe_sha256=audit["recipe_sha256"],
@@ -104,7 +103,8 @@ def audited_set(run_dir: RunDir, allow_blocked: bool = False) -> tuple[ReleasedS
     return released, audit
 
 
-def hf_features(class_names: list[str], spaces: list[str]):
+def hf_features(class_names: list[str]):
+    """The released columns: the image and what the DP generator and public seeds determine."""
     import datasets
 
     return datasets.Features(
@@ -114,9 +114,6 @@ def hf_features(class_names: list[str], spaces: list[str]):
             "run_id": datasets.Value("string"),
             "sample_seed": datasets.Value("int64"),
             "sample_index": datasets.Value("int64"),
-            "audit_verdict": datasets.Value("string"),
-            "nn_distance": datasets.Value("float32"),
-            **{f"audit_{n}": datasets.Value("float32") for n in spaces},
         }
     )
 
@@ -130,9 +127,6 @@ def released_rows(rs: ReleasedSet):
             "run_id": rs.run_id,
             "sample_seed": int(rs.seeds[i]),
             "sample_index": int(rs.sample_index[i]),
-            "audit_verdict": "passed",
-            "nn_distance": float(rs.nn_distance[i]),
-            **{f"audit_{n}": float(v[i]) for n, v in rs.scores.items()},
         }
 
 
@@ -210,7 +204,7 @@ def write_rows(rows, features, folder: Path, max_shard_size: str = "200MB", batc
 
 def write_hf(rs: ReleasedSet, folder: Path) -> None:
     """A `datasets.DatasetDict` with a train split in save_to_disk's layout, streamed (`write_rows`)."""
-    write_rows(released_rows(rs), hf_features(rs.class_names, list(rs.scores)), folder)
+    write_rows(released_rows(rs), hf_features(rs.class_names), folder)
 
 
 def write_png(rs: ReleasedSet, folder: Path) -> None:
@@ -262,13 +256,13 @@ WRITERS: dict[str, Callable[[ReleasedSet, Path], None]] = {
 }
 
 
-def release(
-    run_dir: RunDir, formats: list[str], private: bool, report_dir: Path | None = None
-) -> tuple[Path, dict]:
+def release(run_dir: RunDir, formats: list[str], report_dir: Path | None = None) -> tuple[Path, dict]:
     """Write the audited samples in each format, and a per-class grid of them (also into the
-    audit report folder); returns the release folder and release.json."""
+    audit report folder); returns the release folder and release.json. A run without the DP
+    guarantee goes to release-NOT-PRIVATE/."""
     rs, audit = audited_set(run_dir)
-    final = run_dir.release_dir(private)
+    privacy = read_json(run_dir.privacy)
+    final = run_dir.release_dir(rs.private)
     tmp = atomic_path(final)
     tmp.mkdir(parents=True)
     try:
@@ -277,24 +271,31 @@ def release(
         write_grid(rs, tmp / "sample_grid.png")
         if report_dir is not None and report_dir.is_dir():
             shutil.copy(tmp / "sample_grid.png", report_dir / "sample_grid.png")
+        s = audit["summary"]
         info = {
             "synthfactory_version": __version__,
             "run_id": run_dir.run_id,
-            "private": private,
+            "private": rs.private,
             "recipe_sha256": audit["recipe_sha256"],
             "privacy": audit["privacy"],
+            "covered_by_epsilon": privacy.get("covered_by_epsilon", []),
+            "not_covered_by_epsilon": privacy.get("not_covered_by_epsilon", []),
+            "columns": list(hf_features(rs.class_names)),
             "audit": {
                 "schema": audit["schema"],
                 "decision": audit["decision"],
                 "spaces": list(audit["spaces"]),
                 "false_alarm_percent": audit["calibration"]["false_alarm_target_percent"],
-                **audit["summary"],
+                **{k: s[k] for k in ("n_samples", "n_flagged", "n_dropped", "n_released")},
+                "privacy_of_these_figures": "computed from the private images: not covered by ε",
             },
             "class_names": rs.class_names,
             "class_counts": {n: int((rs.labels == i).sum()) for i, n in enumerate(rs.class_names)},
             "formats": formats,
             "n_released": int(len(rs.labels)),
         }
+        if not rs.private:
+            info["warning"] = privacy.get("warning", "NOT PRIVATE")
         write_json_atomic(tmp / "release.json", info)
         if final.exists():
             shutil.rmtree(final)

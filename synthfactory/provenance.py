@@ -45,6 +45,7 @@ def lineage(run_dir: RunDir) -> dict:
             if (final / name).is_dir()
         }
     privacy = _maybe(run_dir.privacy)
+    out["dp_secret"] = dp_secret(run_dir, privacy)
     if privacy:
         out["privacy"] = {
             k: privacy.get(k)
@@ -76,3 +77,21 @@ def lineage(run_dir: RunDir) -> dict:
     if publish:
         out["published"] = publish
     return out
+
+
+def dp_secret(run_dir: RunDir, privacy: dict | None) -> str:
+    """Whether the run directory still holds the seed and generator states of the DP noise and
+    sampling (checkpoints/train_state.pt, its own or an audit model's): only while training runs."""
+    held = sorted(str(p.relative_to(run_dir.root)) for p in run_dir.root.rglob("train_state.pt"))
+    if held:
+        return (
+            f"PRESENT in {', '.join(held)}: training has not finished; whoever holds this file can "
+            "regenerate the DP noise and batches (it is deleted when training ends)"
+        )
+    if privacy is None:
+        return "none: not trained yet"
+    if privacy.get("mechanism", "").startswith("DP-SGD") and not privacy["private"]:
+        return "none to keep: the DP noise was seeded from the recipe (privacy.noise_seed): NOT PRIVATE"
+    if not privacy["private"]:
+        return "none: trained without DP"
+    return "gone: deleted when training finished (checkpoints/train_state.pt removed)"

@@ -1,8 +1,10 @@
 """Audit reports under privacy_audits/<recipe>/<run id>/.
 
-Public (no real pixels; they name training images by index only, and the manifest that maps an
-index to a hash stays in the run directory): `audit.json` (versioned schema), `audit-summary.md`,
-`distances.png` (per-space histograms) and `membership_roc.png`. Internal: `internal/audit.html`,
+Public (statistics only: no real pixels, no per-sample figure): `audit.json` (the run's audit
+without its `samples` list; the per-sample nearest-training indices, distances and scores stay
+in the run directory), `audit-summary.md`, `distances.png` (per-space histograms) and
+`membership_roc.png`. Their statistics are computed from the private images and are not covered
+by ε; each says so. Internal: `internal/audit.html`,
 one self-contained page (figures inline) that *shows real training images* beside the synthetic
 samples closest to them; it says so at the top, is git-ignored, and is never part of a release or
 a Hub push.
@@ -98,7 +100,7 @@ def closest_pairs_figure(
 
 def _privacy_line(p: dict) -> str:
     if not p.get("private"):
-        return "**NOT PRIVATE**: trained without differential privacy"
+        return f"**NOT PRIVATE**: {p.get('warning', 'trained without differential privacy').removeprefix('NOT PRIVATE: ')}"
     other = ", ".join(f"{k}: {v:.3f}" for k, v in p.get("epsilon_other_accountant", {}).items())
     return (
         f"ε = {p['epsilon']:.3f} (target {p['target_epsilon']:g}, {p['accountant']} accountant"
@@ -111,6 +113,37 @@ def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
+NOT_COVERED_NOTE = (
+    "statistics computed from the private training and held-out images after training: not "
+    "covered by ε. Per-sample figures (nearest training image, distances, scores) are kept in "
+    "the run directory only"
+)
+
+
+def public_audit(audit: dict) -> dict:
+    """The audit as the report folder holds it: every statistic, no per-sample figure, and not
+    the private data's manifest hash (a hash of the exact private set would let anyone who holds
+    all images but one test which candidate completes it; it stays in the run directory)."""
+    out = {k: v for k, v in audit.items() if k != "samples"}
+    out["data"] = {k: v for k, v in audit["data"].items() if k != "manifest_sha256"}
+    out["privacy_of_this_report"] = NOT_COVERED_NOTE
+    return out
+
+
+def covers_lines(p: dict) -> list[str]:
+    """What ε covers and what it does not, from the run's privacy record."""
+    if not p.get("private"):
+        return [f"No ε: {p.get('warning', 'NOT PRIVATE')}.", ""]
+    return [
+        f"Covered by ε = {p['epsilon']:.3f} (δ = {p['delta']:g}): "
+        + "; ".join(p.get("covered_by_epsilon", []))
+        + ".",
+        "",
+        "Not covered: " + "; ".join(p.get("not_covered_by_epsilon", [])) + ".",
+        "",
+    ]
+
+
 def summary_markdown(audit: dict) -> str:
     """The public summary: statistics only, no real image, no index into the private set."""
     c, s = audit["calibration"], audit["summary"]
@@ -118,7 +151,12 @@ def summary_markdown(audit: dict) -> str:
         f"# Privacy audit summary: {audit['recipe_name']} / {audit['run_id']}",
         "",
         "Statistics only: this file holds no image and names no training image. It may be "
-        "published with the dataset.",
+        f"published with the dataset. Its figures are {NOT_COVERED_NOTE}.",
+        "",
+        "## What ε covers",
+        "",
+        *covers_lines(audit["privacy"]),
+        "## Summary",
         "",
         "| | |",
         "| --- | --- |",
@@ -127,8 +165,7 @@ def summary_markdown(audit: dict) -> str:
         f"{s['n_dropped']} dropped, {s['n_released']} released |",
         f"| differential privacy | {_privacy_line(audit['privacy'])} |",
         f"| real data | {audit['data']['n_train']} training and {audit['data']['n_heldout']} held-out images, "
-        f"{audit['data']['image_size'][0]}×{audit['data']['image_size'][1]} px; manifest sha256 "
-        f"`{audit['data']['manifest_sha256'][:16]}…` |",
+        f"{audit['data']['image_size'][0]}×{audit['data']['image_size'][1]} px |",
         f"| recipe | sha256 `{audit['recipe_sha256'][:16]}…`, synthfactory {audit['synthfactory_version']} |",
         f"| gate calibration | false alarms ≤ {c['false_alarm_target_percent']:g} % of held-out images "
         f"(in sample {c['false_alarm_in_sample_percent']:.2f} %), shared level = "
@@ -364,7 +401,7 @@ def write_reports(
     """Everything under privacy_audits/<recipe>/<run id>/."""
     internal = out_dir / "internal"
     internal.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "audit.json", audit)
+    write_json_atomic(out_dir / "audit.json", public_audit(audit))
     figures = {"distances": _save(space_histograms(audit, background, synth), out_dir / "distances.png")}
     if audit.get("membership_inference"):
         figures["membership_roc"] = _save(
