@@ -22,6 +22,23 @@ _DICOM_MODALITY = {"mri": "MR", "ct": "CT", "us": "US"}
 
 def load_images(cfg: DataConfig, modality: str) -> ImageSet:
     """Read the recipe's data source into an ImageSet. Raises DataError naming a data field."""
+    try:
+        train, held, names, skipped, steps = _read_source(cfg, modality)
+    except OSError as e:  # the path is not what the source reads: a file for a folder, no access, ...
+        raise DataError("path", f"cannot read {cfg.path}: {e.strerror or e}") from None
+    steps.append("no statistic computed over the data set: preprocessing spends no privacy budget")
+    limits = (cfg.max_train_images, cfg.max_heldout_images)
+    if any(v is not None for v in limits):
+        steps.append(
+            f"random subset (seed {cfg.split_seed}) of at most {limits[0]} training and {limits[1]} held-out images"
+        )
+    return build_image_set(
+        train, held, cfg.classes, names, cfg.image_size, skipped, steps, limits=limits, seed=cfg.split_seed
+    )
+
+
+def _read_source(cfg: DataConfig, modality: str):
+    """(train, held-out, class names, skipped files, preprocessing steps) from the source."""
     skipped: list[dict] = []
     steps = ["pad to a centred square with black, resize (bilinear, antialiased)"]
     if cfg.source == "phantom":
@@ -61,12 +78,4 @@ def load_images(cfg: DataConfig, modality: str) -> ImageSet:
         )
     else:  # pragma: no cover - the recipe's Literal forbids it
         raise DataError("source", f"unknown source {cfg.source}")
-    steps.append("no statistic computed over the data set: preprocessing spends no privacy budget")
-    limits = (cfg.max_train_images, cfg.max_heldout_images)
-    if any(v is not None for v in limits):
-        steps.append(
-            f"random subset (seed {cfg.split_seed}) of at most {limits[0]} training and {limits[1]} held-out images"
-        )
-    return build_image_set(
-        train, held, cfg.classes, names, cfg.image_size, skipped, steps, limits=limits, seed=cfg.split_seed
-    )
+    return train, held, names, skipped, steps

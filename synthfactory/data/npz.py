@@ -22,7 +22,22 @@ def _scale(img: np.ndarray) -> np.ndarray:
 
 
 def read_npz(path: Path, train_split: str, heldout_split: str) -> tuple[RawSplit, RawSplit, list[str]]:
-    with np.load(path, allow_pickle=False) as z:
+    """Both splits of a MedMNIST-layout .npz. A file that is not a readable .npz (truncated,
+    corrupt, not a zip, pickled arrays) raises DataError naming it."""
+    try:
+        return _read_npz(path, train_split, heldout_split)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - numpy's reader raises BadZipFile, zlib.error, EOFError,
+        # ValueError, and for a damaged array header even tokenize.TokenError: any of them means
+        # the file is not a readable .npz.
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise DataError("path", f"{path.name} is not a readable .npz file ({reason})") from None
+
+
+def _read_npz(path: Path, train_split: str, heldout_split: str) -> tuple[RawSplit, RawSplit, list[str]]:
+    # The file handle is ours: np.load on a damaged file can raise with its own handle left open.
+    with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
         keys = set(z.files)
         for split, field in ((train_split, "train_split"), (heldout_split, "heldout_split")):
             for kind in ("images", "labels"):
