@@ -1,10 +1,11 @@
 # The two commands: `make demo` (set up, then run recipes/demo.yaml) and `make test`.
+# `make mutations`: the privacy mutation check (CI runs it after `make test`).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.synthfactory-installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test mutations lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +20,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+mutations: $(STAMP)
+	$(BIN)/python tests/privacy_mutations.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check synthfactory tests

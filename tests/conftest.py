@@ -57,7 +57,6 @@ def tiny_recipe(**overrides) -> dict:
             "delta": 1e-3,
             "max_grad_norm": 1.0,
             "accountant": "rdp",
-            "noise_seed": 7,
         },
         "sampling": {"images_per_class": 4, "ddim_steps": 3, "seed": 0, "batch_size": 8},
         "audit": {"threshold": {"rule": "heldout_percentile", "percentile": 1.0}, "action": "drop"},

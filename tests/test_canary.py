@@ -82,7 +82,14 @@ def test_canary_stage_trains_a_second_model_and_reports_the_bound(run_copy, tmp_
     assert len(inc) == 40 and sub["n_train"] == len(checked.images.train_labels) + inc.sum()
     assert sub["private"] and sub["epsilon"] <= checked.recipe.privacy.target_epsilon
     assert canary["accountant_epsilon"] == sub["epsilon"]
-    assert 0.0 <= canary["epsilon_lower_bound"] <= sub["epsilon"]
+    # The bound is the paper's test on this model's own scores, at the canary run's δ.
+    again = audit_scores(
+        np.array(canary["scores"]), inc, sub["delta"], checked.recipe.audit.canary.confidence
+    )
+    assert canary["delta"] == sub["delta"] == checked.recipe.privacy.delta
+    assert canary["epsilon_lower_bound"] == again["epsilon_lower_bound"]
+    assert canary["n_included"] == int(inc.sum()) and canary["m"] == 40
+    assert not list(run_dir.root.rglob("train_state.pt"))  # both audit models' DP secrets are gone
     nonpriv = read_json(run_dir.nonprivate_run.privacy)
     assert nonpriv["private"] is False and nonpriv["steps_taken"] == sub["steps_taken"]
 

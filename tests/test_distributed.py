@@ -5,8 +5,10 @@ resume that changes the number of ranks."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,9 @@ SETTINGS = {
     "training__expected_batch_size": 24,
     "training__max_physical_batch_size": 8,  # several chunks per rank
     "privacy__noise_multiplicity": 2,
+    # Seeded DP randomness (NOT PRIVATE, tests only): two runs must draw the same batches and noise
+    # to be compared.
+    "privacy__noise_seed": 7,
 }
 
 
@@ -36,14 +41,30 @@ CLI = Path(sys.executable).with_name("synthfactory")
 
 
 def _torchrun(program: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node=2 program args...`, one thread per rank."""
+    """`torchrun --standalone --nproc_per_node=2 program args...`, one thread per rank. A job that
+    outlives `timeout` (ranks stuck in a collective) is stopped: SIGTERM lets torchrun's agent stop
+    its workers (each in a session of its own), then SIGKILL; it returns -9. Output goes through
+    files, so no orphaned worker holding a pipe can keep this call waiting."""
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)
-    return subprocess.run(
-        [str(torchrun), "--standalone", "--nproc_per_node=2", str(program), *args],
-        capture_output=True, text=True, timeout=timeout, env=env,
-    )  # fmt: skip
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", str(program), *args]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            code = -9
+        out.seek(0)
+        err.seek(0)
+        stderr = err.read() + (f"\n[stopped after {timeout} s]" if code == -9 else "")
+        return subprocess.CompletedProcess(cmd, code, out.read(), stderr)
 
 
 def _train_on_two_ranks(run_dir: Path) -> subprocess.CompletedProcess:
@@ -104,6 +125,56 @@ def test_a_run_killed_in_one_process_resumes_on_two_ranks(single, tmp_path, monk
     got, want = read_json(run_dir.privacy), read_json(ref.privacy)
     assert got["accountant_history"] == want["accountant_history"] and got["steps_taken"] == 6
     assert _max_weight_difference(ref.final_checkpoint, run_dir.final_checkpoint) < 1e-5
+
+
+ELSEWHERE = """
+import os
+import sys
+
+from synthfactory import rundir
+from synthfactory.cli import app
+
+if os.environ["RANK"] == "1":  # this rank's disk holds another copy of train_state.pt, or none
+    rundir.RunDir.train_state = property(lambda self: self.root / "rank1" / "train_state.pt")
+sys.argv = ["synthfactory", "train", sys.argv[1], "-q"]
+app()
+"""
+
+
+def _killed_at_step_4(base: Path, name: str, monkeypatch):
+    checked, run_dir = _fresh(base, name)
+    monkeypatch.setattr(train_module, "dp_step", dying_on_call(train_module.dp_step, 6))
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(checked.recipe, checked.images, run_dir, progress=False)
+    monkeypatch.undo()
+    return run_dir
+
+
+def test_resume_where_one_rank_has_no_state_file_takes_rank_0s(single, tmp_path, monkeypatch) -> None:
+    """Rank 0 reads the resumable state and broadcasts it: a rank without the file (a node's
+    own disk) resumes from rank 0's step, seed and generators, as one process would."""
+    ref, _ = single
+    run_dir = _killed_at_step_4(tmp_path, "lacking", monkeypatch)
+    script = tmp_path / "elsewhere.py"
+    script.write_text(ELSEWHERE)
+    res = _torchrun(script, str(run_dir.root), timeout=90)  # a rank on its own seed hangs
+    assert res.returncode == 0, res.stderr[-3000:]
+    got, want = read_json(run_dir.privacy), read_json(ref.privacy)
+    assert got["accountant_history"] == want["accountant_history"] and got["steps_taken"] == 6
+    assert _max_weight_difference(ref.final_checkpoint, run_dir.final_checkpoint) < 1e-5
+
+
+def test_resume_stops_when_a_ranks_copy_disagrees_with_rank_0s(tmp_path, monkeypatch) -> None:
+    run_dir = _killed_at_step_4(tmp_path, "stale", monkeypatch)
+    stale = torch.load(run_dir.train_state, weights_only=True)
+    stale["step"] = 2  # an older copy left on rank 1's disk
+    (run_dir.root / "rank1").mkdir()
+    torch.save(stale, run_dir.root / "rank1" / "train_state.pt")
+    script = tmp_path / "elsewhere.py"
+    script.write_text(ELSEWHERE)
+    res = _torchrun(script, str(run_dir.root), timeout=90)
+    assert res.returncode != 0 and "disagrees with rank 0's" in res.stderr
+    assert not run_dir.privacy.exists()
 
 
 SHARDED_SEARCH = """

@@ -22,9 +22,7 @@ def test_release_holds_only_audited_passed_samples(run_copy, tmp_path) -> None:
     passed = [s["index"] for s in audit["samples"] if not s["flagged"]]
     assert flagged and passed
 
-    folder, info = release(
-        run_dir, ["hf", "png"], private=True, report_dir=tmp_path / "pa" / "tiny" / run_dir.run_id
-    )
+    folder, info = release(run_dir, ["hf", "png"], report_dir=tmp_path / "pa" / "tiny" / run_dir.run_id)
     assert folder == run_dir.root / "release"
     assert (folder / "sample_grid.png").stat().st_size > 1000
     assert (tmp_path / "pa" / "tiny" / run_dir.run_id / "sample_grid.png").is_file()
@@ -39,7 +37,9 @@ def test_release_holds_only_audited_passed_samples(run_copy, tmp_path) -> None:
         i = row["sample_index"]
         np.testing.assert_array_equal(np.asarray(row["image"]), samples.images[i])
         assert row["label"] == samples.labels[i] and row["sample_seed"] == samples.seeds[i]
-        assert row["nn_distance"] == pytest.approx(audit["samples"][i]["nn_distance"], rel=1e-6)
+    # Only what the DP generator and public seeds determine; no per-sample audit figure.
+    assert list(ds.features) == ["image", "label", "run_id", "sample_seed", "sample_index"]
+    assert info["columns"] == list(ds.features)
     pngs = sorted(p.name for p in (folder / "png").rglob("*.png"))
     assert pngs == sorted(f"{i:06d}.png" for i in passed)
     assert info["n_released"] == len(passed) == read_json(folder / "release.json")["n_released"]
@@ -54,13 +54,13 @@ def test_release_refuses_samples_changed_after_the_audit(run_copy, tmp_path) -> 
     images[0] = 255 - images[0]
     Samples(images, s.labels, s.seeds).save(run_dir.samples)
     with pytest.raises(ReleaseRefused, match="changed after the audit"):
-        release(run_dir, ["hf"], private=True)
+        release(run_dir, ["hf"])
 
 
 def test_release_refuses_without_audit(run_copy) -> None:
     _, run_dir = run_copy
     with pytest.raises(ReleaseRefused, match="no audit"):
-        release(run_dir, ["hf"], private=True)
+        release(run_dir, ["hf"])
 
 
 def test_streamed_writer_shards_and_round_trips_through_load_from_disk(tmp_path) -> None:
@@ -79,13 +79,10 @@ def test_streamed_writer_shards_and_round_trips_through_load_from_disk(tmp_path)
             "run_id": "r",
             "sample_seed": 100 + i,
             "sample_index": i,
-            "audit_verdict": "passed",
-            "nn_distance": 0.5,
-            "audit_pixel_l2": float(i),
         }
         for i in range(25)
     )
-    assert write_rows(rows, hf_features(["a", "b"], ["pixel_l2"]), tmp_path, max_shard_size="5KB") == 25
+    assert write_rows(rows, hf_features(["a", "b"]), tmp_path, max_shard_size="5KB") == 25
     split = tmp_path / "dataset" / "train"
     shards = sorted(split.glob("*.arrow"))
     assert len(shards) >= 4 and shards[0].name == f"data-00000-of-{len(shards):05d}.arrow"
@@ -94,8 +91,8 @@ def test_streamed_writer_shards_and_round_trips_through_load_from_disk(tmp_path)
     assert ds.info.splits["train"].num_examples == 25
     for i, row in enumerate(ds):
         np.testing.assert_array_equal(np.asarray(row["image"]), images[i])
-        assert row["sample_index"] == i and row["sample_seed"] == 100 + i and row["audit_pixel_l2"] == i
+        assert row["sample_index"] == i and row["sample_seed"] == 100 + i
 
     empty = tmp_path / "empty"
-    assert write_rows(iter(()), hf_features(["a", "b"], []), empty) == 0
+    assert write_rows(iter(()), hf_features(["a", "b"]), empty) == 0
     assert len(datasets.load_from_disk(str(empty / "dataset"))["train"]) == 0

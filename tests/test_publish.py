@@ -34,7 +34,7 @@ def released_once(tiny_run, tmp_path_factory):
     shutil.copytree(src.root, run_dir.root)
     res = run_audit(checked.recipe, run_dir, checked.images, base / "pa")
     run_dir.mark_done("audit", decision=res.decision, report=str(res.report_dir))
-    folder, _ = release(run_dir, ["hf", "png", "dicom"], private=True, report_dir=res.report_dir)
+    folder, _ = release(run_dir, ["hf", "png", "dicom"], report_dir=res.report_dir)
     run_dir.mark_done("release", folder=str(folder))
     return checked, run_dir
 
@@ -88,6 +88,63 @@ def test_card_renders_the_runs_own_numbers(released) -> None:
     assert "not for diagnosis" in body.lower() or "none may be used for diagnosis" in body
     assert privacy["recipe_sha256"] in body and "| lesion | 5 |" in body
     assert not body.startswith("**WARNING")
+    # What ε covers, and what it does not, in the card's own words.
+    s = audit["summary"]
+    assert "**What ε covers.** The generator's weights, and every image it drew" in body
+    assert f"all {s['n_samples']} samples" in body
+    assert "**What ε does not cover.** Which samples were released" in body
+    assert f"withheld {s['n_samples'] - 8} of them (8 released)" in body  # the 3 + 5 pushed
+    assert "not covered by ε" in body.split("## Memorization audit")[1].split("\n\n")[1]
+    assert "nn_distance" not in body and "audit_verdict" not in body
+    assert privacy["data_manifest_sha256"] not in card  # a hash of the exact private set stays inside
+
+
+def test_public_reports_hold_no_per_sample_figure(released) -> None:
+    """The report folder (which may be committed or published) keeps every statistic but no
+    sample's nearest training image, distance or score; the run directory keeps them."""
+    _, run_dir = released
+    report = Path(run_dir.info()["stages"]["audit"]["report"])
+    public, internal = read_json(report / "audit.json"), read_json(run_dir.audit_json)
+    assert "samples" not in public and len(internal["samples"]) == internal["summary"]["n_samples"]
+    assert "not covered by ε" in public["privacy_of_this_report"]
+    assert "manifest_sha256" in internal["data"] and "manifest_sha256" not in public["data"]
+    internal["data"].pop("manifest_sha256")
+    assert {k: v for k, v in internal.items() if k != "samples"} == {
+        k: v for k, v in public.items() if k != "privacy_of_this_report"
+    }
+    md = (report / "audit-summary.md").read_text()
+    assert "## What ε covers" in md and "Not covered:" in md and "the generator's weights" in md
+    rel = read_json(run_dir.release_dir(True) / "release.json")
+    assert "nn_distance_min" not in json.dumps(rel) and rel["covered_by_epsilon"]
+
+
+def test_a_seeded_run_is_released_and_published_as_not_private(tmp_path, hub) -> None:
+    from conftest import tiny_recipe, write_recipe
+    from typer.testing import CliRunner
+
+    from synthfactory.cli import app
+
+    recipe = write_recipe(tmp_path, tiny_recipe(privacy__noise_seed=7))
+    runner = CliRunner()
+    res = runner.invoke(
+        app, ["run", str(recipe), "--out", str(tmp_path / "runs"), "--audit-dir", str(tmp_path / "pa"), "-q"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "NOT PRIVATE: privacy.noise_seed" in res.output
+    (root,) = (tmp_path / "runs").iterdir()
+    assert "NOT-PRIVATE" in root.name and not (root / "release").exists()
+    rel = read_json(root / "release-NOT-PRIVATE" / "release.json")
+    assert rel["private"] is False and rel["warning"].startswith("NOT PRIVATE: privacy.noise_seed")
+    assert "NOT PRIVATE" in (tmp_path / "pa" / "tiny" / root.name / "audit-summary.md").read_text()
+
+    res = runner.invoke(app, ["publish", str(root), "--repo-id", "lab/seeded"])
+    assert res.exit_code == 3 and "publish refused" in res.output and "privacy.noise_seed" in res.output
+    assert "lab/seeded" not in hub.repos
+    res = runner.invoke(app, ["publish", str(root), "--repo-id", "lab/seeded", "--force-not-private"])
+    assert res.exit_code == 0, res.output
+    card = hub.files("lab/seeded")["README.md"].decode()
+    assert _first_line(card).startswith("**WARNING: NOT PRIVATE: privacy.noise_seed")
+    assert "**None.** NOT PRIVATE" in card and "**without a privacy guarantee**" in card
 
 
 def test_refusal_rules(released) -> None:
@@ -120,8 +177,8 @@ def test_local_round_trip_keeps_pixels_and_provenance(released) -> None:
     for row, s in zip(ds, passed, strict=True):
         np.testing.assert_array_equal(np.asarray(row["image"]), samples.images[s["index"]])
         assert row["label"] == s["label"] and row["sample_seed"] == s["seed"]
-        assert row["run_id"] == run_dir.run_id and row["audit_verdict"] == "passed"
-        assert row["audit_shift_flip_ncc"] == pytest.approx(s["scores"]["shift_flip_ncc"], rel=1e-6)
+        assert row["run_id"] == run_dir.run_id and row["sample_index"] == s["index"]
+    assert list(ds.features) == ["image", "label", "run_id", "sample_seed", "sample_index"]
 
 
 def test_push_to_standin_hub_then_load_dataset(released, hub, tmp_path, capsys) -> None:
@@ -152,7 +209,8 @@ def test_push_to_standin_hub_then_load_dataset(released, hub, tmp_path, capsys) 
     for p, data in files.items():
         (local / p).parent.mkdir(parents=True, exist_ok=True)
         (local / p).write_bytes(data)
-    pushed = datasets.load_dataset(str(local))["train"]
+    # A cache of its own: datasets' shared cache may hold an earlier session's data for this path.
+    pushed = datasets.load_dataset(str(local), cache_dir=str(tmp_path / "cache"))["train"]
     mine = datasets.load_from_disk(str(run_dir.release_dir(True) / "dataset"))["train"]
     assert pushed.features["label"].names == ["no_lesion", "lesion"] and len(pushed) == len(mine)
     for a, b in zip(pushed, mine, strict=True):

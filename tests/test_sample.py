@@ -37,8 +37,12 @@ def test_each_image_depends_on_its_seed_not_its_batch(tiny_run) -> None:
 
 
 def test_sample_seeds_are_stable() -> None:
-    assert sample_seed(0, 0) == sample_seed(0, 0) != sample_seed(0, 1) != sample_seed(1, 0)
-    assert 0 <= sample_seed(123, 456) < 2**63
+    """Pinned: a released image's `sample_seed` must regenerate it in any later version (the
+    CT reference run's sample 0 recorded 7896617691693857887)."""
+    assert sample_seed(0, 0) == 7896617691693857887
+    assert sample_seed(0, 1) == 2918264622725855778
+    assert sample_seed(1, 0) == 3717377837946358015
+    assert sample_seed(123, 456) == 7895027147976378259
 
 
 def test_classifier_free_guidance(tiny_run) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DELETE, dying_on_call, tiny_recipe, write_recipe
+from conftest import dying_on_call, tiny_recipe, write_recipe
 
 from synthfactory import train as train_module
 from synthfactory.model import load_generator
@@ -43,7 +43,8 @@ def _fresh_run(tmp_path: Path, name: str, **overrides):
 def test_killed_run_resumes_to_the_same_model_and_epsilon(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = {"training__steps": 6, "training__checkpoint_every": 2}
+    # Seeded DP randomness (NOT PRIVATE, tests only): the two runs must draw the same batches and noise.
+    settings = {"training__steps": 6, "training__checkpoint_every": 2, "privacy__noise_seed": 7}
     ref_checked, ref_dir = _fresh_run(tmp_path, "ref", **settings)
     train_module.train(ref_checked.recipe, ref_checked.images, ref_dir, progress=False)
 
@@ -79,11 +80,128 @@ def test_resume_refuses_a_changed_recipe(tmp_path: Path) -> None:
         train_module.train(other.recipe, other.images, run_dir, progress=False)
 
 
-def test_dp_randomness_is_secret_unless_seeded(tiny_run, tmp_path: Path) -> None:
-    checked, run_dir = _fresh_run(tmp_path, "secret", training__steps=1, privacy__noise_seed=DELETE)
+def _recording_make_private(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Record, per training run, the initial states of the DP generators and the Poisson
+    batches the trainer draws."""
+    runs: list[dict] = []
+    real = train_module.make_private
+
+    def recording(*args, **kwargs):
+        private = real(*args, **kwargs)
+        rec = {
+            "sample_state": kwargs["sample_generator"].get_state().clone(),
+            "noise_state": kwargs["noise_generator"].get_state().clone(),
+            "batches": [],
+        }
+        runs.append(rec)
+        sampler = private.sampler
+
+        class Recording:
+            def __iter__(self):
+                for batch in sampler:
+                    rec["batches"].append(sorted(int(i) for i in batch))
+                    yield batch
+
+        private.sampler = Recording()
+        return private
+
+    monkeypatch.setattr(train_module, "make_private", recording)
+    return runs
+
+
+def test_unseeded_runs_draw_different_secret_batches_and_noise(tmp_path: Path, monkeypatch) -> None:
+    runs = _recording_make_private(monkeypatch)
+    for name in ("a", "b"):
+        checked, run_dir = _fresh_run(tmp_path, name, training__steps=3)
+        train_module.train(checked.recipe, checked.images, run_dir, progress=False)
+        rec = read_json(run_dir.privacy)
+        assert rec["private"] is True and "secret seed" in rec["dp_randomness"] and "warning" not in rec
+    a, b = runs
+    assert not torch.equal(a["noise_state"], b["noise_state"])
+    assert not torch.equal(a["sample_state"], b["sample_state"])
+    assert a["batches"] != b["batches"] and len(a["batches"]) == 3
+
+
+def test_a_seeded_run_is_not_private(tmp_path: Path, monkeypatch) -> None:
+    runs = _recording_make_private(monkeypatch)
+    checked, run_dir = _fresh_run(tmp_path, "seeded", training__steps=2, privacy__noise_seed=7)
+    assert not checked.recipe.private and checked.recipe.dp_sgd and "NOT-PRIVATE" in run_dir.run_id
     train_module.train(checked.recipe, checked.images, run_dir, progress=False)
-    assert "secret seed" in read_json(run_dir.privacy)["dp_randomness"]
-    assert "testing only" in read_json(tiny_run[1].privacy)["dp_randomness"]
+    # The generators are exactly those anyone can build from the recipe.
+    assert torch.equal(runs[0]["sample_state"], torch.Generator().manual_seed(7).get_state())
+    assert torch.equal(runs[0]["noise_state"], torch.Generator().manual_seed(8).get_state())
+    rec = read_json(run_dir.privacy)
+    assert rec["private"] is False and rec["covered_by_epsilon"] == []
+    assert rec["warning"].startswith("NOT PRIVATE: privacy.noise_seed") and "SEEDED" in rec["mechanism"]
+
+
+def test_a_finished_run_keeps_no_dp_secret_and_is_not_trained_again(run_copy) -> None:
+    from synthfactory.provenance import lineage
+    from synthfactory.recipe import RecipeError
+    from synthfactory.run import StageOptions, run_stage
+    from synthfactory.rundir import folder_sha256
+
+    checked, run_dir = run_copy
+    assert run_dir.privacy.exists() and not list(run_dir.root.rglob("train_state.pt"))
+    assert lineage(run_dir)["dp_secret"].startswith("gone")
+    before = folder_sha256(run_dir.final_checkpoint)
+    for stage in ("train", "pretrain"):
+        with pytest.raises(RecipeError, match="spend ε a second time"):
+            run_stage(stage, checked, run_dir, StageOptions(progress=False))
+    # Killed between privacy.json and run.json: resuming returns the record, trains nothing.
+    result = train_module.train(checked.recipe, checked.images, run_dir, progress=False)
+    assert result.epsilon == read_json(run_dir.privacy)["epsilon"]
+    assert folder_sha256(run_dir.final_checkpoint) == before
+
+
+def test_an_unfinished_run_says_it_holds_the_secret(tmp_path: Path, monkeypatch) -> None:
+    from synthfactory.provenance import lineage
+
+    checked, run_dir = _fresh_run(tmp_path, "killed", training__steps=4)
+    monkeypatch.setattr(train_module, "dp_step", dying_on_call(train_module.dp_step, 4))
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(checked.recipe, checked.images, run_dir, progress=False)
+    assert run_dir.train_state.exists() and lineage(run_dir)["dp_secret"].startswith("PRESENT")
+
+
+def test_empty_poisson_batches_are_logged_with_a_null_loss(tmp_path: Path) -> None:
+    import json
+
+    # q = 1/64 over 6 steps: noise seed 7 draws empty batches (tests only: the noise is known).
+    checked, run_dir = _fresh_run(
+        tmp_path, "empty", training__steps=6, training__expected_batch_size=1, privacy__noise_seed=7
+    )
+    train_module.train(checked.recipe, checked.images, run_dir, progress=False)
+
+    def no_constants(name: str):
+        raise ValueError(f"{name} is not JSON")
+
+    lines = [json.loads(x, parse_constant=no_constants) for x in run_dir.train_log.read_text().splitlines()]
+    empty = [x for x in lines if x["batch"] == 0]
+    assert len(lines) == 6 and empty and all(x["loss"] is None for x in empty)
+    assert all(isinstance(x["loss"], float) for x in lines if x["batch"])
+
+
+def test_ema_is_restored_onto_the_models_device() -> None:
+    from diffusers.training_utils import EMAModel
+
+    from synthfactory.train import restore_ema
+
+    model = torch.nn.Linear(3, 2)
+    saved = EMAModel(model.parameters(), decay=0.9).state_dict()  # as torch.load(map_location="cpu") gives
+    ema = EMAModel(model.parameters(), decay=0.9)
+    restore_ema(ema, saved, torch.device("meta"))  # the CPU test's stand-in for a CUDA device
+    assert {p.device.type for p in ema.shadow_params} == {"meta"}
+
+
+def test_privacy_record_takes_sigma_from_the_accountant_history(tiny_run) -> None:
+    from synthfactory.train import privacy_record
+
+    checked, _ = tiny_run
+    plan = {"steps": 4, "sample_rate": 0.25, "noise_multiplier": 1.0, "prior_history": []}
+    rec = privacy_record(checked.recipe, checked.images, plan, [(2.0, 0.25, 4)], 4, "secret")
+    assert rec["noise_multiplier"] == 2.0
+    assert rec["epsilon"] == pytest.approx(epsilon_of([(2.0, 0.25, 4)], 1e-3, "rdp"))
 
 
 def test_not_private_training_is_marked(tmp_path: Path) -> None:
@@ -176,16 +294,100 @@ def test_public_data_containing_private_images_is_refused(tmp_path: Path) -> Non
         check(path)
 
 
-def test_pretrain_from_a_checkpoint(tiny_run, tmp_path: Path) -> None:
-    _, src = tiny_run
-    checked, run_dir = _fresh_run(
-        tmp_path, "ck", pretrain={"checkpoint": str(src.final_checkpoint / "unet_ema")}, training__steps=1
-    )
+def test_pretrain_checkpoint_of_a_dp_run_on_the_same_data_composes(tiny_run, tmp_path: Path) -> None:
+    """The weights of a DP run on the same private data may start another run only by
+    composition: the source's accountant history comes first and ε is the composed one."""
     from synthfactory.run import StageOptions, run_stage
 
+    _, src = tiny_run
+    source = read_json(src.privacy)
+    for checkpoint in (src.final_checkpoint / "unet_ema", _copied(src.final_checkpoint / "unet", tmp_path)):
+        checked, run_dir = _fresh_run(
+            tmp_path,
+            f"ck-{checkpoint.parent.name}",
+            pretrain={"checkpoint": str(checkpoint)},
+            training__steps=2,
+            privacy__target_epsilon=20.0,
+        )
+        assert checked.plan["prior_history"] == [tuple(h) for h in source["accountant_history"]]
+        for stage in ("pretrain", "train"):
+            run_stage(stage, checked, run_dir, StageOptions(progress=False))
+        pre = read_json(run_dir.pretrained / "pretrain.json")
+        assert (
+            pre["kind"] == "checkpoint" and pre["origin"] == "composed" and len(pre["weights_sha256"]) == 64
+        )
+        rec = read_json(run_dir.privacy)
+        history = rec["accountant_history"]
+        assert history[0] == source["accountant_history"][0] and len(history) == 2 and history[1][2] == 2
+        assert rec["epsilon"] == pytest.approx(epsilon_of([tuple(h) for h in history], 1e-3, "rdp"))
+        assert source["epsilon"] < rec["epsilon"] <= 20.0
+        assert rec["composed_with"]["epsilon_alone"] == pytest.approx(source["epsilon"])
+        assert rec["composed_with"]["run_id"] == src.run_id
+        assert rec["noise_multiplier"] == history[-1][0] == checked.plan["noise_multiplier"]
+
+
+def _copied(folder: Path, tmp_path: Path) -> Path:
+    """A model folder copied out of its run directory (its origin file travels with it)."""
+    import shutil
+
+    dest = tmp_path / "elsewhere" / folder.name
+    shutil.copytree(folder, dest)
+    return dest
+
+
+def test_pretrain_checkpoint_without_a_dp_guarantee_on_the_same_data_is_refused(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from synthfactory.cli import app
+
+    sources = {
+        "nonprivate": {"privacy": {"enabled": False, "i_understand_this_is_not_private": True}},
+        "seeded": {"privacy__noise_seed": 3},
+    }
+    for name, overrides in sources.items():
+        checked, src = _fresh_run(tmp_path, name, training__steps=1, **overrides)
+        train_module.train(checked.recipe, checked.images, src, progress=False)
+        for checkpoint in (
+            src.final_checkpoint / "unet",
+            _copied(src.final_checkpoint / "unet_ema", tmp_path / name),
+        ):
+            path = write_recipe(
+                tmp_path / f"use-{name}", tiny_recipe(pretrain={"checkpoint": str(checkpoint)})
+            )
+            out = tmp_path / f"use-{name}" / "runs"
+            res = CliRunner().invoke(app, ["run", str(path), "--out", str(out), "-q"])
+            assert res.exit_code == 2, res.output
+            assert "pretrain.checkpoint" in res.output and "WITHOUT a DP guarantee" in res.output
+            assert len(res.output.strip().splitlines()) == 1 and not out.exists()  # nothing written
+    # A run that is NOT PRIVATE itself may start from it, and stays NOT PRIVATE.
+    nonprivate = {"enabled": False, "i_understand_this_is_not_private": True}
+    path = write_recipe(
+        tmp_path / "np-from-np", tiny_recipe(pretrain={"checkpoint": str(checkpoint)}, privacy=nonprivate)
+    )
+    assert not check(path).recipe.private
+
+
+def test_pretrain_checkpoint_trained_on_other_data_is_public(tmp_path: Path) -> None:
+    from synthfactory.run import StageOptions, run_stage
+
+    other, src = _fresh_run(
+        tmp_path, "other", training__steps=1, privacy={"enabled": False, "i_understand_this_is_not_private": True},
+        data__phantom__seed=99,
+    )  # fmt: skip
+    train_module.train(other.recipe, other.images, src, progress=False)
+    checked, run_dir = _fresh_run(
+        tmp_path, "use", pretrain={"checkpoint": str(src.final_checkpoint / "unet")}, training__steps=1
+    )
+    assert not checked.images.train_hashes() & other.images.train_hashes()
     run_stage("pretrain", checked, run_dir, StageOptions(progress=False))
-    rec = read_json(run_dir.pretrained / "pretrain.json")
-    assert rec["kind"] == "checkpoint" and len(rec["weights_sha256"]) == 64
+    assert read_json(run_dir.pretrained / "pretrain.json")["origin"] == "other_data"
+    assert checked.plan["prior_history"] == []
+
+
+def test_pretrain_checkpoint_must_fit_the_model(tiny_run, tmp_path: Path) -> None:
+    from synthfactory.recipe import RecipeError
+
+    _, src = tiny_run
     bad = write_recipe(
         tmp_path / "bad",
         tiny_recipe(
@@ -194,10 +396,38 @@ def test_pretrain_from_a_checkpoint(tiny_run, tmp_path: Path) -> None:
             model__norm_num_groups=8,
         ),
     )
+    with pytest.raises(RecipeError, match="pretrain.checkpoint: cannot be loaded into"):
+        check(bad)
+
+
+def test_public_data_with_near_copies_of_private_images_is_refused(tiny_run, tmp_path: Path) -> None:
+    import numpy as np
+
+    from synthfactory.audit import quantize
     from synthfactory.recipe import RecipeError
 
-    with pytest.raises(RecipeError, match="pretrain.checkpoint: does not fit"):
-        check(bad)
+    checked, _ = tiny_run
+    train_u8 = quantize(checked.images.train_images)
+    rng = np.random.default_rng(0)
+    near = np.clip(train_u8[:5].astype(int) + rng.choice([-1, 1], train_u8[:5].shape), 0, 255)
+    other = quantize(
+        check(write_recipe(tmp_path / "o", tiny_recipe(data__phantom__seed=42))).images.train_images
+    )
+    public = np.concatenate([other[:30], near]).astype(np.uint8)  # 5 near-copies (±1 grey level)
+    labels = np.zeros(len(public), np.int64)
+    np.savez(tmp_path / "public.npz", train_images=public, train_labels=labels, test_images=public[:4],
+             test_labels=labels[:4], class_names=np.array(["no_lesion", "lesion"]))  # fmt: skip
+    pub = {
+        "source": "npz",
+        "path": str(tmp_path / "public.npz"),
+        "image_size": 16,
+        "classes": ["no_lesion", "lesion"],
+    }
+    with pytest.raises(RecipeError, match="pretrain.data: 5 of its images are near-copies"):
+        check(write_recipe(tmp_path / "r", tiny_recipe(pretrain={"data": pub, "steps": 1})))
+    np.savez(tmp_path / "public.npz", train_images=other[:30], train_labels=labels[:30], test_images=other[:4],
+             test_labels=labels[:4], class_names=np.array(["no_lesion", "lesion"]))  # fmt: skip
+    check(write_recipe(tmp_path / "r", tiny_recipe(pretrain={"data": pub, "steps": 1})))  # without them: fine
 
 
 def test_guidance_needs_label_dropout(tmp_path: Path) -> None:
