@@ -56,9 +56,10 @@ def public_origin(statement: str) -> dict:
 
 
 def enclosing_run(path: Path) -> RunDir | None:
-    """The synthfactory run directory a path lies in (the nearest folder with run.json)."""
+    """The synthfactory run directory a path lies in (the nearest folder with run.json and
+    recipe.yaml)."""
     for folder in [Path(path).resolve(), *Path(path).resolve().parents]:
-        if (folder / "run.json").is_file():
+        if (folder / "run.json").is_file() and (folder / "recipe.yaml").is_file():
             return RunDir(folder)
     return None
 
