@@ -86,10 +86,10 @@ def calibrate_noise(
     def eps(sigma: float) -> float:
         return epsilon_of([*prior, (sigma, sample_rate, steps)], delta, accountant)
 
-    if prior and epsilon_of(prior, delta, accountant) >= target_epsilon:
+    spent = epsilon_of(prior, delta, accountant)  # 0 without a prior
+    if spent >= target_epsilon:
         raise ValueError(
-            f"the composed prior run already spends ε = {epsilon_of(prior, delta, accountant):.3f} "
-            f"≥ the target {target_epsilon:g}"
+            f"the composed prior run already spends ε = {spent:.3f} ≥ the target {target_epsilon:g}"
         )
     low, high, eps_high = 0.0, 10.0, float("inf")
     while eps_high > target_epsilon:

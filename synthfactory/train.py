@@ -567,14 +567,16 @@ def training_finished(run_dir: RunDir) -> bool:
     )
 
 
+def _check_same_run(path: Path, recipe_sha256: str, manifest_sha256: str, recipe: Recipe, images: ImageSet):
+    """A record on disk (resumable state, privacy.json) must belong to this recipe and data."""
+    if recipe_sha256 != recipe.sha256() or manifest_sha256 != images.manifest_sha256():
+        raise RuntimeError(f"{path} belongs to another recipe or data set; start a new run instead")
+
+
 def _finished_result(recipe: Recipe, images: ImageSet, run_dir: RunDir) -> TrainResult:
     """The recorded result of a finished run (nothing is trained again)."""
     record = read_json(run_dir.privacy)
-    if (
-        record["recipe_sha256"] != recipe.sha256()
-        or record["data_manifest_sha256"] != images.manifest_sha256()
-    ):
-        raise RuntimeError(f"{run_dir.privacy} belongs to another recipe or data set; start a new run")
+    _check_same_run(run_dir.privacy, record["recipe_sha256"], record["data_manifest_sha256"], recipe, images)
     log.info("training of %s finished earlier; not training again", run_dir.root)
     return TrainResult(
         steps=record["steps_taken"],
@@ -604,10 +606,7 @@ def read_train_state(run_dir: RunDir, recipe: Recipe, images: ImageSet, device: 
         )
     if state is None:
         return None
-    if state["recipe_sha256"] != recipe.sha256() or state["manifest_sha256"] != images.manifest_sha256():
-        raise RuntimeError(
-            f"{path} belongs to another recipe or data set; start a new run instead of resuming this one"
-        )
+    _check_same_run(path, state["recipe_sha256"], state["manifest_sha256"], recipe, images)
     if state["device"] != device.type:
         raise RuntimeError(f"{path} was written on {state['device']}; resume it there")
     return state
@@ -638,14 +637,14 @@ def dp_randomness(recipe: Recipe, state: dict | None, d: Dist) -> tuple[int, str
 def train(recipe: Recipe, images: ImageSet, run_dir: RunDir, progress: bool = True) -> TrainResult:
     """Train (or resume training) and write checkpoints/final and privacy.json; then delete the
     resumable state, which holds the DP secret (a finished run is not trained again)."""
-    if training_finished(run_dir):
+    device = resolve_device(recipe.training.device)
+    d = from_env(device.type)  # torchrun: join the process group; otherwise one process
+    if broadcast_object(training_finished(run_dir), d):  # rank 0's disk decides, for every rank
         return _finished_result(recipe, images, run_dir)
     n_train = len(images.train_labels)
     n_classes = len(images.class_names)
     plan = _planned(recipe, n_train, prior_history(run_dir))
     steps_total = plan["steps"]
-    device = resolve_device(recipe.training.device)
-    d = from_env(device.type)  # torchrun: join the process group; otherwise one process
     if d.enabled and device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
     if d.enabled and not recipe.dp_sgd:
