@@ -77,7 +77,7 @@ def _fmt(x, spec: str = ".3f") -> str:
 def _guarantee_lines(privacy: dict, audit: dict, n_released: int) -> list[str]:
     """The DP statement of a private run: the mechanism in numbers, what ε covers and what not."""
     s = audit["summary"]
-    composed = privacy.get("composed_with")
+    composed, warm = privacy.get("composed_with"), privacy.get("warm_start")
     lines = [
         f"The generator was trained with DP-SGD (Opacus): each example's gradient clipped to norm "
         f"{privacy['max_grad_norm']:g}, Gaussian noise with multiplier σ = {privacy['noise_multiplier']:.4f}, "
@@ -86,6 +86,13 @@ def _guarantee_lines(privacy: dict, audit: dict, n_released: int) -> list[str]:
             f", starting from the weights of an earlier DP run on the same data (its ε "
             f"{composed['epsilon_alone']:.3f} alone; the figure below is the composed one)"
             if composed
+            else ""
+        )
+        + (
+            f", after a DP warm start: one Gaussian-mechanism query of the per-class mean images at "
+            f"{warm['image_size']}×{warm['image_size']} px (σ = {warm['noise_multiplier']:g}; its ε "
+            f"{_fmt(warm.get('epsilon_alone'))} alone), on which the model was pre-trained"
+            if warm
             else ""
         )
         + f". The {privacy['accountant'].upper()} accountant gives **(ε = {privacy['epsilon']:.3f}, "

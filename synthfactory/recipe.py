@@ -221,6 +221,22 @@ class PretrainConfig(_Strict):
         return self
 
 
+class WarmStartConfig(_Strict):
+    """DP warm start from central images (DP-FETA): one Gaussian-mechanism query of the per-class
+    mean images over the whole private training set, at low resolution, composed into the
+    accountant; the UNet is pre-trained on them (augmented) before DP-SGD. See warmstart.py."""
+
+    image_size: int = Field(14, ge=2, le=64)  # resolution of the central images
+    noise_multiplier: float = Field(gt=0)  # σ of the query (noise std / L2 sensitivity)
+    clip_norm: float | None = Field(None, gt=0)  # C on images in [0, 1]; None: image_size (no clipping)
+    steps: int = Field(300, ge=1)
+    expected_batch_size: int = Field(64, ge=1)
+    learning_rate: float = Field(1e-3, gt=0, le=1)
+    shift: int = Field(2, ge=0, le=8)  # augmentation: translations up to ±shift px (full resolution)
+    intensity: float = Field(0.1, ge=0, lt=1)  # augmentation: gain and offset up to ±this
+    seed: Seed = 0  # the pre-training's own randomness (not the mechanism's noise)
+
+
 class ClassifierConfig(_Strict):
     """The fixed CNN used for TSTR and TRTR (and as the feature extractor for fidelity)."""
 
@@ -337,6 +353,7 @@ class Recipe(_Strict):
     privacy: PrivacyConfig
     sampling: SamplingConfig
     pretrain: PretrainConfig | None = None
+    warm_start: WarmStartConfig | None = None
     audit: AuditConfig = AuditConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     outputs: OutputsConfig = OutputsConfig()
@@ -373,6 +390,11 @@ class Recipe(_Strict):
                     "pretrain.data.classes: differ from data.classes, so pre-training is "
                     "class-agnostic (the null label), which needs training.label_dropout > 0"
                 )
+        if self.warm_start is not None and self.warm_start.image_size > self.data.image_size:
+            raise ValueError(
+                f"warm_start.image_size: {self.warm_start.image_size} exceeds data.image_size "
+                f"{self.data.image_size}"
+            )
         if (
             self.privacy.enabled
             and self.privacy.noise_multiplicity > 1
@@ -492,6 +514,8 @@ def smoke_overrides(raw: dict) -> dict[str, Any]:
         if isinstance(raw["pretrain"].get("data"), dict):
             out["pretrain.data.max_train_images"] = 200
             out["pretrain.data.max_heldout_images"] = 20
+    if isinstance(raw.get("warm_start"), dict):
+        out["warm_start.steps"] = 2
     return out
 
 

@@ -33,6 +33,7 @@ from .train import (
     plan_training,
     pretrain,
     prior_history,
+    recipe_prior,
     train,
     trainable_names,
     training_finished,
@@ -100,7 +101,9 @@ def check(recipe_path: str | Path, overrides: dict | None = None, smoke: bool = 
     check_against_data(recipe, recipe_path, len(images.train_labels))
     use = _checkpoint_use(recipe, recipe_path, images)
     try:
-        plan = plan_training(recipe, len(images.train_labels), use.prior_history if use else None)
+        plan = plan_training(
+            recipe, len(images.train_labels), recipe_prior(recipe, use.prior_history if use else None)
+        )
     except ValueError as e:
         raise RecipeError(
             f"{recipe_path}: privacy.target_epsilon: cannot be reached with these steps and batch size ({e})"
@@ -226,8 +229,8 @@ def run_stage(stage: str, checked: Checked, run_dir: RunDir, opts: StageOptions)
         write_data_stage(run_dir, images)
         return
     if stage == "pretrain":
-        if recipe.pretrain is None:
-            run_dir.mark_done("pretrain", skipped="the recipe has no public pre-training")
+        if recipe.pretrain is None and recipe.warm_start is None:
+            run_dir.mark_done("pretrain", skipped="the recipe has no pre-training or warm start")
             return
         record = pretrain(recipe, images, checked.public, run_dir, progress=opts.progress)
         run_dir.mark_done("pretrain", kind=record["kind"])

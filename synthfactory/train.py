@@ -40,7 +40,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from . import __version__
+from . import __version__, warmstart
 from .data import ImageSet
 from .distributed import (
     Dist,
@@ -313,11 +313,18 @@ def plan_training(recipe: Recipe, n_train: int, prior: list | None = None) -> di
 
 
 def prior_history(run_dir: RunDir) -> list:
-    """The accountant history this run composes with: that of the DP run whose weights its
-    pre-training stage loaded (pretrain.json), else none."""
+    """The accountant history DP-SGD composes with (pretrain.json): that of the DP run whose
+    weights the pre-training stage loaded, then the warm start's query; else none."""
     path = run_dir.pretrained / "pretrain.json"
-    composed = read_json(path).get("composed_with") if path.exists() else None
-    return [tuple(h) for h in composed["accountant_history"]] if composed else []
+    rec = read_json(path) if path.exists() else {}
+    parts = [(rec.get("composed_with") or {}).get("accountant_history", []),
+             (rec.get("warm_start") or {}).get("accountant_history", [])]  # fmt: skip
+    return [tuple(h) for part in parts for h in part]
+
+
+def recipe_prior(recipe: Recipe, composed: list | None) -> list:
+    """The same history known from the recipe before anything runs (validate, plan)."""
+    return [*(composed or []), *(warmstart.history(recipe.warm_start) if recipe.warm_start else [])]
 
 
 COVERED_BY_EPSILON = [
@@ -354,7 +361,7 @@ def privacy_record(
     the accountant's whole history: the composed prior run's (plan["prior_history"]), then this
     run's steps."""
     public = ["model architecture and hyper-parameters from the recipe (no data)"]
-    if pretrained:
+    if pretrained and pretrained.get("statement"):
         public.append(pretrained["statement"])
     mechanism = "NOT PRIVATE: plain SGD (Adam), no clipping or noise"
     if recipe.dp_sgd:
@@ -381,6 +388,11 @@ def privacy_record(
             "data": f"the '{recipe.data.train_split}' split of the {recipe.data.source} source "
             f"({len(images.train_labels)} images, classes {images.class_names})",
             "trained_parameters": trainable,
+            **(
+                {"warm_start": pretrained["warm_start"]["mechanism"]}
+                if (pretrained or {}).get("warm_start")
+                else {}
+            ),
         },
         "covered_by_epsilon": COVERED_BY_EPSILON if recipe.private else [],
         "not_covered_by_epsilon": NOT_COVERED_BY_EPSILON,
@@ -398,7 +410,6 @@ def privacy_record(
         return rec
     delta, acc = recipe.privacy.delta, recipe.privacy.accountant
     other = "prv" if acc == "rdp" else "rdp"
-    prior = [tuple(h) for h in plan.get("prior_history") or []]
     rec.update(
         {
             "accountant": acc,
@@ -413,10 +424,18 @@ def privacy_record(
             "dp_randomness": dp_seed_source,
         }
     )
-    if prior:
+    warm = (pretrained or {}).get("warm_start")
+    if warm:
+        rec["warm_start"] = {
+            **warm,
+            "reading": "one Gaussian-mechanism query of the per-class mean images before DP-SGD; its "
+            "entry (σ, q = 1, 1 step) precedes DP-SGD's in accountant_history, DP-SGD's σ was "
+            "calibrated for the composed ε, and epsilon is the composed ε",
+        }
+    if (pretrained or {}).get("composed_with"):
         rec["composed_with"] = {
-            **(pretrained or {}).get("composed_with", {}),
-            "epsilon_alone": epsilon_of(prior, delta, acc),
+            **pretrained["composed_with"],
+            "epsilon_alone": epsilon_of(pretrained["composed_with"]["accountant_history"], delta, acc),
             "reading": "this run started from the weights of a DP run on the same private data; "
             "its accountant history is the first part of accountant_history, and epsilon is the "
             "composed ε of both",
@@ -484,13 +503,43 @@ class TrainResult:
 def pretrain(
     recipe: Recipe, images: ImageSet, public: ImageSet | None, run_dir: RunDir, progress: bool = True
 ) -> dict:
-    """Non-private training on data the recipe declares public (or a given checkpoint), written
-    to checkpoints/pretrained/. Returns the record of what was public."""
+    """The stage before DP-SGD, written to checkpoints/pretrained/: non-private training on data
+    the recipe declares public (or a given checkpoint), then the DP warm start on central images,
+    in that order, as the recipe asks. Returns the record of what was used (pretrain.json)."""
+    device = resolve_device(recipe.training.device)
+    model = initial_model(recipe, images.image_size, len(images.class_names), None)
+    record: dict = {"kind": "warm_start", "statement": None}
+    origin = public_origin("initial weights from the recipe's seed (no data)")
+    if recipe.pretrain is not None:
+        record, origin = _public_stage(model, recipe, images, public, device, progress)
+    if recipe.warm_start is not None:
+        record["warm_start"] = _warm_start_stage(model, recipe, images, run_dir, device, progress)
+        history = [*(record.get("composed_with") or {}).get("accountant_history", []),
+                   *record["warm_start"]["accountant_history"]]  # fmt: skip
+        origin = trained_origin(
+            run_dir.run_id,
+            images.manifest_sha256(),
+            {"private": recipe.private, "accountant_history": history, "delta": recipe.privacy.delta},
+        )
+    model.to("cpu").eval()
+    tmp = atomic_path(run_dir.pretrained)
+    model.save_pretrained(tmp / "unet")
+    write_origin(tmp / "unet", origin)
+    write_json_atomic(tmp / "pretrain.json", record)
+    if run_dir.pretrained.exists():
+        shutil.rmtree(run_dir.pretrained)
+    os.replace(tmp, run_dir.pretrained)
+    return record
+
+
+def _public_stage(
+    model, recipe: Recipe, images: ImageSet, public: ImageSet | None, device, progress
+) -> tuple:
+    """Load `pretrain.checkpoint` into the model, or train it on `pretrain.data` without DP.
+    Returns (record, origin of the weights)."""
     cfg = recipe.pretrain
     assert cfg is not None
     n_classes = len(images.class_names)
-    device = resolve_device(recipe.training.device)
-    model = initial_model(recipe, images.image_size, n_classes, None)
     if cfg.checkpoint is not None:
         model.load_state_dict(load_unet(cfg.checkpoint).state_dict())
         use = checkpoint_use(cfg.checkpoint, images.train_hashes(), images.manifest_sha256(), recipe.private)
@@ -510,50 +559,79 @@ def pretrain(
             }
         # Weights that saw this data keep their origin, so that reusing them composes (or is refused) again.
         origin = use.origin if use.kind in ("composed", "not_private") else public_origin(record["statement"])
-    else:
-        assert public is not None
-        conditional = public.class_names == images.class_names
-        labels = torch.from_numpy(public.train_labels)
-        if not conditional:
-            labels = torch.full_like(labels, null_class(recipe, n_classes))
-        model.to(device).train()
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
-        scheduler = build_noise_scheduler(recipe.model)
-        settings = _settings(recipe, n_classes, device, k=1)
-        gen = _generator(cfg.seed)
-        x_all = torch.from_numpy(public.train_images)
-        n = len(x_all)
-        batch = min(cfg.expected_batch_size, n)
-        with progress_bar(cfg.steps, "pretrain", "step", progress) as bar:
-            for _ in range(cfg.steps):
-                idx = torch.randperm(n, generator=gen)[:batch]
-                loss = plain_step(model, optimizer, scheduler, x_all[idx], labels[idx], gen, settings)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}")
-        record = {
-            "kind": "data",
-            "source": recipe.pretrain.data.source,
-            "path": str(recipe.pretrain.data.path) if recipe.pretrain.data.path else None,
-            "n_images": n,
-            "classes": public.class_names,
-            "class_conditional": conditional,
-            "steps": cfg.steps,
-            "manifest_sha256": public.manifest_sha256(),
-            "statement": f"pre-training without DP on {n} images from the {recipe.pretrain.data.source} "
-            f"source, declared public by the recipe ({cfg.steps} steps; "
-            + ("class-conditional" if conditional else "class-agnostic, null label")
-            + "); none of them is a copy or near-copy of a private image",
-        }
-        origin = public_origin(record["statement"])
-    model.to("cpu").eval()
-    tmp = atomic_path(run_dir.pretrained)
-    model.save_pretrained(tmp / "unet")
-    write_origin(tmp / "unet", origin)
-    write_json_atomic(tmp / "pretrain.json", record)
-    if run_dir.pretrained.exists():
-        shutil.rmtree(run_dir.pretrained)
-    os.replace(tmp, run_dir.pretrained)
-    return record
+        return record, origin
+    assert public is not None
+    conditional = public.class_names == images.class_names
+    labels = torch.from_numpy(public.train_labels)
+    if not conditional:
+        labels = torch.full_like(labels, null_class(recipe, n_classes))
+    x_all = torch.from_numpy(public.train_images)
+    n = len(x_all)
+    batch = min(cfg.expected_batch_size, n)
+
+    def draw(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randperm(n, generator=gen)[:batch]
+        return x_all[idx], labels[idx]
+
+    _plain_training(
+        model, recipe, n_classes, device, (cfg.steps, cfg.learning_rate, cfg.seed), draw, progress
+    )
+    record = {
+        "kind": "data",
+        "source": cfg.data.source,
+        "path": str(cfg.data.path) if cfg.data.path else None,
+        "n_images": n,
+        "classes": public.class_names,
+        "class_conditional": conditional,
+        "steps": cfg.steps,
+        "manifest_sha256": public.manifest_sha256(),
+        "statement": f"pre-training without DP on {n} images from the {cfg.data.source} "
+        f"source, declared public by the recipe ({cfg.steps} steps; "
+        + ("class-conditional" if conditional else "class-agnostic, null label")
+        + "); none of them is a copy or near-copy of a private image",
+    }
+    return record, public_origin(record["statement"])
+
+
+def _warm_start_stage(model, recipe: Recipe, images: ImageSet, run_dir: RunDir, device, progress) -> dict:
+    """The DP warm start (warmstart.py): answer the central-image query once, then train the
+    model on the noisy class means, augmented, without DP-SGD (post-processing)."""
+    cfg = recipe.warm_start
+    assert cfg is not None
+    n_classes = len(images.class_names)
+    central = warmstart.answered_once(
+        run_dir.root / "checkpoints" / warmstart.CENTRAL_FILE,
+        images.train_images,
+        images.train_labels,
+        recipe,
+        n_classes,
+    )
+    x, y = warmstart.training_images(central, images.image_size)
+
+    def draw(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(x), (cfg.expected_batch_size,), generator=gen)
+        return warmstart.augment(x[idx], cfg.shift, cfg.intensity, gen), y[idx]
+
+    _plain_training(
+        model, recipe, n_classes, device, (cfg.steps, cfg.learning_rate, cfg.seed), draw, progress
+    )
+    return warmstart.record(central, cfg, recipe.privacy.delta, recipe.privacy.accountant)
+
+
+def _plain_training(model, recipe: Recipe, n_classes: int, device, run: tuple, draw, progress) -> None:
+    """Non-private Adam steps on batches from `draw(generator)`; run = (steps, learning rate, seed)."""
+    steps, lr, seed = run
+    model.to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    scheduler = build_noise_scheduler(recipe.model)
+    settings = _settings(recipe, n_classes, device, k=1)
+    gen = _generator(seed)
+    with progress_bar(steps, "pretrain", "step", progress) as bar:
+        for _ in range(steps):
+            xb, yb = draw(gen)
+            loss = plain_step(model, optimizer, scheduler, xb, yb, gen, settings)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
 
 
 # --- the private stage ----------------------------------------------------------------------------

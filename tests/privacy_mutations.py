@@ -263,6 +263,34 @@ MUTATIONS = [
         ),
         ("tests/test_export.py",),
     ),
+    Mutation(
+        "warm-start-not-composed",
+        "the warm start's query left out of the history DP-SGD composes with (ε under-reported)",
+        "train.py",
+        (('(rec.get("warm_start") or {}).get("accountant_history", [])', "[]"),),
+        ("tests/test_warmstart.py",),
+    ),
+    Mutation(
+        "warm-start-noise-not-scaled-to-sensitivity",
+        "the warm start's noise std σ instead of σ·√2 (its sensitivity is √2)",
+        "warmstart.py",
+        (("    std = cfg.noise_multiplier * math.sqrt(2.0)", "    std = cfg.noise_multiplier"),),
+        ("tests/test_warmstart.py",),
+    ),
+    Mutation(
+        "warm-start-no-clipping",
+        "the warm start's images not clipped to C before the sum",
+        "warmstart.py",
+        (("    x = x * scale[:, None] / c", "    x = x / c"),),
+        ("tests/test_warmstart.py",),
+    ),
+    Mutation(
+        "warm-start-asked-twice",
+        "the warm start's query answered again when its stage re-runs (ε spent twice)",
+        "warmstart.py",
+        (("    if path.is_file():\n        central = load(path)", "    if False:\n        central = load(path)"),),
+        ("tests/test_warmstart.py",),
+    ),
 ]
 
 

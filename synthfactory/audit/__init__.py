@@ -102,6 +102,7 @@ PRIVACY_KEYS = (
     "mechanism",
     "warning",
     "composed_with",
+    "warm_start",
     "covered_by_epsilon",
     "not_covered_by_epsilon",
 )

@@ -1,0 +1,195 @@
+"""DP warm start from central images (after DP-FETA, Li et al., IEEE S&P 2025), sized for small N.
+
+One query of the Gaussian mechanism over the *whole* private training set (no subsampling: at
+N in the thousands, DP-FETA's q = 0.1 leaves too few images per class) gives, per class, the sum
+of the images and the count. Each image is downsampled to `warm_start.image_size`, mapped to
+[0, 1] and clipped to L2 norm C; the example adds the vector [x / C, 1] to its class's block, so
+one example changes the released vector by at most √2 in L2 (add/remove adjacency). Gaussian
+noise of standard deviation σ·√2 is added to every coordinate (σ = `warm_start.noise_multiplier`).
+
+Its Rényi DP is α / (2σ²), that of one step of the sampled Gaussian mechanism at q = 1, so the
+query enters the Opacus accountant's history as (σ, 1.0, 1). DP-SGD's σ is then calibrated for
+the *composed* ε (train.py), and privacy.json reports the composed ε.
+
+The noisy class means (noisy sum / noisy count, clamped to [0, 1]: post-processing) are written
+once per run to checkpoints/central_images.npz and reused if the stage runs again, so the query
+is answered once. They are covered by ε. The UNet is then pre-trained on them, upsampled and
+augmented (shifts, gain and offset), without DP-SGD: post-processing of the DP output.
+
+Written by hand: no kept library (Opacus, diffusers) offers a DP mean release; the mechanism
+is a sum and one `torch.normal` draw.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .privacy import epsilon_of
+from .recipe import Recipe, WarmStartConfig
+
+CENTRAL_FILE = "central_images.npz"
+
+
+@dataclass
+class CentralImages:
+    """The mechanism's output: per-class noisy mean images in [0, 1] and noisy counts."""
+
+    means: np.ndarray  # float32 [n_classes, s, s]
+    counts: np.ndarray  # float32 [n_classes]
+    noise_multiplier: float
+    clip_norm: float
+    noise_source: str
+
+
+def history(cfg: WarmStartConfig) -> list[tuple[float, float, int]]:
+    """The query's entry in the accountant's history."""
+    return [(float(cfg.noise_multiplier), 1.0, 1)]
+
+
+def clip_norm(cfg: WarmStartConfig) -> float:
+    """C; by default the largest L2 norm an image in [0, 1] at this size can have (no clipping)."""
+    return float(cfg.clip_norm if cfg.clip_norm is not None else cfg.image_size)
+
+
+def downsample(images: np.ndarray, size: int, chunk: int = 4096) -> torch.Tensor:
+    """[N, 1, H, W] in [-1, 1] → [N, size·size] in [0, 1] (bilinear, antialiased)."""
+    out = []
+    for a in range(0, len(images), chunk):
+        x = torch.from_numpy(np.asarray(images[a : a + chunk], dtype=np.float32))
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(((x + 1) / 2).clamp(0, 1).flatten(1))
+    return torch.cat(out) if out else torch.zeros(0, size * size)
+
+
+def query(
+    images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: WarmStartConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gaussian mechanism: noisy per-class sums of x / C (clipped) and noisy counts."""
+    x = downsample(images, cfg.image_size).double()
+    c = clip_norm(cfg)
+    scale = torch.clamp(c / x.norm(dim=1).clamp_min(1e-12), max=1.0)
+    x = x * scale[:, None] / c  # every row has L2 norm ≤ 1
+    y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    sums = torch.zeros(n_classes, x.shape[1], dtype=torch.float64).index_add_(0, y, x)
+    counts = torch.bincount(y, minlength=n_classes).double()
+    std = cfg.noise_multiplier * math.sqrt(2.0)  # sensitivity of [x / C, 1] is √2
+    sums = sums + std * torch.randn(sums.shape, generator=generator, dtype=torch.float64)
+    counts = counts + std * torch.randn(counts.shape, generator=generator, dtype=torch.float64)
+    return sums, counts
+
+
+def central_images(
+    images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: WarmStartConfig, noise_seed: int | None
+) -> CentralImages:
+    """Answer the query once. `noise_seed` seeds the noise (tests only: NOT PRIVATE); otherwise
+    a secret from the OS, not kept."""
+    seed = noise_seed if noise_seed is not None else secrets.randbits(62)
+    source = (
+        "seeded from the recipe (privacy.noise_seed): the noise is known"
+        if noise_seed is not None
+        else ("secret seed from the OS, not kept")
+    )
+    sums, counts = query(images, labels, n_classes, cfg, torch.Generator().manual_seed(seed))
+    c = clip_norm(cfg)
+    means = (c * sums / counts.clamp_min(1.0)[:, None]).clamp(0, 1)
+    s = cfg.image_size
+    return CentralImages(
+        means=means.float().reshape(n_classes, s, s).numpy(),
+        counts=counts.float().numpy(),
+        noise_multiplier=float(cfg.noise_multiplier),
+        clip_norm=c,
+        noise_source=source,
+    )
+
+
+def save(path: Path, central: CentralImages) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(
+        tmp,
+        means=central.means,
+        counts=central.counts,
+        noise_multiplier=central.noise_multiplier,
+        clip_norm=central.clip_norm,
+        noise_source=central.noise_source,
+    )
+    tmp.replace(path)
+
+
+def load(path: Path) -> CentralImages:
+    with np.load(path) as z:
+        return CentralImages(
+            means=z["means"],
+            counts=z["counts"],
+            noise_multiplier=float(z["noise_multiplier"]),
+            clip_norm=float(z["clip_norm"]),
+            noise_source=str(z["noise_source"]),
+        )
+
+
+def answered_once(
+    path: Path, images: np.ndarray, labels: np.ndarray, recipe: Recipe, n_classes: int
+) -> CentralImages:
+    """The run's central images: those stored by an earlier attempt of this stage (the query is
+    answered once per run), else a new answer, stored before anything is trained on it."""
+    cfg = recipe.warm_start
+    assert cfg is not None
+    if path.is_file():
+        central = load(path)
+        if central.means.shape == (n_classes, cfg.image_size, cfg.image_size) and (
+            central.noise_multiplier == cfg.noise_multiplier and central.clip_norm == clip_norm(cfg)
+        ):
+            return central
+        raise ValueError(f"{path}: answered with other warm_start settings; start a new run")
+    central = central_images(images, labels, n_classes, cfg, recipe.privacy.noise_seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save(path, central)
+    return central
+
+
+def training_images(central: CentralImages, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The central images at the model's resolution in [-1, 1], one per class, and their labels."""
+    x = torch.from_numpy(central.means)[:, None]
+    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return (x * 2 - 1).clamp(-1, 1), torch.arange(len(x))
+
+
+def augment(x: torch.Tensor, shift: int, intensity: float, generator: torch.Generator) -> torch.Tensor:
+    """Random translations up to ±shift px (edge pixels repeated), gain and offset up to ±intensity."""
+    n, _, h, w = x.shape
+    if shift:
+        padded = F.pad(x, (shift, shift, shift, shift), mode="replicate")
+        dy, dx = (torch.randint(0, 2 * shift + 1, (2, n), generator=generator)).tolist()
+        x = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    if intensity:
+        gain = 1 + intensity * (2 * torch.rand(n, 1, 1, 1, generator=generator) - 1)
+        offset = intensity * (2 * torch.rand(n, 1, 1, 1, generator=generator) - 1)
+        x = x * gain + offset
+    return x.clamp(-1, 1)
+
+
+def record(central: CentralImages, cfg: WarmStartConfig, delta: float | None, accountant: str) -> dict:
+    """What the warm start spent and did, for pretrain.json and privacy.json."""
+    hist = history(cfg)
+    return {
+        "mechanism": "Gaussian mechanism, one query over the whole training set: per-class sums of "
+        f"the images at {cfg.image_size}×{cfg.image_size} in [0, 1], clipped to L2 norm C = "
+        f"{central.clip_norm:g}, divided by C, and per-class counts; L2 sensitivity √2, noise std "
+        f"σ·√2 with σ = {cfg.noise_multiplier:g}",
+        "image_size": cfg.image_size,
+        "noise_multiplier": cfg.noise_multiplier,
+        "clip_norm": central.clip_norm,
+        "noise": central.noise_source,
+        "noisy_counts": [round(float(c), 1) for c in central.counts],
+        "steps": cfg.steps,
+        "accountant_history": [list(h) for h in hist],
+        "epsilon_alone": epsilon_of(hist, delta, accountant) if delta else None,
+        "statement": f"pre-training without DP-SGD for {cfg.steps} steps on the {len(central.counts)} "
+        "DP class-mean images of the warm start (covered by ε: the query is in the accountant)",
+    }
