@@ -143,11 +143,79 @@ def validate(recipe: RecipeArg, set_: Sets = None, smoke: Smoke = False) -> None
     if c.recipe.dp_sgd:
         eps = ", ".join(f"{k} {v:.3f}" for k, v in plan["epsilon"].items())
         line += f", σ = {plan['noise_multiplier']:.4f} → ε {eps} at δ = {c.recipe.privacy.delta:g}"
-        if plan["prior_history"]:
-            line += " (composed with the DP run pretrain.checkpoint comes from)"
+        parts = []
+        if (
+            c.recipe.pretrain is not None
+            and c.recipe.pretrain.checkpoint is not None
+            and plan["prior_history"]
+        ):
+            parts.append("the DP run pretrain.checkpoint comes from")
+        if c.recipe.warm_start is not None:
+            parts.append(f"the warm start's query (σ = {c.recipe.warm_start.noise_multiplier:g})")
+        if parts:
+            line += " (composed with " + " and ".join(parts) + ")"
     if not c.recipe.private:
         line += ", NOT PRIVATE" + (" (privacy.noise_seed: the DP noise is known)" if c.recipe.dp_sgd else "")
     typer.echo(line)
+
+
+@app.command()
+def plan(
+    recipe: RecipeArg,
+    minutes: Annotated[float, typer.Option("--minutes", help="Wall time for DP-SGD on this machine.")] = 30.0,
+    n_train: Annotated[
+        int | None,
+        typer.Option("--n-train", help="N; else counted from the data source (nothing is trained)."),
+    ] = None,
+    min_steps: Annotated[int, typer.Option("--min-steps", help="Fewest DP-SGD steps to propose.")] = 100,
+    set_: Sets = None,
+) -> None:
+    """Probe this machine's DP-SGD speed on random images, then give, for a wall-time budget,
+    batch size, steps, σ and noise per step at the recipe's ε, and the --set lines to apply."""
+    from . import plan as planning
+    from .data import DataError, load_images
+    from .recipe import load_recipe
+
+    r = _guard(load_recipe, recipe, _overrides(set_))
+    if not r.dp_sgd:
+        _fail(2, f"error: {recipe}: privacy.enabled: plan is for DP-SGD recipes")
+    if n_train is None:
+        try:
+            n_train = len(load_images(r.data, r.modality).train_labels)
+        except DataError as e:
+            _fail(2, f"error: {recipe}: data.{e.field}: {e}")
+    n_classes = len(r.data.classes)
+    p = planning.probe(r, n_classes)
+    typer.echo(
+        f"probe      {p.examples_per_s:.1f} DP example-gradients/s on this machine "
+        f"({r.privacy.per_example_gradients}, K = {r.privacy.noise_multiplicity}, chunks of "
+        f"{r.training.max_physical_batch_size}, {p.batch} random {r.data.image_size}×{r.data.image_size} images)"
+    )
+    typer.echo(
+        f"budget     {minutes:g} min of DP-SGD, N = {n_train}, ε = {r.privacy.target_epsilon:g}, "
+        f"δ = {r.privacy.delta:g}, C = {r.privacy.max_grad_norm:g}"
+        + (" (composed with the warm start's query)" if r.warm_start else "")
+    )
+    typer.echo(f"{'B':>7} {'steps':>7} {'σ':>8} {'σC/B':>10}")
+    for o in planning.options(r, n_train, p.examples_per_s, minutes):
+        sigma = f"{o.noise_multiplier:8.3f}" if o.noise_multiplier else f"{'-':>8}"
+        noise = f"{o.noise_per_step:10.2e}" if o.noise_per_step else f"{'-':>10}"
+        typer.echo(f"{o.batch:>7} {o.steps:>7} {sigma} {noise}")
+    cur = planning.current(r, n_train)
+    typer.echo(
+        f"recipe     B = {cur.batch}, {cur.steps} steps: σ = {cur.noise_multiplier:.3f}, σC/B = "
+        f"{cur.noise_per_step:.2e}, about {planning.minutes_for(cur, p.examples_per_s):.0f} min here"
+    )
+    best = planning.choose(planning.options(r, n_train, p.examples_per_s, minutes), min_steps)
+    if best is None:
+        _fail(2, f"error: {recipe}: no batch size reaches ε with ≥ {min_steps} steps in {minutes:g} min")
+    typer.echo(
+        f"proposed   B = {best.batch}, {best.steps} steps: σ = {best.noise_multiplier:.3f}, "
+        f"σC/B = {best.noise_per_step:.2e} (least noise per step with ≥ {min_steps} steps)"
+    )
+    typer.echo("apply      " + " ".join(planning.set_lines(best)))
+    if r.pretrain or r.warm_start:
+        typer.echo("note       pre-training and the warm start run before DP-SGD and are not in this budget")
 
 
 @app.command()

@@ -1,0 +1,132 @@
+"""`synthfactory plan RECIPE --minutes M`: what a wall-time budget buys on this machine.
+
+Before any private image is trained on: a short probe times DP-SGD steps of the recipe's model
+(its per-example gradient path, K, physical chunk size, precision) on *random* images of the
+recipe's size; the accountant then gives, for each logical batch size B, the steps T the budget
+allows, the σ that reaches the target ε (composed with the warm start, if any) and the noise per
+step σ·C/B. The row with the least noise per step among those with at least `min_steps` steps is
+proposed, with the `--set` lines that apply it.
+
+Why σ/B: at a fixed ε, the noise in the averaged gradient is σ·C/B, and DP-SGD's utility tracks
+it more than the step count (Sander et al., "TAN", 2022), while a larger B costs only
+proportionally more example-gradients. `min_steps` keeps enough optimizer steps to learn.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .model import build_noise_scheduler, build_unet, resolve_device
+from .privacy import calibrate_noise, make_private
+from .recipe import Recipe
+from .train import _settings, dp_step, num_class_embeds, recipe_prior
+
+
+@dataclass
+class Probe:
+    examples_per_s: float  # DP example-gradients per second (K rows each), measured
+    seconds: float
+    batch: int
+
+
+@dataclass
+class Option:
+    batch: int
+    steps: int
+    noise_multiplier: float | None  # None: ε unreachable with these steps
+    noise_per_step: float | None  # σ·C/B
+
+    @property
+    def example_gradients(self) -> int:
+        return self.batch * self.steps
+
+
+def probe(recipe: Recipe, n_classes: int, batch: int = 64, steps: int = 3, warmup: int = 1) -> Probe:
+    """Time `steps` DP steps of `batch` random examples (after `warmup`) with the recipe's settings."""
+    device = resolve_device(recipe.training.device)
+    size = recipe.data.image_size
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_unet(recipe.model, size, num_class_embeds(recipe, n_classes)).to(device)
+        x0 = torch.rand((batch, 1, size, size)) * 2 - 1
+        y = torch.randint(0, n_classes, (batch,))
+    k = recipe.privacy.noise_multiplicity
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.training.learning_rate)
+    private = make_private(
+        model,
+        optimizer,
+        n_train=10 * batch,
+        expected_batch_size=batch,
+        steps=10**6,
+        noise_multiplier=1.0,
+        max_grad_norm=recipe.privacy.max_grad_norm,
+        accountant="rdp",
+        sample_generator=torch.Generator().manual_seed(1),
+        noise_generator=torch.Generator(device=device).manual_seed(2),
+        mode=recipe.privacy.per_example_gradients,
+    )
+    settings, scheduler, gen = (
+        _settings(recipe, n_classes, device, k),
+        build_noise_scheduler(recipe.model),
+        torch.Generator(),
+    )
+    for _ in range(warmup):
+        dp_step(private, scheduler, x0, y, gen, settings)
+    start = time.perf_counter()
+    for _ in range(steps):
+        dp_step(private, scheduler, x0, y, gen, settings)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return Probe(examples_per_s=steps * batch / seconds, seconds=seconds, batch=batch)
+
+
+def options(recipe: Recipe, n_train: int, examples_per_s: float, minutes: float) -> list[Option]:
+    """For B = 64, 128, ... up to N: the steps the budget allows and the σ the accountant gives."""
+    budget = examples_per_s * minutes * 60  # example-gradients
+    prior = recipe_prior(recipe, None)
+    out = []
+    b = 64
+    while b <= n_train:
+        steps = int(budget // b)
+        sigma = None
+        if steps >= 1:
+            try:
+                sigma = calibrate_noise(
+                    recipe.privacy.target_epsilon, recipe.privacy.delta, b / n_train, steps,
+                    recipe.privacy.accountant, prior=prior,
+                )  # fmt: skip
+            except ValueError:
+                sigma = None
+        noise = sigma * recipe.privacy.max_grad_norm / b if sigma is not None else None
+        out.append(Option(b, steps, sigma, noise))
+        b *= 2
+    return out
+
+
+def choose(opts: list[Option], min_steps: int) -> Option | None:
+    """The least noise per step among the options with at least `min_steps` steps."""
+    ok = [o for o in opts if o.noise_per_step is not None and o.steps >= min_steps]
+    return min(ok, key=lambda o: o.noise_per_step) if ok else None
+
+
+def set_lines(option: Option) -> list[str]:
+    return [f"--set training.expected_batch_size={option.batch}", f"--set training.steps={option.steps}"]
+
+
+def current(recipe: Recipe, n_train: int) -> Option:
+    """The recipe's own B, steps, σ and noise per step, for comparison."""
+    b, steps = recipe.training.expected_batch_size, recipe.training.total_steps(n_train)
+    sigma = calibrate_noise(
+        recipe.privacy.target_epsilon, recipe.privacy.delta, b / n_train, steps, recipe.privacy.accountant,
+        prior=recipe_prior(recipe, None),
+    )  # fmt: skip
+    return Option(b, steps, sigma, sigma * recipe.privacy.max_grad_norm / b)
+
+
+def minutes_for(option: Option, examples_per_s: float) -> float:
+    return option.example_gradients / examples_per_s / 60 if examples_per_s > 0 else math.inf
