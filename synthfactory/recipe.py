@@ -197,6 +197,9 @@ class SamplingConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     guidance_scale: float = Field(1.0, ge=0)
     use_ema: bool = True
+    # equal: images_per_class of every class; dp_counts: the same total, shared in proportion to
+    # the warm start's noisy class counts (covered by ε), so the set has the data's class balance
+    class_proportions: Literal["equal", "dp_counts"] = "equal"
 
 
 class PretrainConfig(_Strict):
@@ -390,6 +393,11 @@ class Recipe(_Strict):
                     "pretrain.data.classes: differ from data.classes, so pre-training is "
                     "class-agnostic (the null label), which needs training.label_dropout > 0"
                 )
+        if self.sampling.class_proportions == "dp_counts" and self.warm_start is None:
+            raise ValueError(
+                "sampling.class_proportions: dp_counts takes the class counts from the warm start; "
+                "add a warm_start block or use equal"
+            )
         if self.warm_start is not None and self.warm_start.image_size > self.data.image_size:
             raise ValueError(
                 f"warm_start.image_size: {self.warm_start.image_size} exceeds data.image_size "

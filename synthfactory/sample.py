@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
+from . import warmstart
 from .model import load_generator, resolve_device, sampling_scheduler
 from .progress import progress_bar
 from .recipe import Recipe
@@ -208,10 +209,32 @@ class StoreImages:
             self._fd = None
 
 
-def plan(recipe: Recipe, num_classes: int) -> tuple[np.ndarray, np.ndarray, list[slice]]:
+def class_counts(total: int, weights: np.ndarray) -> np.ndarray:
+    """`total` split in proportion to `weights` (largest remainders), at least one per class."""
+    w = np.clip(np.asarray(weights, dtype=np.float64), 0, None)
+    w = w / w.sum() if w.sum() > 0 else np.full(len(w), 1 / len(w))
+    n = len(w)
+    base = np.floor(w * (total - n)).astype(np.int64) + 1
+    order = np.argsort(-(w * (total - n) - np.floor(w * (total - n))), kind="stable")
+    base[order[: total - int(base.sum())]] += 1
+    return base
+
+
+def images_per_class(recipe: Recipe, run_dir: RunDir | None, num_classes: int) -> np.ndarray:
+    """How many images of each class: equal, or by the warm start's noisy (DP) counts."""
+    cfg = recipe.sampling
+    if cfg.class_proportions == "equal" or run_dir is None:
+        return np.full(num_classes, cfg.images_per_class, dtype=np.int64)
+    counts = warmstart.load(run_dir.root / "checkpoints" / warmstart.CENTRAL_FILE).counts
+    return class_counts(cfg.images_per_class * num_classes, counts)
+
+
+def plan(
+    recipe: Recipe, num_classes: int, run_dir: RunDir | None = None
+) -> tuple[np.ndarray, np.ndarray, list[slice]]:
     """Labels, per-image seeds and the batches of the whole sample set (shard-independent)."""
     cfg = recipe.sampling
-    labels = np.repeat(np.arange(num_classes, dtype=np.int64), cfg.images_per_class)
+    labels = np.repeat(np.arange(num_classes, dtype=np.int64), images_per_class(recipe, run_dir, num_classes))
     seeds = np.array([sample_seed(cfg.seed, i) for i in range(len(labels))], dtype=np.int64)
     batches = [slice(a, min(a + cfg.batch_size, len(labels))) for a in range(0, len(labels), cfg.batch_size)]
     return labels, seeds, batches
@@ -242,7 +265,7 @@ def generate(
     model.to(resolve_device(recipe.training.device))
     scheduler = sampling_scheduler(train_scheduler)
     size = int(model.config.sample_size)
-    labels, seeds, batches = plan(recipe, num_classes)
+    labels, seeds, batches = plan(recipe, num_classes, run_dir)
     mine = batches if shard is None else batches[shard[0] :: shard[1]]
     run_dir.samples.parent.mkdir(parents=True, exist_ok=True)
     # One process: each batch straight into the store. A shard: its batches, saved together.
@@ -286,7 +309,7 @@ def merge_shards(recipe: Recipe, run_dir: RunDir, num_classes: int, n: int) -> S
     paths = [shard_path(run_dir, (i, n)) for i in range(n)]
     if not all(p.exists() for p in paths):
         return None
-    labels, seeds, _ = plan(recipe, num_classes)
+    labels, seeds, _ = plan(recipe, num_classes, run_dir)
     store, filled = None, np.zeros(len(labels), dtype=bool)
     for p in paths:  # one shard in memory at a time
         with np.load(p) as z:

@@ -9,15 +9,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import tiny_recipe
 
 from synthfactory import warmstart
 from synthfactory.privacy import calibrate_noise, epsilon_of
 from synthfactory.publish import _guarantee_lines
 from synthfactory.recipe import WarmStartConfig
-from synthfactory.rundir import read_json
 from synthfactory.run import StageOptions, check, create_run, run_stage
-
-from conftest import tiny_recipe
+from synthfactory.rundir import read_json
 
 
 def _images(n: int, size: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -59,7 +58,9 @@ def test_noise_is_sigma_sqrt2_on_every_coordinate():
 def test_the_query_is_answered_once_per_run(tmp_path):
     """A second attempt of the stage reads the stored answer instead of asking again (which
     would spend ε twice); the answer is drawn from a secret seed, so two answers differ."""
-    recipe = check(_write(tmp_path, tiny_recipe(warm_start={"noise_multiplier": 2.0, "image_size": 8}))).recipe
+    recipe = check(
+        _write(tmp_path, tiny_recipe(warm_start={"noise_multiplier": 2.0, "image_size": 8}))
+    ).recipe
     x, y = _images(40)
     path = tmp_path / "c.npz"
     first = warmstart.answered_once(path, x, y, recipe, 3)
@@ -109,3 +110,50 @@ def test_augment_keeps_range_and_shape():
     out = warmstart.augment(x, 2, 0.1, torch.Generator().manual_seed(0))
     assert out.shape == x.shape and out.min() >= -1 and out.max() <= 1
     assert not torch.equal(out, x)
+
+
+def test_class_counts_share_the_total_by_weight():
+    from synthfactory.sample import class_counts
+
+    got = class_counts(600, np.array([120.3, 450.2, 70.1]))
+    assert got.sum() == 600 and list(got) == [113, 421, 66]
+    assert list(class_counts(600, np.array([-5.0, 100.0, 3.0]))) == [
+        1,
+        581,
+        18,
+    ]  # noisy counts < 0: one image
+    assert class_counts(7, np.ones(3)).sum() == 7
+
+
+def test_samples_follow_the_dp_class_counts(tmp_path):
+    """sampling.class_proportions: dp_counts draws the same total, shared by the warm start's
+    noisy counts (read from the run's stored answer, not from the private labels)."""
+    from synthfactory.sample import class_counts
+
+    ws = {"noise_multiplier": 1.0, "image_size": 8, "steps": 2, "expected_batch_size": 8}
+    recipe = tiny_recipe(
+        warm_start=ws,
+        sampling={
+            "images_per_class": 6,
+            "ddim_steps": 2,
+            "seed": 0,
+            "batch_size": 8,
+            "class_proportions": "dp_counts",
+        },
+    )
+    recipe["data"]["phantom"] = {"n_train": 90, "n_heldout": 32, "seed": 3}
+    checked = check(_write(tmp_path, recipe))
+    run_dir = create_run(checked, tmp_path / "runs")
+    for stage in ("data", "pretrain", "train", "sample"):
+        run_stage(stage, checked, run_dir, StageOptions(progress=False))
+    counts = warmstart.load(run_dir.root / "checkpoints" / warmstart.CENTRAL_FILE).counts
+    labels = np.load(run_dir.samples / "labels.npy")
+    assert list(np.bincount(labels, minlength=2)) == list(class_counts(12, counts))
+
+
+def test_dp_counts_need_a_warm_start(tmp_path):
+    from synthfactory.recipe import RecipeError, load_recipe
+
+    r = tiny_recipe(sampling={"images_per_class": 4, "class_proportions": "dp_counts"})
+    with pytest.raises(RecipeError, match="warm_start"):
+        load_recipe(_write(tmp_path, r))
