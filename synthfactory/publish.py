@@ -168,7 +168,13 @@ def dataset_card(run_dir: RunDir, counts: dict[str, int], warnings: list[str] | 
         f"{model.get('num_train_timesteps', 1000)} training timesteps, `{model.get('beta_schedule', 'squaredcos_cap_v2')}` "
         "schedule, ε-prediction, class-conditional",
         f"- training: {privacy['steps_taken']} steps, expected batch {privacy['expected_batch_size']}, "
-        f"{privacy['n_train']} private training images",
+        f"{privacy['n_train']} private training images"
+        + (
+            f", after {privacy['warm_start']['steps']} pre-training steps on the DP warm start's "
+            "class-mean images"
+            if privacy.get("warm_start")
+            else ""
+        ),
         f"- sampler: DDIM, {sampling.get('ddim_steps')} steps, guidance scale {sampling.get('guidance_scale', 1.0)}, "
         + ("EMA weights" if sampling.get("use_ema", True) else "last weights"),
         "",

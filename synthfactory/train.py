@@ -57,7 +57,7 @@ from .model import build_noise_scheduler, build_unet, count_parameters, load_une
 from .origin import checkpoint_use, public_origin, trained_origin, write_origin
 from .privacy import PrivateTraining, calibrate_noise, epsilon_of, make_private, opacus_version
 from .progress import progress_bar
-from .recipe import Recipe, TimestepSampling
+from .recipe import Recipe, RecipeError, TimestepSampling
 from .rundir import RunDir, atomic_path, folder_sha256, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -598,6 +598,11 @@ def _warm_start_stage(model, recipe: Recipe, images: ImageSet, run_dir: RunDir, 
     model on the noisy class means, augmented, without DP-SGD (post-processing)."""
     cfg = recipe.warm_start
     assert cfg is not None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would answer the query with its own noise
+        raise RecipeError(
+            f"{run_dir.root}: warm_start: run the pretrain stage in one process, not under torchrun "
+            "(`synthfactory pretrain RUN_DIR`), then train under torchrun"
+        )
     n_classes = len(images.class_names)
     central = warmstart.answered_once(
         run_dir.root / "checkpoints" / warmstart.CENTRAL_FILE,

@@ -157,3 +157,18 @@ def test_dp_counts_need_a_warm_start(tmp_path):
     r = tiny_recipe(sampling={"images_per_class": 4, "class_proportions": "dp_counts"})
     with pytest.raises(RecipeError, match="warm_start"):
         load_recipe(_write(tmp_path, r))
+
+
+def test_the_warm_start_refuses_to_run_on_several_ranks(tmp_path, monkeypatch):
+    """Under torchrun every rank would answer the query with its own secret noise (ε spent once
+    per rank): the stage refuses before answering."""
+    from synthfactory.recipe import RecipeError
+
+    ws = {"noise_multiplier": 2.0, "image_size": 8, "steps": 2, "expected_batch_size": 8}
+    checked = check(_write(tmp_path, tiny_recipe(warm_start=ws)))
+    run_dir = create_run(checked, tmp_path / "runs")
+    run_stage("data", checked, run_dir, StageOptions(progress=False))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RecipeError, match="one process"):
+        run_stage("pretrain", checked, run_dir, StageOptions(progress=False))
+    assert not (run_dir.root / "checkpoints" / warmstart.CENTRAL_FILE).exists()
