@@ -288,7 +288,12 @@ MUTATIONS = [
         "warm-start-asked-twice",
         "the warm start's query answered again when its stage re-runs (ε spent twice)",
         "warmstart.py",
-        (("    if path.is_file():\n        central = load(path)", "    if False:\n        central = load(path)"),),
+        (
+            (
+                "    if path.is_file():\n        central = load(path)",
+                "    if False:\n        central = load(path)",
+            ),
+        ),
         ("tests/test_warmstart.py",),
     ),
 ]

@@ -33,7 +33,9 @@ def test_options_take_sigma_from_the_accountant_composed_with_the_warm_start(tmp
 
 def test_plan_command_probes_and_proposes(tmp_path):
     path = write_recipe(tmp_path, tiny_recipe())
-    res = CliRunner().invoke(app, ["plan", str(path), "--minutes", "0.5", "--n-train", "2000", "--min-steps", "5"])
+    res = CliRunner().invoke(
+        app, ["plan", str(path), "--minutes", "0.5", "--n-train", "2000", "--min-steps", "5"]
+    )
     assert res.exit_code == 0, res.output
     rate = float(re.search(r"probe\s+([\d.]+) DP example-gradients/s", res.output).group(1))
     assert rate > 0
