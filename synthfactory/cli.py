@@ -197,7 +197,8 @@ def plan(
         + (" (composed with the warm start's query)" if r.warm_start else "")
     )
     typer.echo(f"{'B':>7} {'steps':>7} {'σ':>8} {'σC/B':>10}")
-    for o in planning.options(r, n_train, p.examples_per_s, minutes):
+    opts = planning.options(r, n_train, p.examples_per_s, minutes)
+    for o in opts:
         sigma = f"{o.noise_multiplier:8.3f}" if o.noise_multiplier else f"{'-':>8}"
         noise = f"{o.noise_per_step:10.2e}" if o.noise_per_step else f"{'-':>10}"
         typer.echo(f"{o.batch:>7} {o.steps:>7} {sigma} {noise}")
@@ -206,7 +207,7 @@ def plan(
         f"recipe     B = {cur.batch}, {cur.steps} steps: σ = {cur.noise_multiplier:.3f}, σC/B = "
         f"{cur.noise_per_step:.2e}, about {planning.minutes_for(cur, p.examples_per_s):.0f} min here"
     )
-    best = planning.choose(planning.options(r, n_train, p.examples_per_s, minutes), min_steps)
+    best = planning.choose(opts, min_steps)
     if best is None:
         _fail(2, f"error: {recipe}: no batch size reaches ε with ≥ {min_steps} steps in {minutes:g} min")
     typer.echo(
