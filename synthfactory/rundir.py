@@ -6,7 +6,10 @@
       data/manifest.jsonl             one line per real image: split, index, label, sha256, source
       data/data_report.json           counts per split and class, skipped files and why,
                                       preprocessing, manifest hash
-      checkpoints/pretrained/         public pre-training (if the recipe has one): unet/, pretrain.json
+      checkpoints/pretrained/         public pre-training and/or the warm start (if the recipe has
+                                      them): unet/, pretrain.json
+      checkpoints/central_images.npz  the warm start's DP answer: noisy class means and counts
+                                      (covered by ε; asked once per run, reused on a re-run)
       checkpoints/train_state.pt      resumable training state (model, EMA, optimizer, accountant
                                       history, RNG states, step); written atomically
       checkpoints/final/unet/         diffusers UNet2DModel, last weights (save_pretrained)
@@ -134,6 +137,10 @@ class RunDir:
     @property
     def pretrained(self) -> Path:
         return self.root / "checkpoints" / "pretrained"
+
+    @property
+    def central_images(self) -> Path:
+        return self.root / "checkpoints" / "central_images.npz"
 
     @property
     def final_checkpoint(self) -> Path:

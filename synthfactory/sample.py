@@ -213,9 +213,9 @@ def class_counts(total: int, weights: np.ndarray) -> np.ndarray:
     """`total` split in proportion to `weights` (largest remainders), at least one per class."""
     w = np.clip(np.asarray(weights, dtype=np.float64), 0, None)
     w = w / w.sum() if w.sum() > 0 else np.full(len(w), 1 / len(w))
-    n = len(w)
-    base = np.floor(w * (total - n)).astype(np.int64) + 1
-    order = np.argsort(-(w * (total - n) - np.floor(w * (total - n))), kind="stable")
+    share = w * (total - len(w))  # one image per class first, the rest by weight
+    base = np.floor(share).astype(np.int64) + 1
+    order = np.argsort(-(share - np.floor(share)), kind="stable")
     base[order[: total - int(base.sum())]] += 1
     return base
 
@@ -225,7 +225,7 @@ def images_per_class(recipe: Recipe, run_dir: RunDir | None, num_classes: int) -
     cfg = recipe.sampling
     if cfg.class_proportions == "equal" or run_dir is None:
         return np.full(num_classes, cfg.images_per_class, dtype=np.int64)
-    counts = warmstart.load(run_dir.root / "checkpoints" / warmstart.CENTRAL_FILE).counts
+    counts = warmstart.load(run_dir.central_images).counts
     return class_counts(cfg.images_per_class * num_classes, counts)
 
 

@@ -605,7 +605,7 @@ def _warm_start_stage(model, recipe: Recipe, images: ImageSet, run_dir: RunDir, 
         )
     n_classes = len(images.class_names)
     central = warmstart.answered_once(
-        run_dir.root / "checkpoints" / warmstart.CENTRAL_FILE,
+        run_dir.central_images,
         images.train_images,
         images.train_labels,
         recipe,

@@ -12,7 +12,7 @@ query enters the Opacus accountant's history as (σ, 1.0, 1). DP-SGD's σ is the
 the *composed* ε (train.py), and privacy.json reports the composed ε.
 
 The noisy class means (noisy sum / noisy count, clamped to [0, 1]: post-processing) are written
-once per run to checkpoints/central_images.npz and reused if the stage runs again, so the query
+once per run to checkpoints/central_images.npz (RunDir.central_images) and reused if the stage runs again, so the query
 is answered once. They are covered by ε. The UNet is then pre-trained on them, upsampled and
 augmented (shifts, gain and offset), without DP-SGD: post-processing of the DP output.
 
@@ -33,8 +33,6 @@ import torch.nn.functional as F
 
 from .privacy import epsilon_of
 from .recipe import Recipe, WarmStartConfig
-
-CENTRAL_FILE = "central_images.npz"
 
 
 @dataclass

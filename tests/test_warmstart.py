@@ -98,7 +98,7 @@ def test_reported_epsilon_includes_the_warm_start_and_sigma_is_resolved(tmp_path
     assert priv["noise_multiplier"] > without
     assert priv["noise_multiplier"] == pytest.approx(checked.plan["noise_multiplier"])
     assert priv["warm_start"]["epsilon_alone"] == pytest.approx(epsilon_of([(1.5, 1.0, 1)], delta, "rdp"))
-    assert (run_dir.root / "checkpoints" / warmstart.CENTRAL_FILE).is_file()
+    assert (run_dir.central_images).is_file()
     card = "\n".join(_guarantee_lines(priv, {"summary": {"n_samples": 8}}, 8))
     assert "DP warm start" in card and "σ = 1.5" in card
     origin = read_json(run_dir.pretrained / "unet" / "synthfactory_origin.json")
@@ -146,7 +146,7 @@ def test_samples_follow_the_dp_class_counts(tmp_path):
     run_dir = create_run(checked, tmp_path / "runs")
     for stage in ("data", "pretrain", "train", "sample"):
         run_stage(stage, checked, run_dir, StageOptions(progress=False))
-    counts = warmstart.load(run_dir.root / "checkpoints" / warmstart.CENTRAL_FILE).counts
+    counts = warmstart.load(run_dir.central_images).counts
     labels = np.load(run_dir.samples / "labels.npy")
     assert list(np.bincount(labels, minlength=2)) == list(class_counts(12, counts))
 
@@ -171,4 +171,4 @@ def test_the_warm_start_refuses_to_run_on_several_ranks(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RecipeError, match="one process"):
         run_stage("pretrain", checked, run_dir, StageOptions(progress=False))
-    assert not (run_dir.root / "checkpoints" / warmstart.CENTRAL_FILE).exists()
+    assert not (run_dir.central_images).exists()
