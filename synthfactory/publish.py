@@ -121,18 +121,6 @@ def _guarantee_lines(privacy: dict, audit: dict, n_released: int) -> list[str]:
     return lines
 
 
-def _guidance_words(info: dict, sampling: dict) -> str:
-    """The scale sampled with; for candidates, which were tried and on what the choice rested."""
-    w = sampling.get("guidance_scale", 1.0)
-    if not isinstance(w, list):
-        return f"guidance scale {w}"
-    used = info.get("stages", {}).get("sample", {}).get("guidance_scale")
-    return (
-        f"guidance scale {used}, chosen among {w} by the distance of the synthetic class means to "
-        "the warm start's DP class means (post-processing of DP outputs, covered by ε)"
-    )
-
-
 def dataset_card(run_dir: RunDir, counts: dict[str, int], warnings: list[str] | None = None) -> str:
     """README.md of the dataset repository, from the run's own records (no number is typed in)."""
     recipe = yaml.safe_load(run_dir.recipe.read_text())
@@ -187,7 +175,7 @@ def dataset_card(run_dir: RunDir, counts: dict[str, int], warnings: list[str] | 
             if privacy.get("warm_start")
             else ""
         ),
-        f"- sampler: DDIM, {sampling.get('ddim_steps')} steps, {_guidance_words(info, sampling)}, "
+        f"- sampler: DDIM, {sampling.get('ddim_steps')} steps, guidance scale {sampling.get('guidance_scale', 1.0)}, "
         + ("EMA weights" if sampling.get("use_ema", True) else "last weights"),
         "",
         "## Privacy guarantee",

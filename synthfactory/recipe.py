@@ -195,10 +195,7 @@ class SamplingConfig(_Strict):
     ddim_steps: int = Field(50, ge=1, le=1000)
     seed: Seed = 0
     batch_size: int = Field(64, ge=1)
-    # one scale, or candidates: the sample stage keeps the one whose class means lie closest to the
-    # warm start's DP class means (post-processing of DP outputs; see guidance.py)
-    guidance_scale: float | list[float] = 1.0
-    guidance_probe_images: int = Field(32, ge=1)  # per class and candidate, when choosing
+    guidance_scale: float = Field(1.0, ge=0)
     use_ema: bool = True
     # equal: images_per_class of every class; dp_counts: the same total, shared in proportion to
     # the warm start's noisy class counts (covered by ε), so the set has the data's class balance
@@ -379,16 +376,7 @@ class Recipe(_Strict):
                 f"data.image_size: {self.data.image_size} is not divisible by {factor}, "
                 f"which {levels} UNet levels need"
             )
-        w = self.sampling.guidance_scale
-        scales = w if isinstance(w, list) else [w]
-        if not scales or min(scales) < 0:
-            raise ValueError("sampling.guidance_scale: a scale ≥ 0, or a non-empty list of them")
-        if isinstance(w, list) and self.warm_start is None:
-            raise ValueError(
-                "sampling.guidance_scale: choosing among candidates needs the warm start's DP class "
-                "means (a warm_start block); give one scale instead"
-            )
-        if scales != [1.0] and self.training.label_dropout == 0:
+        if self.sampling.guidance_scale != 1.0 and self.training.label_dropout == 0:
             raise ValueError(
                 "sampling.guidance_scale: classifier-free guidance needs an unconditional model; "
                 "set training.label_dropout > 0 or guidance_scale: 1.0"

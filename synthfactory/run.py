@@ -258,11 +258,7 @@ def run_stage(stage: str, checked: Checked, run_dir: RunDir, opts: StageOptions)
             "sample",
             n_samples=int(len(samples.labels)),
             weights="ema" if recipe.sampling.use_ema and recipe.training.ema_decay else "last",
-            guidance_scale=(
-                read_json(run_dir.guidance)["scale"]
-                if isinstance(recipe.sampling.guidance_scale, list)
-                else recipe.sampling.guidance_scale
-            ),
+            guidance_scale=recipe.sampling.guidance_scale,
         )
     elif stage == "audit_models":
         if not audit_models_wanted(recipe):

@@ -21,8 +21,6 @@
       samples/store/                  the samples: images.npy (uint8 [M, H, W], plain .npy, read
                                       memory-mapped or one at a time), labels.npy, seeds.npy
                                       (per-sample seeds)
-      samples/guidance.json           the guidance scale chosen among the recipe's candidates, with
-                                      each one's distance to the warm start's DP class means
       samples/shard-i-of-n.npz        one sampling shard (`--shard i/n`, torchrun), until merged
       audit_models/canary/            the canary audit's DP model (if the recipe asks): its own
                                       checkpoints/, privacy.json, train_log.jsonl and canary.json
@@ -143,10 +141,6 @@ class RunDir:
     @property
     def central_images(self) -> Path:
         return self.root / "checkpoints" / "central_images.npz"
-
-    @property
-    def guidance(self) -> Path:
-        return self.root / "samples" / "guidance.json"
 
     @property
     def final_checkpoint(self) -> Path:

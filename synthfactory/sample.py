@@ -265,9 +265,6 @@ def generate(
     model.to(resolve_device(recipe.training.device))
     scheduler = sampling_scheduler(train_scheduler)
     size = int(model.config.sample_size)
-    from .guidance import scale_for  # guidance draws its probe images with ddim_sample (this module)
-
-    scale = scale_for(recipe, run_dir, model, scheduler, info["null_class"])
     labels, seeds, batches = plan(recipe, num_classes, run_dir)
     mine = batches if shard is None else batches[shard[0] :: shard[1]]
     run_dir.samples.parent.mkdir(parents=True, exist_ok=True)
@@ -283,7 +280,7 @@ def generate(
                 seeds[sl].tolist(),
                 cfg.ddim_steps,
                 size,
-                scale,
+                cfg.guidance_scale,
                 info["null_class"],
             )
             if store is not None:
