@@ -509,7 +509,6 @@ def smoke_overrides(raw: dict) -> dict[str, Any]:
         "privacy.noise_multiplicity": 2,
         "sampling.images_per_class": 4,
         "sampling.ddim_steps": 2,
-        "sampling.guidance_probe_images": 2,
         "data.max_train_images": 400,
         "data.max_heldout_images": 200,
         "evaluation.classifier.epochs": 1,
