@@ -1,7 +1,7 @@
-"""The release gate on real data (../shared/data): copies of training images that are exact,
-shifted by 1-4 px, flipped, intensity-scaled by ±10 %, gamma-corrected or noised (Gaussian
-σ = 0.05 on the [-1, 1] scale) are all caught, while held-out real images presented as samples
-are dropped at about the calibrated false-alarm rate."""
+"""The release gate on real data (../shared/data): copies of training images of every kind the
+audit claims (planted.COVERED: exact, shifted by 1-4 px, flipped, intensity-scaled, gamma-corrected,
+noised, all of these at once, blurred, JPEG-compressed) are all caught, while held-out real images
+presented as samples are dropped at about the calibrated false-alarm rate."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from synthfactory.audit import gate, quantize
-from synthfactory.audit.planted import KINDS, disguise, planted_copies
+from synthfactory.audit.planted import COVERED, GEOMETRIC, KINDS, disguise, planted_copies
 from synthfactory.data.common import pad_square_resize, uint_to_unit_range
 from synthfactory.recipe import AuditConfig
 
@@ -55,17 +55,31 @@ def test_gate_on_fetal_ultrasound_catches_every_disguised_copy(shared_data) -> N
     assert false_alarm <= 0.06, false_alarm
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", COVERED + GEOMETRIC)
 def test_disguises_do_what_they_say(kind: str) -> None:
     rng = np.random.default_rng(0)
-    img = rng.integers(0, 256, (16, 16)).astype(np.uint8)
-    y = disguise(img, kind, 1, rng)
+    img = np.add.outer(np.arange(16), np.arange(16)).astype(np.uint8) * 8  # a ramp: edits show
+    other = rng.integers(0, 256, (16, 16)).astype(np.uint8)
+    y = disguise(img, kind, 1, rng, other)
     x = img / 127.5 - 1
+    assert y.shape == x.shape
     if kind == "exact":
         assert np.array_equal(y, x)
     elif kind == "flip":
         assert np.array_equal(y, x[:, ::-1])
     elif kind == "shift":
         assert np.array_equal(y[2:], x[:-2]) and (y[:2] == x.min()).all()  # i = 1: 2 px down
+    elif kind == "shift_far":  # i = 1: 7 px down, the top rows filled with the edge row
+        assert np.array_equal(y[7:], x[:-7]) and np.array_equal(y[:7], np.repeat(x[:1], 7, 0))
+    elif kind == "blend":
+        assert np.allclose(y, 0.8 * x + 0.2 * (other / 127.5 - 1))
+    elif kind == "zoom":  # i = 1: shrunk to 0.9 about the centre, so the ramp is 1/0.9 as steep
+        assert np.allclose(np.diff(y[4:12, 8]), np.diff(x[4:12, 8]) / 0.9, atol=1e-6)
+    elif kind == "rotate":  # i = 1: -5°, the ramp turns but keeps its centre value
+        assert 0 < np.abs(y - x).mean() < 0.2 and abs(y[7:9, 7:9].mean() - x[7:9, 7:9].mean()) < 0.02
+    elif kind == "combined":  # flipped among the rest: far from the image, close to its flip
+        assert np.abs(y - x[:, ::-1]).mean() < np.abs(y - x).mean()
+    elif kind == "gamma":  # i = 1: gamma 0.7 on [0, 1]
+        assert np.allclose(y, ((x + 1) / 2) ** 0.7 * 2 - 1)
     else:
         assert 0 < np.abs(y - x).mean() < 0.2

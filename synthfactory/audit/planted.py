@@ -1,27 +1,74 @@
 """Disguised copies of training images, to check that the gate catches them on your own data
-(tests/test_audit_real.py, benchmarks/audit_planted_copies.py): exact, shifted by 1-4 px,
-flipped left-right, intensity-scaled by ±10 %, gamma-corrected (0.7 / 1.4) and noised (Gaussian
-σ = 0.05 on the [-1, 1] scale)."""
+(tests/test_audit_real.py, benchmarks/audit_planted_copies.py).
+
+`COVERED` are the kinds the audit claims to catch: exact, shifted by 1-4 px (filled with the
+image minimum), flipped left-right, intensity-scaled by ±10 %, gamma-corrected (0.7 / 1.4),
+noised (Gaussian σ = 0.05 on the [-1, 1] scale), all of shift (edge fill), flip, contrast, gamma
+and noise at once (`combined`), Gaussian blur (σ 0.6-1.0 px) and JPEG at quality 50-75.
+
+`GEOMETRIC` are the edits a copy detector should also tolerate: rotation by ±5° or ±10°, zoom
+about the centre by 0.9-1.1, shifts of 6-8 px (edge fill), a crop of 85-90 % of the image
+re-zoomed to full size, and an 80/20 blend of two training images.
+"""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+from PIL import Image
+from scipy import ndimage
 
-KINDS = ("exact", "shift", "flip", "scale", "gamma", "noise")
+COVERED = ("exact", "shift", "flip", "scale", "gamma", "noise", "combined", "blur", "jpeg")
+GEOMETRIC = ("rotate", "zoom", "shift_far", "crop", "blend")
+KINDS = COVERED  # the kinds the gate claims (tests/test_audit_real.py)
+_DIRECTIONS = ((1, 0), (0, -1), (1, 1), (-1, 1))
 
 
-def disguise(img: np.ndarray, kind: str, i: int, rng: np.random.Generator) -> np.ndarray:
-    """One disguised copy of a uint8 image, on the [-1, 1] scale."""
+def _shifted(x: np.ndarray, dy: int, dx: int, fill: float | None) -> np.ndarray:
+    """x moved by (dy, dx) px; the uncovered border is `fill`, or the nearest edge pixel."""
+    if fill is None:
+        return ndimage.shift(x, (dy, dx), order=0, mode="nearest")
+    y = np.full_like(x, fill)
+    h, w = x.shape
+    y[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = x[
+        max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+    ]
+    return y
+
+
+def _zoomed(x: np.ndarray, factor: float, centre: tuple[float, float] | None = None) -> np.ndarray:
+    """x magnified by `factor` about `centre` (default: the image centre), same size, edge fill."""
+    c = np.array(centre if centre is not None else ((x.shape[0] - 1) / 2, (x.shape[1] - 1) / 2))
+    return ndimage.affine_transform(x, np.eye(2) / factor, offset=c - c / factor, order=1, mode="nearest")
+
+
+def _jpeg(x: np.ndarray, quality: int) -> np.ndarray:
+    u8 = np.round((np.clip(x, -1, 1) + 1) * 127.5).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(u8, mode="L").save(buf, format="JPEG", quality=quality)
+    return np.asarray(Image.open(buf), dtype=np.float64) / 127.5 - 1.0
+
+
+def _combined(x: np.ndarray, i: int, rng: np.random.Generator) -> np.ndarray:
+    s = 1 + i % 4
+    dy, dx = _DIRECTIONS[(i // 4) % 4]
+    y = _shifted(x, s * dy, s * dx, None)[:, ::-1]
+    y = np.clip(y * (1.1 if i % 2 else 0.9), -1, 1)
+    y = ((y + 1) / 2) ** (0.8 if i % 3 else 1.25) * 2 - 1
+    return np.clip(y + rng.normal(0, 0.05, y.shape), -1, 1)
+
+
+def disguise(
+    img: np.ndarray, kind: str, i: int, rng: np.random.Generator, other: np.ndarray | None = None
+) -> np.ndarray:
+    """One disguised copy of a uint8 image, on the [-1, 1] scale (`other`: the second training
+    image of a blend)."""
     x = img.astype(np.float64) / 127.5 - 1.0
-    if kind == "shift":
-        s = 1 + i % 4
-        dy, dx = [(s, 0), (0, -s), (s, s), (-s, s)][(i // 4) % 4]
-        y = np.full_like(x, x.min())
-        h, w = x.shape
-        y[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = x[
-            max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
-        ]
-        return y
+    if kind in ("shift", "shift_far"):
+        s = (1 + i % 4) if kind == "shift" else (6 + i % 3)
+        dy, dx = _DIRECTIONS[(i // 4) % 4]
+        return _shifted(x, s * dy, s * dx, x.min() if kind == "shift" else None)
     if kind == "flip":
         return x[:, ::-1]
     if kind == "scale":
@@ -30,15 +77,43 @@ def disguise(img: np.ndarray, kind: str, i: int, rng: np.random.Generator) -> np
         return ((x + 1) / 2) ** (0.7 if i % 2 else 1.4) * 2 - 1
     if kind == "noise":
         return np.clip(x + rng.normal(0, 0.05, x.shape), -1, 1)
+    if kind == "combined":
+        return _combined(x, i, rng)
+    if kind == "blur":
+        return ndimage.gaussian_filter(x, 0.6 + 0.1 * (i % 5), mode="nearest")
+    if kind == "jpeg":
+        return _jpeg(x, 50 + 5 * (i % 6))
+    if kind == "rotate":
+        angle = (5.0, -5.0, 10.0, -10.0)[i % 4]
+        return ndimage.rotate(x, angle, reshape=False, order=1, mode="nearest")
+    if kind == "zoom":
+        return _zoomed(x, (1.1, 0.9, 1.05, 0.95)[i % 4])
+    if kind == "crop":  # keep 85-90 % of each side at a corner, re-zoomed to full size
+        f = 1 / (0.85 + 0.05 * (i % 2))
+        h, w = x.shape
+        corner = ((0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1))[(i // 2) % 4]
+        return _zoomed(x, f, corner)
+    if kind == "blend":
+        if other is None:
+            raise ValueError("blend: needs a second training image")
+        return 0.8 * x + 0.2 * (other.astype(np.float64) / 127.5 - 1.0)
+    if kind != "exact":
+        raise ValueError(f"unknown disguise {kind!r}")
     return x
 
 
 def planted_copies(
-    train_u8: np.ndarray, per_kind: int, seed: int
+    train_u8: np.ndarray, per_kind: int, seed: int, kinds: tuple[str, ...] = KINDS
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`per_kind` disguised copies of distinct training images for each kind: (uint8 copies,
+    indices of the copied training images, kind of each copy). A blend's index is its 80 % image."""
     rng = np.random.default_rng(seed)
-    picks = rng.choice(len(train_u8), per_kind * len(KINDS), replace=False)
-    kinds = np.repeat(KINDS, per_kind)
-    imgs = [disguise(train_u8[p], k, i, rng) for i, (p, k) in enumerate(zip(picks, kinds, strict=True))]
+    picks = rng.choice(len(train_u8), per_kind * len(kinds), replace=False)
+    seconds = rng.choice(len(train_u8), len(picks))
+    labels = np.repeat(kinds, per_kind)
+    imgs = [
+        disguise(train_u8[p], k, i, rng, train_u8[o])
+        for i, (p, o, k) in enumerate(zip(picks, seconds, labels, strict=True))
+    ]
     u8 = np.round((np.clip(np.array(imgs), -1, 1) + 1) * 127.5).astype(np.uint8)
-    return u8, picks, kinds
+    return u8, picks, labels
