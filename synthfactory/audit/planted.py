@@ -25,6 +25,29 @@ KINDS = COVERED  # the kinds the gate claims (tests/test_audit_real.py)
 _DIRECTIONS = ((1, 0), (0, -1), (1, 1), (-1, 1))
 
 
+def _from_u8(u: np.ndarray) -> np.ndarray:
+    """uint8 → float64 on the [-1, 1] scale (float64, unlike sample.uint8_to_model_range, so that
+    the disguises are exact)."""
+    return u.astype(np.float64) / 127.5 - 1.0
+
+
+def _to_u8(x: np.ndarray) -> np.ndarray:
+    """[-1, 1] → uint8, as a released image is stored."""
+    return np.round((np.clip(x, -1, 1) + 1) * 127.5).astype(np.uint8)
+
+
+def _scaled(x: np.ndarray, factor: float) -> np.ndarray:
+    return np.clip(x * factor, -1, 1)
+
+
+def _gamma(x: np.ndarray, g: float) -> np.ndarray:
+    return ((x + 1) / 2) ** g * 2 - 1
+
+
+def _noised(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.clip(x + rng.normal(0, 0.05, x.shape), -1, 1)
+
+
 def _shifted(x: np.ndarray, dy: int, dx: int, fill: float | None) -> np.ndarray:
     """x moved by (dy, dx) px; the uncovered border is `fill`, or the nearest edge pixel."""
     if fill is None:
@@ -44,19 +67,17 @@ def _zoomed(x: np.ndarray, factor: float, centre: tuple[float, float] | None = N
 
 
 def _jpeg(x: np.ndarray, quality: int) -> np.ndarray:
-    u8 = np.round((np.clip(x, -1, 1) + 1) * 127.5).astype(np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(u8, mode="L").save(buf, format="JPEG", quality=quality)
-    return np.asarray(Image.open(buf), dtype=np.float64) / 127.5 - 1.0
+    Image.fromarray(_to_u8(x), mode="L").save(buf, format="JPEG", quality=quality)
+    return _from_u8(np.asarray(Image.open(buf)))
 
 
 def _combined(x: np.ndarray, i: int, rng: np.random.Generator) -> np.ndarray:
     s = 1 + i % 4
     dy, dx = _DIRECTIONS[(i // 4) % 4]
     y = _shifted(x, s * dy, s * dx, None)[:, ::-1]
-    y = np.clip(y * (1.1 if i % 2 else 0.9), -1, 1)
-    y = ((y + 1) / 2) ** (0.8 if i % 3 else 1.25) * 2 - 1
-    return np.clip(y + rng.normal(0, 0.05, y.shape), -1, 1)
+    y = _gamma(_scaled(y, 1.1 if i % 2 else 0.9), 0.8 if i % 3 else 1.25)
+    return _noised(y, rng)
 
 
 def disguise(
@@ -64,7 +85,7 @@ def disguise(
 ) -> np.ndarray:
     """One disguised copy of a uint8 image, on the [-1, 1] scale (`other`: the second training
     image of a blend)."""
-    x = img.astype(np.float64) / 127.5 - 1.0
+    x = _from_u8(img)
     if kind in ("shift", "shift_far"):
         s = (1 + i % 4) if kind == "shift" else (6 + i % 3)
         dy, dx = _DIRECTIONS[(i // 4) % 4]
@@ -72,11 +93,11 @@ def disguise(
     if kind == "flip":
         return x[:, ::-1]
     if kind == "scale":
-        return np.clip(x * (1.1 if i % 2 else 0.9), -1, 1)
+        return _scaled(x, 1.1 if i % 2 else 0.9)
     if kind == "gamma":
-        return ((x + 1) / 2) ** (0.7 if i % 2 else 1.4) * 2 - 1
+        return _gamma(x, 0.7 if i % 2 else 1.4)
     if kind == "noise":
-        return np.clip(x + rng.normal(0, 0.05, x.shape), -1, 1)
+        return _noised(x, rng)
     if kind == "combined":
         return _combined(x, i, rng)
     if kind == "blur":
@@ -96,7 +117,7 @@ def disguise(
     if kind == "blend":
         if other is None:
             raise ValueError("blend: needs a second training image")
-        return 0.8 * x + 0.2 * (other.astype(np.float64) / 127.5 - 1.0)
+        return 0.8 * x + 0.2 * _from_u8(other)
     if kind != "exact":
         raise ValueError(f"unknown disguise {kind!r}")
     return x
@@ -115,5 +136,4 @@ def planted_copies(
         disguise(train_u8[p], k, i, rng, train_u8[o])
         for i, (p, o, k) in enumerate(zip(picks, seconds, labels, strict=True))
     ]
-    u8 = np.round((np.clip(np.array(imgs), -1, 1) + 1) * 127.5).astype(np.uint8)
-    return u8, picks, labels
+    return _to_u8(np.array(imgs)), picks, labels
