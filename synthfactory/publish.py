@@ -256,8 +256,7 @@ def dataset_card(run_dir: RunDir, counts: dict[str, int], warnings: list[str] | 
         "- Not intended: diagnosis, clinical validation, or estimating disease prevalence.",
         "- Image quality is limited by the privacy budget and the model size; measure utility on your task "
         "(the run's TSTR/TRTR figures are in the synthfactory report).",
-        "- The audit catches exact, shifted, flipped, re-contrasted and noised copies; it can miss other "
-        "transformations, and it reads the private images (see 'Not covered by ε').",
+        f"- Memorization audit: {audit['limits'][0]} It reads the private images (see 'Not covered by ε').",
         "",
         "## Reproduce",
         "",

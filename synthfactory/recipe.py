@@ -276,7 +276,7 @@ class ThresholdRule(_Strict):
     seed: Seed = 0
 
 
-SpaceName = Literal["pixel_l2", "ncc", "shift_flip_ncc", "rank_thumbnail"]
+SpaceName = Literal["pixel_l2", "ncc", "shift_flip_ncc", "rank_thumbnail", "lowpass_l2", "warp_ncc"]
 
 
 class CopyingTestConfig(_Strict):
@@ -308,12 +308,16 @@ class CanaryConfig(_Strict):
 
 class AuditConfig(_Strict):
     spaces: list[SpaceName] = Field(
-        default_factory=lambda: ["pixel_l2", "ncc", "shift_flip_ncc", "rank_thumbnail"], min_length=1
-    )
+        default_factory=lambda: [
+            "pixel_l2", "ncc", "shift_flip_ncc", "rank_thumbnail", "lowpass_l2", "warp_ncc"
+        ],
+        min_length=1,
+    )  # fmt: skip
     shift: int = Field(4, ge=0, le=8)  # shift_flip_ncc: translations up to ±shift px
-    # shift_flip_ncc: null (default) scores every training image, exact. A number: exact scores
-    # only for that many candidates per query from a half-resolution pass, several times faster
-    # but it can miss: on CT at 28 px it missed 1 of 20 copies shifted by 3 px even at 256.
+    warp_shift: int = Field(8, ge=0, le=12)  # warp_ncc: translations up to ±warp_shift px
+    # shift_flip_ncc and warp_ncc: null (default) scores every training image, exact. A number:
+    # exact scores only for that many candidates per query from a half-resolution pass, much
+    # faster but it can miss (recall measured in benchmarks/audit_planted_copies.py).
     shift_candidates: int | None = Field(None, ge=1)
     threshold: ThresholdRule = ThresholdRule()
     action: Literal["drop", "block"] = "drop"

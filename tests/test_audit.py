@@ -122,6 +122,42 @@ def test_spaces_see_through_shift_flip_and_contrast() -> None:
     np.testing.assert_allclose(val, best, atol=1e-5)
 
 
+def test_lowpass_and_warp_spaces_see_through_blur_noise_rotation_zoom_and_far_shifts() -> None:
+    import torch
+    from scipy import ndimage
+
+    from synthfactory.audit.planted import _shifted, _zoomed
+    from synthfactory.audit.spaces import WARPS, warped
+
+    rng = np.random.default_rng(3)
+    train = phantom_images("ct", 1, 40, 32, seed=4)  # [N, H, W] in [-1, 1]
+    x = train[17]
+    blurred = ndimage.gaussian_filter(x, 0.8, mode="nearest")
+    noised = np.clip(x + rng.normal(0, 0.05, x.shape), -1, 1)
+    q = np.stack([blurred, noised]).astype(np.float32)
+    i, s = search("lowpass_l2", q, train)
+    _, raw = search("pixel_l2", q, train)
+    assert i.tolist() == [17, 17] and (s < raw / 2).all()  # the low-pass halves the distance at least
+    rotated = ndimage.rotate(x, 8.0, reshape=False, order=1, mode="nearest")
+    zoomed = _zoomed(x, 1.08)
+    far = _shifted(x, 7, -6, None)
+    q = np.stack([rotated, zoomed, far, x[:, ::-1]]).astype(np.float32)
+    i, s = search("warp_ncc", q, train, warp_shift=8)
+    _, near = search("shift_flip_ncc", q, train, shift=4)
+    assert i.tolist() == [17] * 4 and (s > 0.97).all() and (s[:3] > near[:3]).all()
+    assert s[3] == pytest.approx(1.0, abs=1e-5)
+    # the shortlist path: every warp scored on the same candidates; with all references as
+    # candidates it is the exact search
+    j, t = search("warp_ncc", q, train, candidates=len(train) - 1, warp_shift=8)
+    assert j.tolist() == [17] * 4 and np.allclose(t, s, atol=1e-5)
+    # warp_ncc is the best of shift_flip_ncc over the warps of the query: ±8 px unwarped, ±4 px
+    # (audit.shift) rotated or zoomed
+    want = np.max([search("shift_flip_ncc", warped(torch.from_numpy(q), a, z).numpy(), train,
+                          shift=8 if (a, z) == (0.0, 1.0) else 4)[1]
+                   for a, z in WARPS], axis=0)  # fmt: skip
+    np.testing.assert_allclose(s, want, atol=1e-6)
+
+
 def plant(run_copy, n_copies: int = 6):
     """Replace the run's samples: exact copies of training images, near copies (±1 grey level),
     and clearly different images (ultrasound fans against MRI training data)."""
@@ -176,7 +212,14 @@ def test_audit_reports_layout_and_internal_marking(run_copy, tmp_path) -> None:
     for key in ("recipe_sha256", "samples_sha256", "calibration", "spaces", "decision", "samples", "limits",
                 "neighbour_ratios", "data_copying", "membership_inference", "per_class"):  # fmt: skip
         assert key in audit
-    assert set(audit["spaces"]) == {"pixel_l2", "ncc", "shift_flip_ncc", "rank_thumbnail"}
+    assert set(audit["spaces"]) == {
+        "pixel_l2",
+        "ncc",
+        "shift_flip_ncc",
+        "rank_thumbnail",
+        "lowpass_l2",
+        "warp_ncc",
+    }
     assert audit["data"]["manifest_sha256"] == checked.images.manifest_sha256()
     priv = audit["privacy"]
     assert priv["epsilon"] <= priv["target_epsilon"] and {
@@ -186,7 +229,9 @@ def test_audit_reports_layout_and_internal_marking(run_copy, tmp_path) -> None:
         "steps_taken",
     } <= set(priv)
     s0 = audit["samples"][0]
-    assert s0["flagged_by"] == ["pixel_l2", "ncc", "shift_flip_ncc", "rank_thumbnail", "exact_copy"]
+    assert s0["flagged_by"] == [
+        "pixel_l2", "ncc", "shift_flip_ncc", "rank_thumbnail", "lowpass_l2", "warp_ncc", "exact_copy"
+    ]  # fmt: skip
     assert set(s0["scores"]) == set(audit["spaces"])
     assert "sha256" not in str(audit["samples"])  # training images are named by index only
     mia = audit["membership_inference"]

@@ -192,6 +192,7 @@ for name in SPACES:
     out[name + "_idx"], out[name + "_score"] = search_sharded(name, queries, refs, d, block_size=16, shift=2)
 # the half-resolution shortlist of 8 per query, agreed across the ranks
 out["short_idx"], out["short_score"] = search_sharded("shift_flip_ncc", queries, refs, d, 16, 2, candidates=8)
+out["wshort_idx"], out["wshort_score"] = search_sharded("warp_ncc", queries, refs, d, 16, 2, candidates=8, warp_shift=3)
 np.savez(sys.argv[1] + f"/rank{d.rank}.npz", **out)
 """
 
@@ -224,6 +225,9 @@ def test_audit_searches_sharded_over_two_ranks_match_one_process(tmp_path) -> No
             want_idx, want_score = search("shift_flip_ncc", queries, refs, 16, 2, candidates=8)
             np.testing.assert_array_equal(z["short_idx"], want_idx)
             np.testing.assert_allclose(z["short_score"], want_score, atol=1e-6)
+            want_idx, want_score = search("warp_ncc", queries, refs, 16, 2, candidates=8, warp_shift=3)
+            np.testing.assert_array_equal(z["wshort_idx"], want_idx)
+            np.testing.assert_allclose(z["wshort_score"], want_score, atol=1e-6)
             assert (z["pixel_l2_score"][-4:] == 0).all()
 
 

@@ -11,21 +11,31 @@ and a score, by exact search in blocks (torch matmul).
 | rank_thumbnail   | Pearson correlation of       | higher      | copies under any monotone intensity   |
 |                  | rank-transformed, blurred    |             | change (gamma, windowing), noise,     |
 |                  | 8×8 thumbnails, flip-aware   |             | small shifts                          |
+| lowpass_l2       | L2 distance of Gaussian      | lower       | noised, JPEG-compressed and blurred   |
+|                  | low-passed images, the       |             | copies, where neighbouring slices are |
+|                  | training side also blurred   |             | as close in raw pixels                |
+| warp_ncc         | shift_flip_ncc over a grid   | higher      | rotated (±10°), zoomed (±10 %) and    |
+|                  | of rotations and zooms of    |             | further shifted (±8 px) copies        |
+|                  | the query; ±8 px unwarped    |             |                                       |
 
 `rank_thumbnail` is a fixed, training-free descriptor: per-image histogram equalisation (pixel
 ranks), a 3×3 blur and average pooling to 8×8. It has no learned parameters, so it cannot carry
-information about the private set; no encoder is trained for the audit.
+information about the private set; no encoder is trained for the audit. `lowpass_l2` and
+`warp_ncc` are exact searches over fixed grids of edits (blur levels; rotations and zooms), with
+nothing learned either.
 
 Images come in as float arrays [N, 1, H, W] or [N, H, W] on the [-1, 1] scale.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
 from scipy.stats import rankdata
 
 from ..distributed import Dist, all_gather_array, best_over_ranks
@@ -57,8 +67,51 @@ SPACES: dict[str, Space] = {
             "(invariant to any monotone intensity change), 3×3 blur, 8×8 average pooling; the "
             "better of the query and its left-right flip",
         ),
+        Space(
+            "lowpass_l2",
+            False,
+            "L2 distance after a Gaussian low-pass (σ = {lowpass} px) of both images, the "
+            "training image also blurred by σ = {blurs} px (the smallest of these distances)",
+        ),
+        Space(
+            "warp_ncc",
+            True,
+            "maximum Pearson correlation, over the overlapping region, of the query translated "
+            "by up to ±{warp_shift} px, or rotated by {angles}° or zoomed by {zooms} and "
+            "translated by up to ±{shift} px (each also left-right flipped), with the training "
+            "image; {search}",
+        ),
     )
 }
+
+LOWPASS_SIGMA = 1.0  # px: noise and JPEG blocks average out, anatomy stays
+WARP_INTERPOLATION = "bicubic"  # re-sampling blurs less than bilinear: rotated copies score higher
+EXTRA_BLURS = (0.0, 0.7, 1.0)  # px: a copy blurred by up to σ 1 px meets its own blur level
+# (angle in degrees, zoom): the query's edits tried by warp_ncc; with ±8 px translations and
+# correlation on the overlap, edits between grid points still score high (measured in
+# benchmarks/audit_planted_copies.py: rotations of ±5 and ±10°, zooms of 0.9-1.1).
+WARPS: tuple[tuple[float, float], ...] = (
+    (0.0, 1.0), (5.0, 1.0), (-5.0, 1.0), (10.0, 1.0), (-10.0, 1.0),
+    (0.0, 1 / 1.1), (0.0, 1 / 1.05), (0.0, 1.05), (0.0, 1.1),
+)  # fmt: skip
+
+
+def describe(name: str, shift: int, warp_shift: int, candidates: int | None) -> str:
+    """A space's description with this audit's settings filled in."""
+    search_text = (
+        f"exact for the {candidates} best candidates per query found at half resolution"
+        if candidates
+        else "exact search over every training image"
+    )
+    return SPACES[name].description.format(
+        shift=shift,
+        warp_shift=warp_shift,
+        search=search_text,
+        lowpass=f"{LOWPASS_SIGMA:g}",
+        blurs=", ".join(f"{b:g}" for b in EXTRA_BLURS),
+        angles=", ".join(f"{a:+g}" for a, z in WARPS if z == 1.0 and a),
+        zooms=", ".join(f"{z:.3g}" for a, z in WARPS if z != 1.0),
+    )
 
 
 def zscore_rows(x: torch.Tensor) -> torch.Tensor:
@@ -222,6 +275,79 @@ def rank_thumbnail(images: np.ndarray, size: int = 8) -> torch.Tensor:
     return zscore_rows(t.flatten(1))
 
 
+def lowpass(images: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian low-pass of images [N, H, W] (edge pixels extended), float32."""
+    x = np.asarray(images, dtype=np.float32)
+    return gaussian_filter(x, (0, sigma, sigma), mode="nearest") if sigma > 0 else x
+
+
+def lowpass_search(
+    queries: np.ndarray, train: np.ndarray, block_size: int, backend: str = "torch"
+) -> tuple[np.ndarray, np.ndarray]:
+    """`lowpass_l2`: the nearest training image after a low-pass of both sides, the training
+    side also blurred by each of `EXTRA_BLURS` (blurs compose: σ² add), the smallest distance."""
+    q = lowpass(queries, LOWPASS_SIGMA)
+    idx = np.zeros(len(q), dtype=np.int64)
+    best = np.full(len(q), np.inf)
+    for extra in EXTRA_BLURS:
+        i, v = nearest_neighbours(
+            q, lowpass(train, math.hypot(LOWPASS_SIGMA, extra)), block_size, backend=backend
+        )
+        closer = v < best
+        idx[closer], best[closer] = i[closer], v[closer]
+    return idx, best
+
+
+def warped(images: torch.Tensor, angle: float, zoom: float) -> torch.Tensor:
+    """Images [M, H, W] rotated by `angle` degrees and magnified by `zoom` about their centre
+    (bilinear; outside the image, the nearest edge pixel)."""
+    if angle == 0 and zoom == 1:
+        return images
+    a = math.radians(angle)
+    cos, sin = math.cos(a) / zoom, math.sin(a) / zoom
+    theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=images.dtype)
+    theta = theta.expand(len(images), 2, 3)
+    grid = F.affine_grid(theta, [len(images), 1, *images.shape[-2:]], align_corners=False)
+    out = F.grid_sample(
+        images[:, None], grid, mode=WARP_INTERPOLATION, padding_mode="border", align_corners=False
+    )
+    return out[:, 0]
+
+
+def best_over_warps(queries: torch.Tensor, score, far: int, near: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best (reference index, score) per query over the `WARPS` of the query, where
+    `score(warped queries, shift)` gives (index, score) arrays: translations up to ±`far` px for
+    the unwarped query, ±`near` px for the rotated and zoomed ones (a copy is rotated, zoomed or
+    shifted far, not all at once; a third of the cost of ±`far` everywhere)."""
+    idx = np.zeros(len(queries), dtype=np.int64)
+    best = np.full(len(queries), -np.inf)
+    for angle, zoom in WARPS:
+        unwarped = angle == 0 and zoom == 1
+        i, v = score(warped(queries, angle, zoom), far if unwarped else min(near, far))
+        better = v > best
+        idx[better], best[better] = i[better], v[better]
+    return idx, best
+
+
+@torch.no_grad()
+def warp_search(
+    queries: torch.Tensor,
+    refs: torch.Tensor,
+    far: int,
+    near: int,
+    block_size: int,
+    candidates: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`warp_ncc`: `shift_flip_search` of every warp of the query, the best (see
+    `best_over_warps` for the translations). With a shortlist, one half-resolution pass on the
+    unwarped query (translations up to ±⌈far/2⌉) picks the candidates that every warp is then
+    scored against exactly."""
+    if not uses_shortlist(queries.shape, refs.shape[0], candidates):
+        return best_over_warps(queries, lambda q, s: _full_shift_flip(q, refs, s, block_size), far, near)
+    cand = coarse_shortlist(queries, refs, far, block_size, candidates)[1]
+    return best_over_warps(queries, lambda q, s: score_shortlist(q, refs, cand, s, block_size), far, near)
+
+
 def _images2d(x: np.ndarray) -> torch.Tensor:
     a = np.ascontiguousarray(x, dtype=np.float32)
     return torch.from_numpy(a.reshape(len(a), a.shape[-2], a.shape[-1]))
@@ -235,11 +361,18 @@ def search(
     shift: int = 4,
     candidates: int | None = None,
     backend: str = "torch",
+    warp_shift: int = 8,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Nearest training image and score of every query in one space (`backend`, torch or faiss,
-    for the pixel search)."""
+    for the pixel searches)."""
     if name == "pixel_l2":
         return nearest_neighbours(queries, train, block_size, backend=backend)
+    if name == "lowpass_l2":
+        q2, t2 = (x.reshape(len(x), x.shape[-2], x.shape[-1]) for x in (queries, train))
+        return lowpass_search(q2, t2, block_size, backend)
+    if name == "warp_ncc":
+        q2, t2 = _images2d(queries), _images2d(train)
+        return warp_search(q2, t2, warp_shift, shift, min(block_size, 64), candidates)
     if name == "ncc":
         return max_dot(zscore_rows(flatten(queries)), zscore_rows(flatten(train)), block_size)
     if name == "shift_flip_ncc":
@@ -262,36 +395,43 @@ def search_sharded(
     shift: int = 4,
     candidates: int | None = None,
     backend: str = "torch",
+    warp_shift: int = 8,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`search` with the training images split across the ranks of a torchrun job: each rank
     searches its contiguous share, then the best score per query is reduced over the ranks (ties
     to the lowest index). Exact searches give the one-process answer; with a `candidates`
-    shortlist (shift_flip_ncc) the ranks first agree on one global shortlist per query (see
-    `_shift_flip_sharded`), so the answer is the one-process answer there too. Every rank
+    shortlist (shift_flip_ncc, warp_ncc) the ranks first agree on one global shortlist per query (see
+    `_shortlist_sharded`), so the answer is the one-process answer there too. Every rank
     returns the full result."""
     if not d.enabled:
-        return search(name, queries, train, block_size, shift, candidates, backend)
-    if name == "shift_flip_ncc" and uses_shortlist(queries.shape, len(train), candidates):
-        return _shift_flip_sharded(
-            _images2d(queries), _images2d(train), d, shift, min(block_size, 256), candidates
-        )
+        return search(name, queries, train, block_size, shift, candidates, backend, warp_shift)
+    if name in ("shift_flip_ncc", "warp_ncc") and uses_shortlist(queries.shape, len(train), candidates):
+        block = min(block_size, 256 if name == "shift_flip_ncc" else 64)
+        far = shift if name == "shift_flip_ncc" else warp_shift
+
+        def exact(q: torch.Tensor, t: torch.Tensor, cand: torch.Tensor):
+            if name == "shift_flip_ncc":
+                return score_shortlist(q, t, cand, shift, block)
+            return best_over_warps(q, lambda w, s: score_shortlist(w, t, cand, s, block), far, shift)
+
+        return _shortlist_sharded(_images2d(queries), _images2d(train), d, far, block, candidates, exact)
     higher = SPACES[name].higher_is_closer
     a, b = d.share(len(train))
     idx = np.zeros(len(queries), dtype=np.int64)
     score = np.full(len(queries), -np.inf if higher else np.inf)
     if b > a:
-        idx, score = search(name, queries, train[a:b], block_size, shift, candidates, backend)
+        idx, score = search(name, queries, train[a:b], block_size, shift, candidates, backend, warp_shift)
         idx = idx + a
     return best_over_ranks(idx, score, d, higher)
 
 
-def _shift_flip_sharded(
-    queries: torch.Tensor, train: torch.Tensor, d: Dist, shift: int, block_size: int, candidates: int
+def _shortlist_sharded(
+    queries: torch.Tensor, train: torch.Tensor, d: Dist, shift: int, block_size: int, candidates: int, exact
 ) -> tuple[np.ndarray, np.ndarray]:
-    """shift_flip_ncc with a shortlist across ranks, as in one process: each rank shortlists
-    its share of the training images at half resolution; the ranks' lists are gathered and the
-    `candidates` best overall kept (the one-process shortlist); the exact scores of those are then
-    split by query across the ranks and gathered."""
+    """shift_flip_ncc or warp_ncc with a shortlist across ranks, as in one process: each rank
+    shortlists its share of the training images at half resolution; the ranks' lists are gathered
+    and the `candidates` best overall kept (the one-process shortlist); the exact scores of those
+    (`exact(queries, train, candidates)`) are then split by query across the ranks and gathered."""
     a, b = d.share(len(train))
     k = candidates
     vals = np.full((len(queries), k), -np.inf)
@@ -307,7 +447,7 @@ def _shift_flip_sharded(
     width = -(-len(queries) // d.world)  # the largest query share, for equal-sized gathers
     mine = np.full((2, width), np.nan)
     if qb > qa:
-        i, v = score_shortlist(queries[qa:qb], train, cand[qa:qb], shift, block_size)
+        i, v = exact(queries[qa:qb], train, cand[qa:qb])
         mine[0, : qb - qa], mine[1, : qb - qa] = i, v
     parts = all_gather_array(mine, d)  # [world, 2, width]
     sizes = [hi - lo for lo, hi in (d.share(len(queries), r) for r in range(d.world))]
