@@ -300,7 +300,7 @@ def lowpass_search(
 
 def warped(images: torch.Tensor, angle: float, zoom: float) -> torch.Tensor:
     """Images [M, H, W] rotated by `angle` degrees and magnified by `zoom` about their centre
-    (bilinear; outside the image, the nearest edge pixel)."""
+    (`WARP_INTERPOLATION`; outside the image, the nearest edge pixel)."""
     if angle == 0 and zoom == 1:
         return images
     a = math.radians(angle)
