@@ -293,3 +293,13 @@ def test_internal_html_report_renders_in_headless_chromium(run_copy, tmp_path) -
         assert f'id="{section}"' in out, section
     assert "INTERNAL: SHOWS REAL TRAINING IMAGES" in out
     assert out.count("<img") >= 2 + len(res.audit["spaces"])
+
+
+def test_coverage_statement_names_the_spaces_an_audit_leaves_out() -> None:
+    from synthfactory.audit import coverage
+    from synthfactory.recipe import AuditConfig
+
+    full = coverage(AuditConfig().spaces, 4, 8)
+    assert "rotated (±10°)" in full and "±8 px" in full and "leaves out" not in full
+    part = coverage(["pixel_l2", "ncc"], 4, 8)
+    assert part.startswith(full) and "leaves out shift_flip_ncc, rank_thumbnail, lowpass_l2, warp_ncc" in part
