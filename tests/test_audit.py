@@ -300,6 +300,7 @@ def test_coverage_statement_names_the_spaces_an_audit_leaves_out() -> None:
     from synthfactory.recipe import AuditConfig
 
     full = coverage(AuditConfig().spaces, 4, 8)
-    assert "rotated (±10°)" in full and "±8 px" in full and "leaves out" not in full
+    assert "rotated (±10°)" in full and "±8 px" in full and "82 % to 100 %" in full
+    assert "leaves out" not in full
     part = coverage(["pixel_l2", "ncc"], 4, 8)
     assert part.startswith(full) and "leaves out shift_flip_ncc, rank_thumbnail, lowpass_l2, warp_ncc" in part

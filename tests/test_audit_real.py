@@ -1,10 +1,12 @@
 """The release gate on real data (../shared/data): copies of training images of every kind the
 audit claims (planted.COVERED: exact, shifted by 1-4 px, flipped, intensity-scaled, gamma-corrected,
 noised, all of these at once, blurred, JPEG-compressed) are all caught, rotated, zoomed and
-further-shifted copies at least 95 % of them, while held-out real images presented as samples are
-dropped at about the calibrated false-alarm rate."""
+further-shifted copies nearly all (the bounds are in each test), while held-out real images
+presented as samples are dropped at about the calibrated false-alarm rate."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,9 @@ import pytest
 from synthfactory.audit import gate, quantize
 from synthfactory.audit.planted import COVERED, GEOMETRIC, KINDS, disguise, planted_copies
 from synthfactory.data.common import pad_square_resize, uint_to_unit_range
-from synthfactory.recipe import AuditConfig
+from synthfactory.recipe import AuditConfig, load_recipe
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 def at_size(x: np.ndarray, size: int) -> np.ndarray:
@@ -43,12 +47,14 @@ def test_gate_on_ct_catches_every_disguised_copy_at_2pct_false_alarms(shared_dat
     with np.load(shared_data / "ct_organamnist" / "organamnist_28_full.npz") as z:
         train, train_y = z["train_images"][:2500], z["train_labels"].ravel()[:2500]
         heldout, heldout_y = z["test_images"][:1200], z["test_labels"].ravel()[:1200]
-    # as the CT recipe runs it: shift_flip_ncc and warp_ncc score a half-resolution shortlist
-    cfg = AuditConfig(shift_candidates=256)
+    # as the CT recipe runs it: its spaces, warp_ncc on a half-resolution shortlist
+    cfg = load_recipe(RECIPES / "ct_organamnist.yaml").audit
+    assert cfg.spaces == ["pixel_l2", "lowpass_l2", "warp_ncc"] and cfg.shift_candidates == 256
     missed, false_alarm, g = run_gate(train, train_y, heldout, heldout_y, per_kind=20, cfg=cfg)
     assert {k: missed[k] for k in KINDS} == dict.fromkeys(KINDS, 0), missed
-    # >= 85 % of 60 (this subset: 52; the benchmark on 5,000: 56): the 95 % target is not met on CT
-    assert sum(missed[k] for k in WARPED) <= 9, missed
+    # this subset: 56 of 60 (all six spaces: 52); the benchmark on 5,000 training images: 58 of
+    # 60, and over 200 calibrations 93 % of rotations (the 95 % target is not met on CT)
+    assert sum(missed[k] for k in WARPED) <= 4, missed
     assert false_alarm <= 0.02, false_alarm
     assert g.calibration.false_alarm_in_sample <= 1.0
 
