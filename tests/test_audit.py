@@ -199,6 +199,33 @@ def test_gate_catches_every_planted_copy_and_no_different_image(run_copy, tmp_pa
     }
 
 
+def test_heldout_images_of_training_patients_leave_the_calibration(run_copy, tmp_path) -> None:
+    import dataclasses
+
+    checked, run_dir = run_copy
+    plant(run_copy)
+    n_held = len(checked.images.heldout_labels)
+    same = np.arange(n_held) < (n_held - 20) // 2  # the first ones share a training patient
+    manifest = []
+    for m in checked.images.manifest:
+        patient = "train0" if m["split"] == "heldout" and same[m["index"]] else f"{m['split']}{m['index']}"
+        manifest.append({**m, "group": patient})
+    images = dataclasses.replace(checked.images, manifest=manifest)
+    assert images.heldout_of_training_patients().tolist() == same.tolist()
+    run_audit(checked.recipe, run_dir, images, tmp_path / "pa")
+    cal = read_json(run_dir.audit_json)["calibration"]
+    assert cal["heldout_of_training_patients"] == same.sum() > 0
+    assert cal["n_heldout_used"] == min(n_held - same.sum(), checked.recipe.audit.threshold.max_heldout)
+    mia = read_json(run_dir.audit_json)["membership_inference"]
+    assert mia["n_nonmembers"] <= n_held - same.sum()
+    md = next((tmp_path / "pa").rglob("audit-summary.md")).read_text()
+    assert f"{same.sum()} held-out images of training patients left out" in md
+    # without patient ids, nothing is left out and the report says there were none
+    run_audit(checked.recipe, run_dir, checked.images, tmp_path / "pb")
+    cal = read_json(run_dir.audit_json)["calibration"]
+    assert cal["heldout_of_training_patients"] is None and "no patient ids" in cal["patient_rule"]
+
+
 def test_audit_reports_layout_and_internal_marking(run_copy, tmp_path) -> None:
     checked, run_dir = run_copy
     plant(run_copy)

@@ -90,6 +90,9 @@ def test_npz_real_mri_group_split(shared_data: Path) -> None:
         raw = z["train_images"][0].astype(np.float32) / 127.5 - 1.0
     down = raw.reshape(32, 2, 32, 2).mean((1, 3))  # 2x2 box ≈ antialiased bilinear at exactly 1/2
     assert np.abs(s.train_images[0, 0] - down).mean() < 0.05
+    # its groups are clusters of near-duplicate images, disjoint between the splits
+    assert s.heldout_of_training_patients() is not None
+    assert not s.heldout_of_training_patients().any()
 
 
 def test_npz_real_ct_native_size(shared_data: Path) -> None:
@@ -112,6 +115,20 @@ def test_npz_missing_split_names_the_field(tmp_path: Path) -> None:
     with pytest.raises(DataError) as e:
         load_images(DataConfig(source="npz", path=path, image_size=8, classes=["0"]), "mri")
     assert e.value.field == "heldout_split"
+
+
+def test_npz_groups_mark_heldout_images_of_training_patients(tmp_path: Path) -> None:
+    path = tmp_path / "g.npz"
+    img = np.random.default_rng(0).integers(0, 256, (3, 8, 8), dtype=np.uint8)
+    np.savez(path, train_images=img[:2], train_labels=[0, 1], train_group=["p1", "p2"],
+             test_images=img, test_labels=[0, 1, 1], test_group=["p2", "p3", "p1"])  # fmt: skip
+    s = load_images(DataConfig(source="npz", path=path, image_size=8, classes=["0", "1"]), "ct")
+    assert s.heldout_of_training_patients().tolist() == [True, False, True]
+    groups = {m["group"] for m in s.manifest}
+    assert len(groups) == 3 and "p1" not in groups  # hashed: no patient id in the run directory
+    np.savez(path, train_images=img[:2], train_labels=[0, 1], test_images=img, test_labels=[0, 1, 1])
+    s = load_images(DataConfig(source="npz", path=path, image_size=8, classes=["0", "1"]), "ct")
+    assert s.heldout_of_training_patients() is None and all("group" not in m for m in s.manifest)
 
 
 def test_npz_without_class_names_and_column_labels(tmp_path: Path) -> None:
@@ -284,6 +301,28 @@ def test_dicom_labels_from_subfolders(shared_data: Path, tmp_path: Path) -> None
         files[m["split"]].add(m["source"].split("#")[0])
     assert not files["train"] & files["heldout"]  # frames of one file never straddle the split
     assert any(Path(x["file"]).name == "notes.txt" for x in s.skipped)
+
+
+def test_dicom_patient_ids_mark_heldout_images_of_training_patients(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    # one patient with a training and a held-out series, one patient only held out, and a file
+    # without PatientID (its StudyInstanceUID is the group)
+    src = pydicom.dcmread(shared_data / "dicom_samples" / "MR_small.dcm")
+    for split, name, patient in (("train", "a.dcm", "P-1"), ("test", "b.dcm", "P-1"),
+                                 ("test", "c.dcm", "P-2"), ("test", "d.dcm", None)):  # fmt: skip
+        ds = src.copy()
+        if patient is None:
+            del ds.PatientID
+        else:
+            ds.PatientID = patient
+        (tmp_path / split / "mr").mkdir(parents=True, exist_ok=True)
+        ds.save_as(tmp_path / split / "mr" / name)
+    s = load_images(DataConfig(source="dicom", path=tmp_path, image_size=16, classes=["mr"]), "mri")
+    held = sorted((m["index"], m["source"]) for m in s.manifest if m["split"] == "heldout")
+    flags = dict(zip([src for _, src in held], s.heldout_of_training_patients().tolist(), strict=True))
+    assert flags == {"test/mr/b.dcm": True, "test/mr/c.dcm": False, "test/mr/d.dcm": False}
+    assert "P-1" not in {m.get("group") for m in s.manifest}
 
 
 # --- Hugging Face datasets on disk ------------------------------------------------------------------

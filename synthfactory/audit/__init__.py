@@ -241,6 +241,21 @@ def gate_scaled(
     return GateResult(bg, h_dist, background, synth, s_pixel, exact, cal, flags, flagged, seconds)
 
 
+def background_candidates(images: ImageSet, limit: int | None, seed: int) -> tuple[np.ndarray, int | None]:
+    """Indices of the held-out images that may calibrate the gate (a seeded subset of at most
+    `limit`), and how many were left out as images of patients who also have training images
+    (None when the data gives no patient ids): a neighbouring slice of a training patient is as
+    close as a copy, and a sample that close is itself a disclosure."""
+    same = images.heldout_of_training_patients()
+    eligible = np.arange(len(images.heldout_labels)) if same is None else np.flatnonzero(~same)
+    if same is not None and len(eligible) < 20:
+        raise ValueError(
+            f"only {len(eligible)} held-out images are of patients without training images: "
+            "too few to calibrate the gate (split the data by patient)"
+        )
+    return eligible[random_subset(len(eligible), limit, seed)], None if same is None else int(same.sum())
+
+
 def run_audit(
     recipe: Recipe, run_dir: RunDir, images: ImageSet, audit_root: Path | None = None
 ) -> AuditResult | None:
@@ -257,7 +272,7 @@ def run_audit(
     if samples.images.shape[1:] != train_u8.shape[1:]:
         raise ValueError(f"samples are {samples.images.shape[1:]}, training images {train_u8.shape[1:]}")
     h, w = train_u8.shape[1:]
-    pick = random_subset(len(images.heldout_labels), cfg.threshold.max_heldout, cfg.threshold.seed)
+    pick, same_patient = background_candidates(images, cfg.threshold.max_heldout, cfg.threshold.seed)
     heldout_u8 = quantize(images.heldout_images[pick])
     heldout_y = images.heldout_labels[pick]
     train_f, heldout_f, synth_f = (uint8_to_model_range(x) for x in (train_u8, heldout_u8, samples.images))
@@ -343,6 +358,15 @@ def run_audit(
             "n_heldout_used": int(len(pick)),
             "n_background": int(bg.sum()),
             "heldout_near_duplicates": int(dup.sum()),
+            "heldout_of_training_patients": same_patient,
+            "patient_rule": (
+                "held-out images whose patient (PatientID, else StudyInstanceUID; or the npz "
+                "'<split>_group' array) also has training images are left out of the background "
+                "and of the membership attack's non-members"
+                if same_patient is not None
+                else "the data gives no patient ids: held-out images of training patients, if "
+                "any, stay in the background and make the thresholds stricter"
+            ),
             "near_duplicate_rule": (
                 f"root-mean-square pixel difference to the nearest training image ≤ "
                 f"{cfg.threshold.near_duplicate_rms:g} on the [-1, 1] scale "

@@ -30,6 +30,16 @@ INTERNAL_BANNER = "INTERNAL: SHOWS REAL TRAINING IMAGES. NEVER RELEASE."
 N_PAIRS = 16
 
 
+def _patients(c: dict) -> str:
+    """The calibration's patient rule in a few words ("patients not checked" in older reports)."""
+    n = c.get("heldout_of_training_patients")
+    if "patient_rule" not in c:
+        return "patients not checked"
+    if n is None:
+        return "no patient ids in the data"
+    return f"{n} held-out images of training patients left out"
+
+
 def _save(fig, path: Path | None = None) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
@@ -170,7 +180,8 @@ def summary_markdown(audit: dict) -> str:
         f"| gate calibration | false alarms ≤ {c['false_alarm_target_percent']:g} % of held-out images "
         f"(in sample {c['false_alarm_in_sample_percent']:.2f} %), shared level = "
         f"{ordinal(round(c['level_percentile'], 3))} percentile; {c['n_background']} held-out images; "
-        f"{c['heldout_near_duplicates']} held-out near-copies of training images left out |",
+        f"{c['heldout_near_duplicates']} held-out near-copies of training images left out; "
+        f"{_patients(c)} |",
         "",
     ]
     if c.get("warning"):
@@ -376,7 +387,7 @@ img{{max-width:100%}}
 <section id="calibration"><h2>Calibration</h2><p>{esc(c["derived_from"])}. Target false-alarm rate
 {c["false_alarm_target_percent"]:g} %, in sample {c["false_alarm_in_sample_percent"]:.2f} %.
 {c["n_background"]} held-out images in the background; {c["heldout_near_duplicates"]} near-copies left out
-({esc(c["near_duplicate_rule"])}). {esc(c["uses_private_images"])}.</p></section>
+({esc(c["near_duplicate_rule"])}); {esc(_patients(c))}. {esc(c["uses_private_images"])}.</p></section>
 <section id="spaces"><h2>Similarity spaces</h2>{spaces}{_img(figures["distances"], "histograms")}</section>
 <section id="closest-pairs"><h2>Closest pairs per space (real images)</h2>{pair_html}</section>
 <section id="per-class"><h2>Per class</h2>{per_class}</section>

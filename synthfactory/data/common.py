@@ -31,11 +31,19 @@ class RawSplit:
     images: list[np.ndarray] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
+    groups: list[str | None] = field(default_factory=list)  # patient (see `group_key`), if known
 
-    def add(self, image: np.ndarray, label: str, source: str) -> None:
+    def add(self, image: np.ndarray, label: str, source: str, group: str | None = None) -> None:
         self.images.append(image)
         self.labels.append(label)
         self.sources.append(source)
+        self.groups.append(group)
+
+
+def group_key(value: object) -> str:
+    """The manifest's name for a patient (or other group of images that must stay together): a
+    SHA-256 prefix of the source's id, so the run directory never holds a patient id."""
+    return hashlib.sha256(str(value).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -59,6 +67,15 @@ class ImageSet:
     def train_hashes(self) -> set[str]:
         """SHA-256 of every private training image (from the manifest)."""
         return {m["sha256"] for m in self.manifest if m["split"] == "train"}
+
+    def heldout_of_training_patients(self) -> np.ndarray | None:
+        """Per held-out image, whether its patient (the manifest's `group`) also has training
+        images; None when the source gives no patient ids."""
+        if not any("group" in m for m in self.manifest):
+            return None
+        train = {m.get("group") for m in self.manifest if m["split"] == "train"} - {None}
+        held = sorted((m["index"], m.get("group")) for m in self.manifest if m["split"] == "heldout")
+        return np.array([g is not None and g in train for _, g in held], dtype=bool)
 
     @property
     def image_size(self) -> int:
@@ -151,15 +168,16 @@ def build_image_set(
         arrays[split] = pad_square_resize([raw.images[i] for i in keep], size)
         labels[split] = np.array([index[raw.labels[i]] for i in keep], dtype=np.int64)
         for j, i in enumerate(keep):
-            manifest.append(
-                {
-                    "split": split,
-                    "index": j,
-                    "label": raw.labels[i],
-                    "sha256": image_sha256(arrays[split][j]),
-                    "source": raw.sources[i],
-                }
-            )
+            entry = {
+                "split": split,
+                "index": j,
+                "label": raw.labels[i],
+                "sha256": image_sha256(arrays[split][j]),
+                "source": raw.sources[i],
+            }
+            if raw.groups and raw.groups[i] is not None:
+                entry["group"] = raw.groups[i]
+            manifest.append(entry)
     return ImageSet(
         train_images=arrays["train"],
         train_labels=labels["train"],

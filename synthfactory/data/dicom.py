@@ -26,7 +26,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut
 
-from .common import DataError, RawSplit, split_by_fraction, to_grayscale
+from .common import DataError, RawSplit, group_key, split_by_fraction, to_grayscale
 
 
 class UnreadableDicom(Exception):
@@ -108,6 +108,16 @@ def read_dicom_frames(
     return out
 
 
+def patient_of(path: str | Path) -> str | None:
+    """The file's patient as a `group_key`: PatientID, else StudyInstanceUID, else None."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID", "StudyInstanceUID"])
+    for tag in ("PatientID", "StudyInstanceUID"):
+        value = str(ds.get(tag, "") or "").strip()
+        if value:
+            return group_key(value)
+    return None
+
+
 def _labelled_files(root: Path, labels_csv: Path | None, train_split: str, heldout_split: str):
     """([(file, label)] train, [(file, label)] held-out or None when a split is still needed)."""
     if labels_csv is not None:
@@ -164,7 +174,8 @@ def read_dicom_folder(
                 skipped.append({"file": f, "reason": str(e)})
                 continue
             rel = Path(f).relative_to(root) if Path(f).is_relative_to(root) else Path(f)
+            patient = patient_of(f)
             for k, img in enumerate(frames):
-                raw.add(img, label, f"{rel}#frame{k}" if len(frames) > 1 else str(rel))
+                raw.add(img, label, f"{rel}#frame{k}" if len(frames) > 1 else str(rel), patient)
         splits.append(raw)
     return splits[0], splits[1], names, skipped

@@ -1,6 +1,8 @@
 """NumPy .npz in the MedMNIST layout: `{split}_images` [N, H, W] (or [N, H, W, C]) and
-`{split}_labels` [N] (or [N, 1]), with optional `class_names`. Unsigned 8/16-bit pixels are
-scaled to [-1, 1] by their fixed bit depth, float pixels are taken to lie in [0, 1].
+`{split}_labels` [N] (or [N, 1]), with optional `class_names` and `{split}_group` [N] (a patient or
+scan id per image: the audit then leaves held-out images of training patients out of its
+calibration). Unsigned 8/16-bit pixels are scaled to [-1, 1] by their fixed bit depth, float
+pixels are taken to lie in [0, 1].
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import DataError, RawSplit, to_grayscale, uint_to_unit_range
+from .common import DataError, RawSplit, group_key, to_grayscale, uint_to_unit_range
 
 
 def _scale(img: np.ndarray) -> np.ndarray:
@@ -56,8 +58,12 @@ def _read_npz(path: Path, train_split: str, heldout_split: str) -> tuple[RawSpli
                 raise DataError("path", f"{path.name}: {split}_images and {split}_labels differ in length")
             if labels.min() < 0 or labels.max() >= len(names):
                 raise DataError("path", f"{path.name}: {split}_labels outside 0..{len(names) - 1}")
+            groups = z[f"{split}_group"].reshape(-1) if f"{split}_group" in keys else None
+            if groups is not None and len(groups) != len(labels):
+                raise DataError("path", f"{path.name}: {split}_group and {split}_labels differ in length")
             raw = RawSplit()
             for i in range(len(images)):
-                raw.add(_scale(images[i]), names[labels[i]], f"{path.name}:{split}[{i}]")
+                group = None if groups is None else group_key(groups[i])
+                raw.add(_scale(images[i]), names[labels[i]], f"{path.name}:{split}[{i}]", group)
             splits.append(raw)
     return splits[0], splits[1], names
