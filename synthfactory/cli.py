@@ -134,6 +134,13 @@ def validate(recipe: RecipeArg, set_: Sets = None, smoke: Smoke = False) -> None
         f"data       {len(imgs.train_labels)} training, {len(imgs.heldout_labels)} held-out images "
         f"({imgs.image_size}×{imgs.image_size}), classes {imgs.class_names}"
     )
+    groups = imgs.group_counts()
+    if groups is not None:
+        typer.echo(
+            f"groups     {groups['train']} patients (or scans) in training, {groups['heldout']} held out; "
+            f"{groups['heldout_images_of_training_patients']} held-out images of training patients "
+            "(left out of the audit's calibration)"
+        )
     if imgs.skipped:
         typer.echo(
             f"skipped    {len(imgs.skipped)} unreadable files, e.g. {imgs.skipped[0]['file']}: {imgs.skipped[0]['reason']}"

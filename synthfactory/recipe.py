@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -65,6 +66,10 @@ class DataConfig(_Strict):
     phantom: PhantomSpec = PhantomSpec()
     max_train_images: int | None = Field(None, ge=2)
     max_heldout_images: int | None = Field(None, ge=2)
+    # Images of one patient stay on one side of the split (see synthfactory/data/groups.py):
+    # "patient" (DICOM), "column:NAME" (dicom labels_csv), "regex:PATTERN" (folder, dicom). The npz
+    # source reads `<split>_group` arrays instead.
+    group_by: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -80,7 +85,29 @@ class DataConfig(_Strict):
             raise ValueError("percentiles: need 0 <= low < high <= 100")
         if self.labels_csv is not None and self.source != "dicom":
             raise ValueError("labels_csv: only the dicom source reads a label CSV")
+        if self.group_by is not None:
+            self._check_group_by(self.group_by)
         return self
+
+    def _check_group_by(self, spec: str) -> None:
+        kind, _, arg = spec.partition(":")
+        if self.source not in ("folder", "dicom"):
+            raise ValueError(
+                f"group_by: the {self.source} source takes no group_by (npz: '<split>_group' arrays)"
+            )
+        if spec == "patient":
+            if self.source != "dicom":
+                raise ValueError("group_by: 'patient' reads DICOM headers (source: dicom)")
+        elif kind == "column" and arg:
+            if self.labels_csv is None:
+                raise ValueError("group_by: 'column:NAME' reads data.labels_csv, which is not set")
+        elif kind == "regex" and arg:
+            try:
+                re.compile(arg)
+            except (re.error, RecursionError, OverflowError) as e:
+                raise ValueError(f"group_by: not a valid regular expression ({e})") from None
+        else:
+            raise ValueError("group_by: 'patient', 'column:NAME' or 'regex:PATTERN'")
 
 
 class ModelConfig(_Strict):

@@ -162,6 +162,7 @@ def write_data_stage(run_dir: RunDir, images: ImageSet) -> None:
             "image_size": images.image_size,
             "class_names": images.class_names,
             "counts": counts,
+            "groups": images.group_counts(),
             "skipped": images.skipped,
             "preprocessing": images.preprocessing,
         },

@@ -171,6 +171,90 @@ def test_folder_with_split_folders_and_a_corrupt_file(tmp_path: Path) -> None:
     assert len(s.skipped) == 1 and s.skipped[0]["file"].endswith("broken.png")
 
 
+def _patient_pngs(root: Path, n_patients: int, slices: int) -> None:
+    """<class>/p<k>_s<j>.png: every patient has `slices` images, half of them in each class."""
+    rng = np.random.default_rng(0)
+    for k in range(n_patients):
+        for j in range(slices):
+            label = ("no_lesion", "lesion")[j % 2]
+            (root / label).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8)).save(
+                root / label / f"p{k}_s{j}.png"
+            )
+
+
+def _patients_by_split(s: ImageSet) -> dict[str, set[str]]:
+    return {
+        split: {m["source"].split("/")[-1].split("_")[0] for m in s.manifest if m["split"] == split}
+        for split in ("train", "heldout")
+    }
+
+
+def test_folder_split_by_patient_never_crosses(tmp_path: Path) -> None:
+    _patient_pngs(tmp_path / "imgs", n_patients=10, slices=4)
+    cfg = DataConfig(source="folder", path=tmp_path / "imgs", image_size=12, classes=["no_lesion", "lesion"],
+                     heldout_fraction=0.3, group_by=r"regex:/(p\d+)_")  # fmt: skip
+    for seed in range(5):
+        s = load_images(cfg.model_copy(update={"split_seed": seed}), "mri")
+        patients = _patients_by_split(s)
+        assert not patients["train"] & patients["heldout"] and len(patients["heldout"]) == 3
+        assert s.group_counts() == {"train": 7, "heldout": 3, "heldout_images_of_training_patients": 0}
+    # per file (no group_by), the same data puts patients on both sides
+    s = load_images(cfg.model_copy(update={"group_by": None}), "mri")
+    assert _patients_by_split(s)["train"] & _patients_by_split(s)["heldout"]
+
+
+def test_folder_split_folders_with_a_crossing_patient_are_refused(tmp_path: Path) -> None:
+    _patient_pngs(tmp_path / "imgs" / "train", n_patients=2, slices=2)
+    _patient_pngs(tmp_path / "imgs" / "test", n_patients=3, slices=2)  # p0 and p1 again
+    cfg = DataConfig(source="folder", path=tmp_path / "imgs", image_size=12,
+                     classes=["no_lesion", "lesion"], group_by=r"regex:/(p\d+)_")  # fmt: skip
+    with pytest.raises(DataError) as e:
+        load_images(cfg, "mri")
+    assert e.value.field == "group_by" and "2 group(s)" in str(e.value) and "p0_s0.png" in str(e.value)
+    bad = cfg.model_copy(update={"group_by": r"regex:(q\d+)_"})
+    with pytest.raises(DataError, match="does not match"):
+        load_images(bad, "mri")
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"source": "npz", "group_by": "patient"}, "npz source takes no group_by"),
+        ({"source": "folder", "group_by": "patient"}, "reads DICOM headers"),
+        ({"source": "dicom", "group_by": "column:subject"}, "labels_csv"),
+        ({"source": "folder", "group_by": "regex:(unclosed"}, "not a valid regular expression"),
+        ({"source": "folder", "group_by": "subject"}, "'patient', 'column:NAME' or 'regex:PATTERN'"),
+    ],
+)
+def test_group_by_is_checked_by_the_recipe(fields: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DataConfig(path=Path("x"), image_size=8, classes=["a"], **fields)
+
+
+def test_dicom_series_of_one_patient_land_on_one_side(shared_data: Path, tmp_path: Path) -> None:
+    src = pydicom.dcmread(shared_data / "dicom_samples" / "MR_small.dcm")
+    rows = []
+    for k, (patient, subject) in enumerate([("A", "s1")] * 3 + [("B", "s2")] * 2 + [("C", "s3")] * 2):
+        ds = src.copy()
+        ds.PatientID, ds.SeriesInstanceUID = patient, pydicom.uid.generate_uid()
+        (tmp_path / "mr").mkdir(exist_ok=True)
+        ds.save_as(tmp_path / "mr" / f"{k}.dcm")
+        rows.append((f"mr/{k}.dcm", "mr", subject))
+    with open(tmp_path / "labels.csv", "w", newline="") as fh:
+        csv.writer(fh).writerows([("file", "label", "subject"), *rows])
+    base = {"source": "dicom", "path": tmp_path, "image_size": 16, "classes": ["mr"], "heldout_fraction": 0.4}
+    for group_by, csv_path in (("patient", None), ("column:subject", tmp_path / "labels.csv")):
+        for seed in range(4):
+            cfg = DataConfig(**base, group_by=group_by, labels_csv=csv_path, split_seed=seed)
+            s = load_images(cfg, "mri")
+            assert s.group_counts()["heldout_images_of_training_patients"] == 0
+            sides = {m["group"]: set() for m in s.manifest}
+            for m in s.manifest:
+                sides[m["group"]].add(m["split"])
+            assert len(sides) == 3 and all(len(v) == 1 for v in sides.values()), sides
+
+
 def test_folder_split_by_fraction(tmp_path: Path) -> None:
     _write_pngs(tmp_path / "imgs", 5)
     root = tmp_path / "imgs" / "train"  # class folders directly under the root

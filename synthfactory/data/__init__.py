@@ -50,7 +50,7 @@ def _read_source(cfg: DataConfig, modality: str):
         steps.insert(0, "fixed scaling by bit depth to [-1, 1]")
     elif cfg.source == "folder":
         train, held, names, skipped = read_folder(
-            cfg.path, cfg.train_split, cfg.heldout_split, cfg.heldout_fraction, cfg.split_seed
+            cfg.path, cfg.train_split, cfg.heldout_split, cfg.heldout_fraction, cfg.split_seed, cfg.group_by
         )
         steps.insert(0, "grayscale; fixed scaling by bit depth to [-1, 1]")
     elif cfg.source == "hf":
@@ -68,6 +68,7 @@ def _read_source(cfg: DataConfig, modality: str):
             _DICOM_MODALITY[modality],
             window,
             cfg.percentiles,
+            cfg.group_by,
         )
         steps.insert(
             0,

@@ -68,6 +68,18 @@ class ImageSet:
         """SHA-256 of every private training image (from the manifest)."""
         return {m["sha256"] for m in self.manifest if m["split"] == "train"}
 
+    def group_counts(self) -> dict | None:
+        """Patients (groups) per split and held-out images of training patients; None without
+        patient ids."""
+        same = self.heldout_of_training_patients()
+        if same is None:
+            return None
+        per_split = {
+            split: len({m["group"] for m in self.manifest if m["split"] == split and "group" in m})
+            for split in ("train", "heldout")
+        }
+        return {**per_split, "heldout_images_of_training_patients": int(same.sum())}
+
     def heldout_of_training_patients(self) -> np.ndarray | None:
         """Per held-out image, whether its patient (the manifest's `group`) also has training
         images; None when the source gives no patient ids."""
@@ -213,3 +225,43 @@ def split_by_fraction(
         for rank, k in enumerate(order):
             (held if rank < n_held else train).append(group[k])
     return train, held
+
+
+def split_groups_by_fraction(
+    items: list[tuple[str, str]], groups: list[str], fraction: float | None, seed: int
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Random split of (item, label) pairs that keeps each group (patient) on one side: whole
+    groups, in a seeded random order, go to the held-out side until it holds `fraction` of the
+    items. Not stratified by class (a patient's images may carry several labels)."""
+    if fraction is None:
+        raise DataError("heldout_fraction", "set data.heldout_fraction to split the data by group")
+    names = sorted(set(groups))
+    if len(names) < 2:
+        raise DataError("group_by", f"{len(names)} group in the data: cannot split by group")
+    order = np.random.default_rng(seed).permutation(len(names))
+    held_names: set[str] = set()
+    target = fraction * len(items)
+    count = {g: groups.count(g) for g in names}
+    for k in order[:-1]:  # the last group always stays in training
+        if sum(count[g] for g in held_names) >= target:
+            break
+        held_names.add(names[k])
+    train = [it for it, g in zip(items, groups, strict=True) if g not in held_names]
+    held = [it for it, g in zip(items, groups, strict=True) if g in held_names]
+    return train, held
+
+
+def refuse_crossing_groups(
+    train: list[tuple[str, str]], train_groups: list[str], held: list[tuple[str, str]], held_groups: list[str]
+) -> None:
+    """One line, naming a file on each side, when a group has images in both splits."""
+    first_train = dict(zip(train_groups, (f for f, _ in train), strict=True))
+    crossing = [(g, f) for (f, _), g in zip(held, held_groups, strict=True) if g in first_train]
+    if crossing:
+        n = len({g for g, _ in crossing})
+        g, f = crossing[0]
+        raise DataError(
+            "group_by",
+            f"{n} group(s) have images in both splits, e.g. {first_train[g]} (train) and {f} "
+            "(held-out); split by group, or use heldout_fraction",
+        )

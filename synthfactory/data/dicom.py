@@ -26,7 +26,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut
 
-from .common import DataError, RawSplit, group_key, split_by_fraction, to_grayscale
+from .common import DataError, RawSplit, group_key, to_grayscale
+from .groups import group_rule, split_groups, split_items
 
 
 class UnreadableDicom(Exception):
@@ -109,8 +110,12 @@ def read_dicom_frames(
 
 
 def patient_of(path: str | Path) -> str | None:
-    """The file's patient as a `group_key`: PatientID, else StudyInstanceUID, else None."""
-    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID", "StudyInstanceUID"])
+    """The file's patient as a `group_key`: PatientID, else StudyInstanceUID, else None (also
+    for a file that is not readable DICOM: it is skipped when its pixels are read)."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID", "StudyInstanceUID"])
+    except Exception:  # noqa: BLE001 - any unreadable file: no patient; reading it reports why
+        return None
     for tag in ("PatientID", "StudyInstanceUID"):
         value = str(ds.get(tag, "") or "").strip()
         if value:
@@ -119,19 +124,21 @@ def patient_of(path: str | Path) -> str | None:
 
 
 def _labelled_files(root: Path, labels_csv: Path | None, train_split: str, heldout_split: str):
-    """([(file, label)] train, [(file, label)] held-out or None when a split is still needed)."""
+    """([(file, label)] train, [(file, label)] held-out or None when a split is still needed,
+    {file: its label-CSV row})."""
     if labels_csv is not None:
         with open(labels_csv, newline="") as fh:
             rows = list(csv.DictReader(fh))
         if not rows or not {"file", "label"} <= set(rows[0]):
             raise DataError("labels_csv", f"{labels_csv} needs the columns file,label[,split]")
         has_split = "split" in rows[0]
-        items = [(str((root / r["file"]).resolve()), r["label"], r.get("split")) for r in rows]
+        by_file = {str((root / r["file"]).resolve()): r for r in rows}
+        items = [(f, r["label"], r.get("split")) for f, r in by_file.items()]
         if has_split:
             train = [(f, lab) for f, lab, s in items if s == train_split]
             held = [(f, lab) for f, lab, s in items if s == heldout_split]
-            return train, held
-        return [(f, lab) for f, lab, _ in items], None
+            return train, held, by_file
+        return [(f, lab) for f, lab, _ in items], None, by_file
 
     def walk(base: Path) -> list[tuple[str, str]]:
         found = []
@@ -142,8 +149,8 @@ def _labelled_files(root: Path, labels_csv: Path | None, train_split: str, heldo
         return found
 
     if (root / train_split).is_dir() and (root / heldout_split).is_dir():
-        return walk(root / train_split), walk(root / heldout_split)
-    return walk(root), None
+        return walk(root / train_split), walk(root / heldout_split), {}
+    return walk(root), None, {}
 
 
 def read_dicom_folder(
@@ -156,10 +163,14 @@ def read_dicom_folder(
     fallback_modality: str,
     window: tuple[float, float],
     percentiles: tuple[float, float],
+    group_by: str | None = None,
 ) -> tuple[RawSplit, RawSplit, list[str], list[dict]]:
-    train_items, held_items = _labelled_files(root, labels_csv, train_split, heldout_split)
+    train_items, held_items, rows = _labelled_files(root, labels_csv, train_split, heldout_split)
+    rule = group_rule(group_by, root)
     if held_items is None:
-        train_items, held_items = split_by_fraction(train_items, heldout_fraction, seed, "heldout_fraction")
+        train_items, held_items, groups = split_items(train_items, rule, heldout_fraction, seed, rows)
+    else:
+        groups = split_groups(train_items, held_items, rule, rows)
     if not train_items:
         raise DataError("path", f"no labelled files under {root}")
     names = sorted({lab for _, lab in train_items + held_items})
@@ -174,7 +185,7 @@ def read_dicom_folder(
                 skipped.append({"file": f, "reason": str(e)})
                 continue
             rel = Path(f).relative_to(root) if Path(f).is_relative_to(root) else Path(f)
-            patient = patient_of(f)
+            patient = groups[f] if rule is not None else patient_of(f)
             for k, img in enumerate(frames):
                 raw.add(img, label, f"{rel}#frame{k}" if len(frames) > 1 else str(rel), patient)
         splits.append(raw)

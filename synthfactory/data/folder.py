@@ -1,7 +1,7 @@
 """A folder of PNG/JPEG images with one subfolder per class.
 
 Either `path/<train_split>/<class>/*` and `path/<heldout_split>/<class>/*`, or `path/<class>/*`
-split at random by `data.heldout_fraction`. Images become grayscale; 8- and 16-bit pixels are
+split at random by `data.heldout_fraction` (whole patients at a time with `data.group_by`). Images become grayscale; 8- and 16-bit pixels are
 scaled to [-1, 1] by their bit depth. A file that cannot be decoded is skipped and listed.
 """
 
@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .common import DataError, RawSplit, split_by_fraction, uint_to_unit_range
+from .common import DataError, RawSplit, uint_to_unit_range
+from .groups import group_rule, split_groups, split_items
 
 SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -36,14 +37,19 @@ def read_image_file(path: str) -> np.ndarray:
 
 
 def read_folder(
-    path: Path, train_split: str, heldout_split: str, heldout_fraction: float | None, seed: int
+    path: Path,
+    train_split: str,
+    heldout_split: str,
+    heldout_fraction: float | None,
+    seed: int,
+    group_by: str | None = None,
 ) -> tuple[RawSplit, RawSplit, list[str], list[dict]]:
+    rule = group_rule(group_by, path)
     if (path / train_split).is_dir() and (path / heldout_split).is_dir():
         train_items, held_items = _class_files(path / train_split), _class_files(path / heldout_split)
+        groups = split_groups(train_items, held_items, rule)
     else:
-        train_items, held_items = split_by_fraction(
-            _class_files(path), heldout_fraction, seed, "heldout_fraction"
-        )
+        train_items, held_items, groups = split_items(_class_files(path), rule, heldout_fraction, seed)
     if not train_items:
         raise DataError("path", f"no PNG/JPEG files in class subfolders under {path}")
     names = sorted({lab for _, lab in train_items + held_items})
@@ -53,7 +59,7 @@ def read_folder(
         raw = RawSplit()
         for f, label in items:
             try:
-                raw.add(read_image_file(f), label, str(Path(f).relative_to(path)))
+                raw.add(read_image_file(f), label, str(Path(f).relative_to(path)), groups.get(f))
             except (UnidentifiedImageError, OSError, ValueError) as e:
                 skipped.append({"file": f, "reason": f"{type(e).__name__}: {e}"})
         splits.append(raw)
