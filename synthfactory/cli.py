@@ -346,7 +346,7 @@ def publish(
     ] = "200MB",
 ) -> None:
     """Push the released dataset, its card, the public audit summary and the recipe to the Hub."""
-    from .publish import PublishRefused
+    from .publish import PublishRefused, hub_failure
     from .publish import publish as push
     from .rundir import RunDir
 
@@ -357,6 +357,11 @@ def publish(
         )  # fmt: skip
     except PublishRefused as e:
         _fail(3, f"publish refused: {e}")
+    except Exception as e:  # noqa: BLE001 - network and authentication failures get one line
+        reason = hub_failure(e)
+        if reason is None:
+            raise
+        _fail(1, f"error: publish {repo_id} failed: {reason}; nothing local changed")
     typer.echo(
         f"published  {out['repo_id']} ({'private' if out['private'] else 'public'}, revision {out['revision']}): "
         + ", ".join(f"{k} {v}" for k, v in out["splits"].items())

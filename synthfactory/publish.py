@@ -136,7 +136,7 @@ def dataset_card(run_dir: RunDir, counts: dict[str, int], warnings: list[str] | 
         "task_categories": [TASK],
         "tags": ["synthetic", "medical", "differential-privacy", MODALITY_TAG[modality], "synthfactory"],
         "pretty_name": f"synthfactory {recipe['name']} (synthetic {MODALITY_WORDS[modality]})",
-        "size_categories": ["n<1K" if n < 1000 else "1K<n<10K" if n < 10_000 else "10K<n<100K"],
+        "size_categories": [size_category(n)],
     }
     lines = []
     for w in warnings or []:
@@ -318,6 +318,36 @@ def release_dataset(
         )
         dd = datasets.DatasetDict({"train": parts["train"], "validation": parts["test"]})
     return dd
+
+
+def size_category(n: int) -> str:
+    """The Hub's `size_categories` value for n rows (its tags: n<1K, 1K<n<10K, ..., n>1T)."""
+    tiers = ["1K", "10K", "100K", "1M", "10M", "100M", "1B", "10B", "100B", "1T"]
+    bounds = [10**3, 10**4, 10**5, 10**6, 10**7, 10**8, 10**9, 10**10, 10**11, 10**12]
+    for i, bound in enumerate(bounds):
+        if n < bound:
+            return f"n<{tiers[0]}" if i == 0 else f"{tiers[i - 1]}<n<{tiers[i]}"
+    return "n>1T"
+
+
+def hub_failure(e: BaseException) -> str | None:
+    """One line for a push the Hub did not accept or could not be reached for; None for any
+    other error (a bug, which keeps its traceback)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+
+    if isinstance(e, LocalTokenNotFoundError):
+        return "no Hub token: set HF_TOKEN or run `hf auth login`"
+    if isinstance(e, HfHubHTTPError):
+        status = getattr(e.response, "status_code", None)
+        if status in (401, 403):
+            return f"the Hub refused the token (HTTP {status}): set HF_TOKEN or run `hf auth login`"
+        return f"the Hub answered HTTP {status}: {' '.join(str(e).split())[:200]}"
+    # httpx (or its fork httpx2) transport errors, requests' and the builtin ConnectionError
+    if {c.__name__ for c in type(e).__mro__} & {"TransportError", "ConnectionError", "TimeoutError"}:
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        return f"cannot reach the Hub at {constants.ENDPOINT} ({reason})"
+    return None
 
 
 def publish(

@@ -147,6 +147,46 @@ def test_a_seeded_run_is_released_and_published_as_not_private(tmp_path, hub) ->
     assert "**None.** NOT PRIVATE" in card and "**without a privacy guarantee**" in card
 
 
+def test_network_and_token_failures_end_with_one_line(released, monkeypatch) -> None:
+    import socket
+
+    import httpx2
+    import huggingface_hub.constants as hc
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+    from typer.testing import CliRunner
+
+    from synthfactory.cli import app
+
+    _, run_dir = released
+    before = sorted(p.name for p in run_dir.root.iterdir())
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setattr(hc, "ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    res = CliRunner().invoke(app, ["publish", str(run_dir.root), "--repo-id", "lab/x"])
+    assert res.exit_code == 1, res.output
+    assert res.output.count("\n") == 1 and "cannot reach the Hub at " + endpoint in res.output
+    assert "Traceback" not in res.output and TOKEN not in res.output
+
+    def refuse(*args, **kwargs):
+        response = httpx2.Response(401, request=httpx2.Request("POST", endpoint + "/api/repos/create"))
+        raise HfHubHTTPError("401 Client Error: Unauthorized", response=response)
+
+    monkeypatch.setattr(HfApi, "create_repo", refuse)
+    res = CliRunner().invoke(app, ["publish", str(run_dir.root), "--repo-id", "lab/x"])
+    assert res.exit_code == 1 and "refused the token (HTTP 401)" in res.output, res.output
+    assert sorted(p.name for p in run_dir.root.iterdir()) == before  # no publish.json
+
+
+def test_size_category_follows_the_hub_tiers() -> None:
+    from synthfactory.publish import size_category
+
+    got = [size_category(n) for n in (0, 999, 1000, 9_999, 10_000, 123_456, 2_000_000, 10**13)]
+    assert got == ["n<1K", "n<1K", "1K<n<10K", "1K<n<10K", "10K<n<100K", "100K<n<1M", "1M<n<10M", "n>1T"]
+
+
 def test_refusal_rules(released) -> None:
     _, run_dir = released
     assert check_publishable(run_dir) == []
