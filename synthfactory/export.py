@@ -130,13 +130,12 @@ def released_rows(rs: ReleasedSet):
         }
 
 
-def parse_size(size: str) -> int:
-    """'200MB' → bytes (decimal units, as `datasets` reads them)."""
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    for unit, factor in units.items():
-        if size.upper().endswith(unit):
-            return int(float(size[: -len(unit)]) * factor)
-    return int(size)
+def parse_size(size: str | int) -> int:
+    """'200MB', '1GiB' or a number of bytes → bytes, with `datasets`' own parser (the one its
+    `max_shard_size` arguments use)."""
+    from datasets.utils.py_utils import convert_file_size_to_int
+
+    return convert_file_size_to_int(int(size) if str(size).isdigit() else size)
 
 
 def write_rows(rows, features, folder: Path, max_shard_size: str = "200MB", batch_rows: int = 500) -> int:
