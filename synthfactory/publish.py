@@ -122,7 +122,10 @@ def _guarantee_lines(privacy: dict, audit: dict, n_released: int) -> list[str]:
 
 
 def dataset_card(run_dir: RunDir, counts: dict[str, int], warnings: list[str] | None = None) -> str:
-    """README.md of the dataset repository, from the run's own records (no number is typed in)."""
+    """README.md of the dataset repository, from the run's own records (no number is typed in):
+    `huggingface_hub`'s DatasetCard, its metadata a DatasetCardData."""
+    from huggingface_hub import DatasetCard, DatasetCardData
+
     recipe = yaml.safe_load(run_dir.recipe.read_text())
     privacy, audit = read_json(run_dir.privacy), read_json(run_dir.audit_json)
     info = run_dir.info()
@@ -131,13 +134,13 @@ def dataset_card(run_dir: RunDir, counts: dict[str, int], warnings: list[str] | 
     sampling = recipe.get("sampling", {})
     outputs = recipe.get("outputs", {})
     n = sum(counts.values())
-    meta = {
-        "license": outputs.get("license", "other"),
-        "task_categories": [TASK],
-        "tags": ["synthetic", "medical", "differential-privacy", MODALITY_TAG[modality], "synthfactory"],
-        "pretty_name": f"synthfactory {recipe['name']} (synthetic {MODALITY_WORDS[modality]})",
-        "size_categories": [size_category(n)],
-    }
+    meta = DatasetCardData(
+        license=outputs.get("license", "other"),
+        task_categories=[TASK],
+        tags=["synthetic", "medical", "differential-privacy", MODALITY_TAG[modality], "synthfactory"],
+        pretty_name=f"synthfactory {recipe['name']} (synthetic {MODALITY_WORDS[modality]})",
+        size_categories=[size_category(n)],
+    )
     lines = []
     for w in warnings or []:
         lines.append(f"**WARNING: {w}**")
@@ -272,8 +275,7 @@ def dataset_card(run_dir: RunDir, counts: dict[str, int], warnings: list[str] | 
         "```",
         "",
     ]
-    header = "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n\n"
-    return header + "\n".join(lines)
+    return str(DatasetCard("---\n" + meta.to_yaml() + "\n---\n\n" + "\n".join(lines)))
 
 
 def public_recipe(run_dir: RunDir) -> str:

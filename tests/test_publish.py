@@ -77,6 +77,10 @@ def test_card_renders_the_runs_own_numbers(released) -> None:
     privacy, audit = read_json(run_dir.privacy), read_json(run_dir.audit_json)
     card = dataset_card(run_dir, {"no_lesion": 3, "lesion": 5})
     meta = yaml.safe_load(card.split("---\n")[1])
+    from huggingface_hub import DatasetCard
+
+    assert DatasetCard(card).data.to_dict() == meta  # huggingface_hub reads back what it wrote
+    assert meta["size_categories"] == ["n<1K"] and meta["pretty_name"].startswith("synthfactory ")
     assert meta["task_categories"] == ["image-classification"]
     assert {"synthetic", "medical", "differential-privacy", "mri"} <= set(meta["tags"])
     assert meta["license"] == "other"
