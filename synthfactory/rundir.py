@@ -12,6 +12,7 @@
                                       (covered by ε; asked once per run, reused on a re-run)
       checkpoints/train_state.pt      resumable training state (model, EMA, optimizer, accountant
                                       history, RNG states, step); written atomically
+      checkpoints/final/              a ClassConditionalPipeline folder (model_index.json):
       checkpoints/final/unet/         diffusers UNet2DModel, last weights (save_pretrained)
       checkpoints/final/unet_ema/     the EMA of the weights (what sampling uses by default)
       checkpoints/final/scheduler/    diffusers DDPMScheduler (save_pretrained)

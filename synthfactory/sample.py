@@ -21,6 +21,7 @@ from diffusers import DDIMScheduler, UNet2DModel
 
 from . import warmstart
 from .model import load_generator, resolve_device, sampling_scheduler
+from .pipeline import ddim_denoise, to_uint8
 from .progress import progress_bar
 from .recipe import Recipe
 from .rundir import RunDir, atomic_path, read_json
@@ -31,18 +32,11 @@ def sample_seed(base_seed: int, index: int) -> int:
     return int(np.random.SeedSequence([base_seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[-1, 1] float [B, 1, H, W] → uint8 [B, H, W]."""
-    x = ((images.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
-    return x[:, 0].numpy()
-
-
 def uint8_to_model_range(images: np.ndarray) -> np.ndarray:
     """uint8 [B, H, W] → float32 [B, 1, H, W] in [-1, 1]."""
     return (images.astype(np.float32) / 127.5 - 1.0)[:, None]
 
 
-@torch.no_grad()
 def ddim_sample(
     model: UNet2DModel,
     scheduler: DDIMScheduler,
@@ -53,31 +47,13 @@ def ddim_sample(
     guidance_scale: float = 1.0,
     null_class: int | None = None,
 ) -> torch.Tensor:
-    """Deterministic DDIM (η = 0) from per-image seeded noise. Returns [B, 1, H, W] in [-1, 1].
-
-    With classifier-free guidance (scale w ≠ 1 and a null class): ε = ε_∅ + w·(ε_y − ε_∅).
-    """
-    device = next(model.parameters()).device
+    """Deterministic DDIM from per-image seeded noise (image i from
+    `torch.Generator().manual_seed(seeds[i])`), through the pipeline's own loop
+    (`pipeline.ddim_denoise`). Returns [B, 1, H, W] in [-1, 1]."""
     noise = [
         torch.randn((1, image_size, image_size), generator=torch.Generator().manual_seed(s)) for s in seeds
     ]
-    x = torch.stack(noise).to(device)
-    labels = labels.to(device)
-    guided = guidance_scale != 1.0
-    if guided and null_class is None:
-        raise ValueError("guidance needs a model trained with label dropout (a null class)")
-    scheduler.set_timesteps(steps)
-    for t in scheduler.timesteps:
-        if guided:
-            both = model(
-                torch.cat([x, x]), t, class_labels=torch.cat([labels, torch.full_like(labels, null_class)])
-            ).sample
-            cond, uncond = both.chunk(2)
-            eps = uncond + guidance_scale * (cond - uncond)
-        else:
-            eps = model(x, t, class_labels=labels).sample
-        x = scheduler.step(eps, t, x, eta=0.0).prev_sample
-    return x.clamp(-1.0, 1.0).cpu()
+    return ddim_denoise(model, scheduler, torch.stack(noise), labels, steps, guidance_scale, null_class)
 
 
 @dataclass

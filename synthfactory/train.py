@@ -55,6 +55,7 @@ from .distributed import (
 )
 from .model import build_noise_scheduler, build_unet, count_parameters, load_unet, resolve_device
 from .origin import checkpoint_use, public_origin, trained_origin, write_origin
+from .pipeline import ClassConditionalPipeline
 from .privacy import PrivateTraining, calibrate_noise, epsilon_of, make_private, opacus_version
 from .progress import progress_bar
 from .recipe import Recipe, RecipeError, TimestepSampling
@@ -471,17 +472,18 @@ def save_final(
     info: dict,
     origin: dict,
 ) -> None:
-    """checkpoints/final/{unet, unet_ema, scheduler, synthfactory.json}, moved in atomically;
-    each UNet folder carries its origin (what it was trained on, and how privately)."""
+    """checkpoints/final/{model_index.json, unet, unet_ema, scheduler, synthfactory.json}: a
+    `ClassConditionalPipeline` folder, moved in atomically; each UNet folder carries its origin
+    (what it was trained on, and how privately)."""
     tmp = atomic_path(folder)
-    model.save_pretrained(tmp / "unet")
-    write_origin(tmp / "unet", origin)
+    ema_model = None
     if ema is not None:
         ema_model = UNet2DModel.from_config(model.config)
         ema.copy_to(ema_model.parameters())
-        ema_model.save_pretrained(tmp / "unet_ema")
-        write_origin(tmp / "unet_ema", origin)
-    scheduler.save_pretrained(tmp / "scheduler")
+    pipe = ClassConditionalPipeline(model, scheduler, ema_model, info["use_ema"], info["null_class"])
+    pipe.save_pretrained(tmp)  # model_index.json, unet/, unet_ema/, scheduler/ (safetensors)
+    for name in ("unet", "unet_ema") if ema is not None else ("unet",):
+        write_origin(tmp / name, origin)
     write_json_atomic(tmp / "synthfactory.json", info)
     if folder.exists():
         shutil.rmtree(folder)
@@ -882,6 +884,7 @@ def train(recipe: Recipe, images: ImageSet, run_dir: RunDir, progress: bool = Tr
     info = {
         "class_names": images.class_names,
         "null_class": null_class(recipe, n_classes),
+        "use_ema": recipe.sampling.use_ema and ema is not None,
         "ema_decay": decay,
         "steps": step,
     }
