@@ -344,17 +344,27 @@ def publish(
             "--max-shard-size", help="Largest Parquet shard uploaded (one is built in memory at a time)."
         ),
     ] = "200MB",
+    model: Annotated[
+        bool,
+        typer.Option(
+            "--model", help="Push the DP generator (a diffusers pipeline) and its model card instead."
+        ),
+    ] = False,
 ) -> None:
-    """Push the released dataset, its card, the public audit summary and the recipe to the Hub."""
-    from .publish import PublishRefused, hub_failure
+    """Push the released dataset, its card, the public audit summary and the recipe to the Hub
+    (or, with --model, the generator and its model card to a model repository)."""
+    from .publish import PublishRefused, hub_failure, publish_model
     from .publish import publish as push
     from .rundir import RunDir
 
     try:
-        out = push(
-            RunDir(run_dir), repo_id, private, revision, force_not_private, force_blocked,
-            max_shard_size=max_shard_size,
-        )  # fmt: skip
+        if model:
+            out = publish_model(RunDir(run_dir), repo_id, private, revision, force_not_private, force_blocked)
+        else:
+            out = push(
+                RunDir(run_dir), repo_id, private, revision, force_not_private, force_blocked,
+                max_shard_size=max_shard_size,
+            )  # fmt: skip
     except PublishRefused as e:
         _fail(3, f"publish refused: {e}")
     except Exception as e:  # noqa: BLE001 - network and authentication failures get one line
@@ -362,9 +372,14 @@ def publish(
         if reason is None:
             raise
         _fail(1, f"error: publish {repo_id} failed: {reason}; nothing local changed")
+    what = (
+        f"{len(out['files'])} files (pipeline and model card)"
+        if model
+        else ", ".join(f"{k} {v}" for k, v in out["splits"].items())
+    )
     typer.echo(
         f"published  {out['repo_id']} ({'private' if out['private'] else 'public'}, revision {out['revision']}): "
-        + ", ".join(f"{k} {v}" for k, v in out["splits"].items())
+        + what
     )
     for w in out["warnings"]:
         typer.secho(f"warning    {w}", fg=typer.colors.RED)

@@ -16,6 +16,7 @@ places (`HF_TOKEN`, `hf auth login`); synthfactory never prints or stores it.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from datetime import datetime, timezone
@@ -433,3 +434,143 @@ __all__ = [
     "publish",
     "release_dataset",
 ]
+
+
+# --- the generator as a model repository ---------------------------------------------------------
+
+MODEL_FILES = ("model_index.json", "unet/", "unet_ema/", "scheduler/")  # not synthfactory_origin.json
+
+
+def model_card(run_dir: RunDir, warnings: list[str] | None = None) -> str:
+    """README.md of the model repository: huggingface_hub's ModelCard. The DP statement in numbers
+    and words, what was public, the data described without any figure computed from it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    recipe = yaml.safe_load(run_dir.recipe.read_text())
+    privacy = read_json(run_dir.privacy)
+    index = json.loads((run_dir.final_checkpoint / "model_index.json").read_text())
+    modality, data = recipe["modality"], recipe["data"]
+    words = MODALITY_WORDS[modality]
+    meta = ModelCardData(
+        library_name="diffusers",
+        license=(recipe.get("outputs") or {}).get("license", "other"),
+        tags=[
+            "synthetic",
+            "medical",
+            "differential-privacy",
+            MODALITY_TAG[modality],
+            "synthfactory",
+            "class-conditional",
+            "diffusers:ClassConditionalPipeline",
+        ],  # fmt: skip
+    )
+    source = (
+        "synthfactory's built-in phantom images (no patient data)"
+        if data["source"] == "phantom"
+        else f"a private set of real {words} images"
+    )
+    lines = [f"**WARNING: {w}**\n" for w in warnings or []] + [
+        f"# {words} generator: {recipe['name']}",
+        "",
+        f"A class-conditional diffusion model (diffusers `UNet2DModel`, {data['image_size']}×"
+        f"{data['image_size']} px, 8-bit grayscale) trained by synthfactory on {source}, classes: "
+        + ", ".join(f"{i} = {c}" for i, c in enumerate(data["classes"]))
+        + ". It draws synthetic images of a chosen class; none shows a real patient, and none may "
+        "be used for diagnosis or clinical decisions.",
+        "",
+        "## Privacy guarantee",
+        "",
+    ]
+    if privacy["private"]:
+        lines += [
+            f"Trained with DP-SGD (Opacus): per-example gradients clipped to norm {privacy['max_grad_norm']:g}, "
+            f"Gaussian noise multiplier σ = {privacy['noise_multiplier']:.4f}, Poisson sampling at rate "
+            f"q = {privacy['sample_rate']:.4g}, {privacy['steps_taken']} steps. The "
+            f"{privacy['accountant'].upper()} accountant gives **(ε = {privacy['epsilon']:.3f}, "
+            f"δ = {privacy['delta']:g})**-differential privacy at the level of one training image, "
+            "with everything else the run learned from the private images composed into it.",
+            "",
+            "**In words:** whether or not any single patient image was in the training set changes the "
+            f"probability of these weights, and of anything generated from them, by at most a factor "
+            f"e^{privacy['epsilon']:.2f}, except with probability δ. This repository holds nothing else "
+            "computed from the private images: no audit figure, no count, no data hash.",
+            "",
+            "Treated as public: " + "; ".join(privacy.get("public_inputs", [])) + ".",
+        ]
+    else:
+        lines += [f"**None.** {privacy.get('warning', 'NOT PRIVATE')}."]
+    use_ema = "its EMA weights (`unet_ema`)" if index.get("use_ema") else "its last weights (`unet`)"
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import torch",
+        "from synthfactory.pipeline import ClassConditionalPipeline",
+        "",
+        'pipe = ClassConditionalPipeline.from_pretrained("<this repo id>")',
+        f"images = pipe([0, 1], num_inference_steps={(recipe.get('sampling') or {}).get('ddim_steps', 50)},",
+        "              generator=[torch.Generator().manual_seed(s) for s in (1, 2)]).images",
+        "```",
+        "",
+        f"The pipeline samples with DDIM over the training noise schedule and {use_ema}.",
+        "",
+        "## Intended uses and limitations",
+        "",
+        "- Intended: generating synthetic training or teaching data where the real images cannot be "
+        "shared; method development.",
+        "- Not intended: diagnosis, clinical validation, estimating prevalence.",
+        "- Image quality is limited by the privacy budget, the model size and the training length; "
+        "measure utility on your task. Samples are not screened for memorization here (synthfactory's "
+        "audit screens a released dataset, not this model): DP bounds what any sample can reveal.",
+        "",
+        f"Made with synthfactory {__version__}; run `{run_dir.run_id}`.",
+    ]
+    return str(ModelCard("---\n" + meta.to_yaml() + "\n---\n\n" + "\n".join(lines) + "\n"))
+
+
+def publish_model(
+    run_dir: RunDir,
+    repo_id: str,
+    private: bool = True,
+    revision: str | None = None,
+    force_not_private: bool = False,
+    force_blocked: bool = False,
+    token: str | None = None,
+) -> dict:
+    """Push the run's pipeline (checkpoints/final without synthfactory's origin records) and its
+    model card to `repo_id` (a model repository), in one commit. Same refusal rules as the
+    dataset. Returns what was pushed; also written to publish_model.json in the run directory."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    warnings = check_publishable(run_dir, force_not_private, force_blocked)
+    final = run_dir.final_checkpoint
+    if not (final / "model_index.json").is_file():
+        raise PublishRefused(f"{final}: no model_index.json (trained before pipelines were saved); retrain")
+    files = sorted(
+        p for p in final.rglob("*")
+        if p.is_file() and p.relative_to(final).as_posix().startswith(MODEL_FILES)
+        and p.name != "synthfactory_origin.json"
+    )  # fmt: skip
+    ops = [CommitOperationAdd(p.relative_to(final).as_posix(), p.read_bytes()) for p in files]
+    ops.append(CommitOperationAdd("README.md", model_card(run_dir, warnings).encode()))
+    api = HfApi(token=token)
+    repo = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+    commit = api.create_commit(
+        repo_id, operations=ops, repo_type="model", revision=revision,
+        commit_message=f"synthfactory {run_dir.run_id}: DP generator (ClassConditionalPipeline) and model card",
+    )  # fmt: skip
+    out = {
+        "repo_id": repo_id,
+        "url": str(repo),
+        "private": private,
+        "revision": revision or "main",
+        "commit": getattr(commit, "oid", None),
+        "files": [op.path_in_repo for op in ops],
+        "warnings": warnings,
+        "published": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json_atomic(run_dir.root / "publish_model.json", out)
+    return out

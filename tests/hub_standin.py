@@ -1,7 +1,7 @@
 """A stand-in for the Hugging Face Hub on loopback, for tests of the real push code.
 
 It stands in for the network only: the code under test is `huggingface_hub` and `datasets`'
-own `push_to_hub`, pointed here with `HF_ENDPOINT`. It keeps dataset repositories in memory
+own `push_to_hub`, pointed here with `HF_ENDPOINT`. It keeps dataset and model repositories in memory
 (files per branch, commits), answers the few endpoints a push uses (create repo, repo info,
 branch, pre-upload, commit, tree listing, file download) and records every request, with its
 headers, so a test can check what was sent (and that the token went only in the header).
@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 @dataclass
 class Repo:
     private: bool
+    repo_type: str = "dataset"  # "model" or "dataset", as created
     branches: dict[str, dict[str, bytes]] = field(default_factory=lambda: {"main": {}})
     heads: dict[str, str] = field(default_factory=lambda: {"main": "0" * 40})
     commits: list[dict] = field(default_factory=list)
@@ -99,7 +100,7 @@ class StandInHub:
             return self._create(json.loads(req.body or b"{}"), base)
         if req.method == "POST" and path == "/api/validate-yaml":
             return self._validate_yaml(json.loads(req.body or b"{}").get("content", ""))
-        m = re.match(r"^/datasets/([^/]+/[^/]+)\.git/info/lfs/objects/batch$", path)
+        m = re.match(r"^/(?:datasets/)?([^/]+/[^/]+)\.git/info/lfs/objects/batch$", path)
         if m and req.method == "POST":
             return self._lfs_batch(json.loads(req.body or b"{}"), base)
         m = re.match(r"^/lfs-upload/([0-9a-f]{64})$", path)
@@ -108,10 +109,10 @@ class StandInHub:
                 return self._json({"error": "sha256 mismatch"}, 400)
             self.lfs[m.group(1)] = req.body
             return self._json({})
-        m = re.match(r"^/api/datasets/([^/]+/[^/]+)(?:/(.*))?$", path)
+        m = re.match(r"^/api/(?:datasets|models)/([^/]+/[^/]+)(?:/(.*))?$", path)
         if m:
             return self._api(req, m.group(1), m.group(2) or "", query, base)
-        m = re.match(r"^/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)
+        m = re.match(r"^/(?:datasets/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)
         if m:
             return self._resolve(req, m.group(1), unquote(m.group(2)), m.group(3))
         return self._not_found("RouteNotFound")
@@ -145,8 +146,9 @@ class StandInHub:
         if repo_id not in self.repos:
             # huggingface_hub 1.x sends `visibility`; older clients `private`.
             private = bool(body.get("private")) or body.get("visibility") == "private"
-            self.repos[repo_id] = Repo(private=private)
-        return self._json({"url": f"{base}/datasets/{repo_id}", "name": repo_id, "id": repo_id})
+            self.repos[repo_id] = Repo(private=private, repo_type=body.get("type") or "model")
+        prefix = "" if self.repos[repo_id].repo_type == "model" else f"{self.repos[repo_id].repo_type}s/"
+        return self._json({"url": f"{base}/{prefix}{repo_id}", "name": repo_id, "id": repo_id})
 
     def _info(self, repo_id: str, rev: str):
         repo = self.repos[repo_id]

@@ -191,6 +191,53 @@ def test_size_category_follows_the_hub_tiers() -> None:
     assert got == ["n<1K", "n<1K", "1K<n<10K", "1K<n<10K", "10K<n<100K", "100K<n<1M", "1M<n<10M", "n>1T"]
 
 
+def test_publish_model_pushes_the_pipeline_and_a_model_card(released, hub, tmp_path) -> None:
+    import torch
+    from huggingface_hub import ModelCard
+    from typer.testing import CliRunner
+
+    from synthfactory.cli import app
+    from synthfactory.pipeline import ClassConditionalPipeline
+
+    _, run_dir = released
+    res = CliRunner().invoke(app, ["publish", str(run_dir.root), "--repo-id", "lab/gen", "--model"])
+    assert res.exit_code == 0, res.output
+    assert hub.repos["lab/gen"].repo_type == "model" and hub.repos["lab/gen"].private
+    files = hub.files("lab/gen")
+    assert {"model_index.json", "README.md", "unet/config.json", "scheduler/scheduler_config.json"} <= set(
+        files
+    )
+    assert not [f for f in files if "synthfactory_origin" in f or f.endswith("synthfactory.json")]
+    privacy = read_json(run_dir.privacy)
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.library_name == "diffusers" and "differential-privacy" in card.data.tags
+    assert f"ε = {privacy['epsilon']:.3f}" in card.text and f"δ = {privacy['delta']:g}" in card.text
+    assert f"σ = {privacy['noise_multiplier']:.4f}" in card.text and "Treated as public" in card.text
+    assert privacy["data_manifest_sha256"] not in card.text and "training images:" not in card.text
+    # what was pushed loads as the pipeline and draws what the local one draws
+    local = tmp_path / "pulled"
+    for name, data in files.items():
+        (local / name).parent.mkdir(parents=True, exist_ok=True)
+        (local / name).write_bytes(data)
+    pulled = ClassConditionalPipeline.from_pretrained(local)
+    here = ClassConditionalPipeline.from_pretrained(run_dir.final_checkpoint)
+    a, b = (p([0, 1], 2, generator=[torch.Generator().manual_seed(s) for s in (3, 4)], output_type="uint8").images
+            for p in (pulled, here))  # fmt: skip
+    np.testing.assert_array_equal(a, b)
+    assert read_json(run_dir.root / "publish_model.json")["repo_id"] == "lab/gen"
+
+
+def test_publish_model_refuses_a_non_private_run(released, hub) -> None:
+    from synthfactory.publish import publish_model
+
+    _, run_dir = released
+    privacy = read_json(run_dir.privacy)
+    (run_dir.privacy).write_text(json.dumps({**privacy, "private": False, "warning": "NOT PRIVATE: test"}))
+    with pytest.raises(PublishRefused, match="NOT PRIVATE"):
+        publish_model(run_dir, "lab/np")
+    assert "lab/np" not in hub.repos
+
+
 def test_refusal_rules(released) -> None:
     _, run_dir = released
     assert check_publishable(run_dir) == []
