@@ -51,8 +51,23 @@ class PhantomSpec(_Strict):
     seed: Seed = 0
 
 
+class NiftiSpec(_Strict):
+    """How NIfTI volumes become 2D slices (see synthfactory/data/nifti.py)."""
+
+    axis: int = Field(2, ge=0, le=2)  # after reorientation to RAS+: 0 sagittal, 1 coronal, 2 axial
+    volume: int = Field(0, ge=0)  # which volume of a 4D file
+    slices: tuple[int, int, int] | None = None  # (start, stop, step) along the axis; None: all
+
+    @field_validator("slices")
+    @classmethod
+    def _slices(cls, v: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        if v is not None and (v[0] < 0 or v[1] <= v[0] or v[2] < 1):
+            raise ValueError("need 0 <= start < stop and step >= 1")
+        return v
+
+
 class DataConfig(_Strict):
-    source: Literal["phantom", "npz", "folder", "dicom", "hf"]
+    source: Literal["phantom", "npz", "folder", "dicom", "hf", "nifti"]
     path: Path | None = None
     image_size: int = Field(ge=8, le=1024)
     classes: list[str] = Field(min_length=1)
@@ -64,6 +79,7 @@ class DataConfig(_Strict):
     ct_window: CTWindow = CTWindow()
     percentiles: tuple[float, float] = (0.5, 99.5)
     phantom: PhantomSpec = PhantomSpec()
+    nifti: NiftiSpec = NiftiSpec()
     max_train_images: int | None = Field(None, ge=2)
     max_heldout_images: int | None = Field(None, ge=2)
     # Images of one patient stay on one side of the split (see synthfactory/data/groups.py):
@@ -83,15 +99,17 @@ class DataConfig(_Strict):
         lo, hi = self.percentiles
         if not 0 <= lo < hi <= 100:
             raise ValueError("percentiles: need 0 <= low < high <= 100")
-        if self.labels_csv is not None and self.source != "dicom":
-            raise ValueError("labels_csv: only the dicom source reads a label CSV")
+        if self.labels_csv is not None and self.source not in ("dicom", "nifti"):
+            raise ValueError("labels_csv: only the dicom and nifti sources read a label CSV")
+        if self.source == "nifti" and self.labels_csv is None:
+            raise ValueError("labels_csv: the nifti source needs a CSV file,label[,split][,slice][,mask]")
         if self.group_by is not None:
             self._check_group_by(self.group_by)
         return self
 
     def _check_group_by(self, spec: str) -> None:
         kind, _, arg = spec.partition(":")
-        if self.source not in ("folder", "dicom"):
+        if self.source not in ("folder", "dicom", "nifti"):
             raise ValueError(
                 f"group_by: the {self.source} source takes no group_by (npz: '<split>_group' arrays)"
             )

@@ -11,6 +11,7 @@ from .common import DataError, ImageSet, build_image_set
 from .dicom import read_dicom_folder
 from .folder import read_folder
 from .hf import read_hf
+from .nifti import read_nifti
 from .npz import read_npz
 from .phantom import CLASSES as PHANTOM_CLASSES
 from .phantom import read_phantom
@@ -76,6 +77,21 @@ def _read_source(cfg: DataConfig, modality: str):
             f"centre {window[0]:g} HU, width {window[1]:g} HU; other modalities per-image "
             f"percentiles {cfg.percentiles[0]:g}-{cfg.percentiles[1]:g}; MONOCHROME1 inverted; "
             "colour to luma",
+        )
+    elif cfg.source == "nifti":
+        train, held, names, skipped = read_nifti(cfg, modality)
+        spec = cfg.nifti
+        steps.insert(
+            0,
+            f"NIfTI (nibabel): closest canonical RAS+ orientation, volume {spec.volume} of 4D files, "
+            f"slices along axis {spec.axis}"
+            + (f" in range{tuple(spec.slices)}" if spec.slices else "")
+            + ", rotated 90°; "
+            + (
+                f"CT window centre {cfg.ct_window.center:g} HU, width {cfg.ct_window.width:g} HU"
+                if modality == "ct"
+                else f"per-slice percentiles {cfg.percentiles[0]:g}-{cfg.percentiles[1]:g}"
+            ),
         )
     else:  # pragma: no cover - the recipe's Literal forbids it
         raise DataError("source", f"unknown source {cfg.source}")
