@@ -302,102 +302,67 @@ def canary_lines(ca: dict | None) -> list[str]:
 
 
 def internal_html(audit: dict, figures: dict[str, bytes], pairs: dict[str, bytes]) -> str:
-    """One self-contained page for the data owner's reviewers."""
-    esc = html.escape
-    c = audit["calibration"]
-
-    def table(rows: list[list], head: list[str]) -> str:
-        th = "".join(f"<th>{esc(h)}</th>" for h in head)
-        body = "".join("<tr>" + "".join(f"<td>{esc(_fmt(x))}</td>" for x in r) + "</tr>" for r in rows)
-        return f"<table><tr>{th}</tr>{body}</table>"
-
-    spaces = table(
-        [
-            [n, sp["closer_is"], sp["threshold"], sp["heldout_percentiles"]["50"], sp["synthetic_percentiles"]["50"],
-             sp["n_flagged"], sp["seconds"]]
-            for n, sp in audit["spaces"].items()
-        ],
-        ["space", "closer is", "global threshold", "held-out median", "synthetic median", "flagged", "seconds"],
-    )  # fmt: skip
-    per_class = table(
-        [
+    """One self-contained page for the data owner's reviewers: the Jinja2 template
+    synthfactory/templates/audit.html.j2 (autoescaped), filled with the rows computed here."""
+    spaces = audit["spaces"]
+    dc, mia, ca = audit.get("data_copying"), audit.get("membership_inference"), audit.get("canary_audit")
+    template = _templates().get_template("audit.html.j2")
+    return template.render(
+        a=audit,
+        banner=INTERNAL_BANNER,
+        privacy_line=_privacy_line(audit["privacy"]),
+        patients=_patients(audit["calibration"]),
+        figures=figures,
+        pairs=pairs,
+        space_rows=[
+            [
+                n,
+                sp["closer_is"],
+                sp["threshold"],
+                sp["heldout_percentiles"]["50"],
+                sp["synthetic_percentiles"]["50"],
+                sp["n_flagged"],
+                sp["seconds"],
+            ]
+            for n, sp in spaces.items()
+        ],  # fmt: skip
+        per_class_rows=[
             [pc["class"], pc["n_samples"], pc["n_flagged"], pc["n_heldout_background"]]
             for pc in audit["per_class"]
         ],
-        ["class", "samples", "flagged", "held-out in background"],
-    )
-    pair_html = "".join(
-        f"<h3>{esc(n)}</h3><p>{esc(audit['spaces'][n]['description'])}</p>{_img(b, n + ' closest pairs')}"
-        for n, b in pairs.items()
-    )
-    dc = audit.get("data_copying")
-    dc_html = (
-        f"<p>C_T = <b>{esc(_fmt(dc['c_t']))}</b>. {esc(dc['reading'])}. Cells: {esc(dc['cells_from'])}; "
-        f"distance: {esc(dc['distance'])}.</p>"
-        + table(
-            [[x["cell"], x["n_train"], x["n_heldout"], x["n_synthetic"], x["z_u"]] for x in dc["cells"]],
-            ["cell", "train", "held-out", "synthetic", "Z_U"],
-        )
+        flagged_rows=[
+            [
+                x["index"],
+                audit["data"]["class_names"][x["label"]],
+                x["nearest_train_index"],
+                ", ".join(x["flagged_by"]),
+            ]
+            for x in audit["samples"]
+            if x["flagged"]
+        ][:200],  # fmt: skip
+        dc_rows=[[x["cell"], x["n_train"], x["n_heldout"], x["n_synthetic"], x["z_u"]] for x in dc["cells"]]
         if dc
-        else "<p>Not run.</p>"
+        else [],
+        per_timestep=str({k: round(v, 3) for k, v in mia["auc_per_timestep"].items()}) if mia else "",
+        canary=[x.lstrip("- ").replace("**", "") for x in canary_lines(ca) if x],
+        canary_rows=[
+            [r["guesses"], r["correct"], r["epsilon_lower_bound"], r["epsilon_lower_bound_delta0"]]
+            for r in (ca or {}).get("by_guesses", [])
+        ],
     )
-    mia = audit.get("membership_inference")
-    mia_html = (
-        f"<p>{esc(mia['attack'])}. ROC AUC <b>{mia['auc']:.3f}</b>, TPR at 1 % FPR <b>{mia['tpr_at_1pct_fpr']:.3f}</b>; "
-        f"per timestep AUC: {esc(str({k: round(v, 3) for k, v in mia['auc_per_timestep'].items()}))}.</p>"
-        + _img(figures["membership_roc"], "membership ROC")
-        if mia
-        else "<p>Not run.</p>"
+
+
+def _templates():
+    """The package's Jinja2 templates: HTML autoescaped; `fmt` and `img` as in the Markdown."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+    from markupsafe import Markup
+
+    env = Environment(
+        loader=PackageLoader("synthfactory", "templates"), autoescape=select_autoescape(["j2", "html"])
     )
-    ref = (mia or {}).get("nonprivate_reference")
-    if ref:
-        mia_html += (
-            f"<p>Non-private reference model ({esc(ref['model'])}): ROC AUC <b>{ref['auc']:.3f}</b>, "
-            f"TPR at 1 % FPR <b>{ref['tpr_at_1pct_fpr']:.3f}</b>. {esc(ref['privacy_of_this_result'])}.</p>"
-        )
-    ca = audit.get("canary_audit")
-    canary_html = "".join(f"<p>{esc(x.lstrip('- ').replace('**', ''))}</p>" for x in canary_lines(ca) if x)
-    if ca:
-        canary_html += table(
-            [[r["guesses"], r["correct"], r["epsilon_lower_bound"], r["epsilon_lower_bound_delta0"]] for r in ca["by_guesses"]],
-            ["guesses", "correct", "ε lower bound", "ε lower bound at δ = 0"],
-        )  # fmt: skip
-    flagged = [x for x in audit["samples"] if x["flagged"]]
-    flagged_html = table(
-        [[x["index"], audit["data"]["class_names"][x["label"]], x["nearest_train_index"], ", ".join(x["flagged_by"])]
-         for x in flagged[:200]],
-        ["sample", "label", "nearest training image (pixel L2)", "flagged by"],
-    )  # fmt: skip
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<title>INTERNAL privacy audit: {esc(audit["recipe_name"])} / {esc(audit["run_id"])}</title>
-<style>
-body{{font-family:sans-serif;max-width:1200px;margin:1em auto;padding:0 1em}}
-.banner{{background:#b00;color:#fff;padding:.6em;font-weight:bold;text-align:center}}
-table{{border-collapse:collapse;margin:.5em 0}} td,th{{border:1px solid #999;padding:2px 6px;font-size:90%}}
-img{{max-width:100%}}
-</style></head><body>
-<div class="banner" id="internal-banner">{INTERNAL_BANNER}</div>
-<h1>Privacy audit: {esc(audit["recipe_name"])} / {esc(audit["run_id"])}</h1>
-<section id="decision"><h2>Decision</h2>
-<p><b>{esc(audit["decision"])}</b> (action {esc(audit["action"])}): {audit["summary"]["n_samples"]} generated,
-{audit["summary"]["n_flagged"]} suspected copies, {audit["summary"]["n_dropped"]} dropped,
-{audit["summary"]["n_released"]} released.</p></section>
-<section id="dp-accounting"><h2>DP accounting</h2><p>{esc(_privacy_line(audit["privacy"]))}</p></section>
-<section id="calibration"><h2>Calibration</h2><p>{esc(c["derived_from"])}. Target false-alarm rate
-{c["false_alarm_target_percent"]:g} %, in sample {c["false_alarm_in_sample_percent"]:.2f} %.
-{c["n_background"]} held-out images in the background; {c["heldout_near_duplicates"]} near-copies left out
-({esc(c["near_duplicate_rule"])}); {esc(_patients(c))}. {esc(c["uses_private_images"])}.</p></section>
-<section id="spaces"><h2>Similarity spaces</h2>{spaces}{_img(figures["distances"], "histograms")}</section>
-<section id="closest-pairs"><h2>Closest pairs per space (real images)</h2>{pair_html}</section>
-<section id="per-class"><h2>Per class</h2>{per_class}</section>
-<section id="flagged"><h2>Suspected copies</h2>{flagged_html}</section>
-<section id="data-copying"><h2>Data-copying test C_T</h2>{dc_html}</section>
-<section id="membership-inference"><h2>Membership inference</h2>{mia_html}</section>
-<section id="canary"><h2>Canary audit</h2>{canary_html}</section>
-<section id="limits"><h2>Limits</h2><ul>{"".join(f"<li>{esc(x)}</li>" for x in audit["limits"])}</ul></section>
-</body></html>
-"""
+    env.filters["fmt"] = _fmt
+    env.globals["img"] = lambda data, alt: Markup(_img(data, alt))
+    return env
 
 
 def write_reports(
