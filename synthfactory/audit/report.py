@@ -155,116 +155,19 @@ def covers_lines(p: dict) -> list[str]:
 
 
 def summary_markdown(audit: dict) -> str:
-    """The public summary: statistics only, no real image, no index into the private set."""
-    c, s = audit["calibration"], audit["summary"]
-    lines = [
-        f"# Privacy audit summary: {audit['recipe_name']} / {audit['run_id']}",
-        "",
-        "Statistics only: this file holds no image and names no training image. It may be "
-        f"published with the dataset. Its figures are {NOT_COVERED_NOTE}.",
-        "",
-        "## What ε covers",
-        "",
-        *covers_lines(audit["privacy"]),
-        "## Summary",
-        "",
-        "| | |",
-        "| --- | --- |",
-        f"| decision | **{audit['decision']}** (action `{audit['action']}`) |",
-        f"| samples | {s['n_samples']} generated, {s['n_flagged']} suspected copies, "
-        f"{s['n_dropped']} dropped, {s['n_released']} released |",
-        f"| differential privacy | {_privacy_line(audit['privacy'])} |",
-        f"| real data | {audit['data']['n_train']} training and {audit['data']['n_heldout']} held-out images, "
-        f"{audit['data']['image_size'][0]}×{audit['data']['image_size'][1]} px |",
-        f"| recipe | sha256 `{audit['recipe_sha256'][:16]}…`, synthfactory {audit['synthfactory_version']} |",
-        f"| gate calibration | false alarms ≤ {c['false_alarm_target_percent']:g} % of held-out images "
-        f"(in sample {c['false_alarm_in_sample_percent']:.2f} %), shared level = "
-        f"{ordinal(round(c['level_percentile'], 3))} percentile; {c['n_background']} held-out images; "
-        f"{c['heldout_near_duplicates']} held-out near-copies of training images left out; "
-        f"{_patients(c)} |",
-        "",
-    ]
-    if c.get("warning"):
-        lines += [f"**Warning:** {c['warning']}.", ""]
-    if c["heldout_near_duplicates"]:
-        lines += [
-            f"**The split leaks:** {c['heldout_near_duplicates']} of {c['n_heldout_used']} held-out images "
-            f"are near-copies of training images ({c['near_duplicate_rule']}).",
-            "",
-        ]
-    lines += [
-        "## Similarity spaces",
-        "",
-        "| space | closer is | threshold | held-out median | synthetic median | flagged |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for n, sp in audit["spaces"].items():
-        lines.append(
-            f"| {n} | {sp['closer_is']} | {sp['threshold']:.4g} | {sp['heldout_percentiles']['50']:.4g} | "
-            f"{sp['synthetic_percentiles']['50']:.4g} | {sp['n_flagged']} |"
-        )
-    lines += ["", *[f"- `{n}`: {sp['description']}" for n, sp in audit["spaces"].items()], ""]
-    lines += ["![per-space histograms](distances.png)", ""]
-    r = audit["neighbour_ratios"]
-    lines += [
-        f"Nearest-neighbour ratios (pixel L2): Carlini ratio d1/mean(d1..d{r['n']}) median "
-        f"{r['carlini_synthetic_percentiles']['50']:.3f} for synthetic samples, "
-        f"{r['carlini_heldout_percentiles']['50']:.3f} for held-out images (1st percentile "
-        f"{r['carlini_synthetic_percentiles']['1']:.3f} / {r['carlini_heldout_percentiles']['1']:.3f}).",
-        "",
-        "## Per class",
-        "",
-        "| class | samples | flagged | held-out in background | per-class thresholds |",
-        "| --- | --- | --- | --- | --- |",
-        *[
-            f"| {pc['class']} | {pc['n_samples']} | {pc['n_flagged']} | {pc['n_heldout_background']} | "
-            f"{'yes' if pc['per_class_thresholds'] else 'no (global)'} |"
-            for pc in audit["per_class"]
-        ],
-        "",
-        "## Data-copying test (Meehan et al. 2020)",
-        "",
-    ]
-    dc = audit.get("data_copying")
-    if dc:
-        lines += [
-            f"C_T = **{_fmt(dc['c_t'])}** over {dc['n_cells_used']} of {dc['n_cells']} cells "
-            f"(covering {dc['heldout_share_covered']:.0%} of held-out and {dc['synthetic_share_covered']:.0%} "
-            f"of synthetic images). {dc['reading']}.",
-            "",
-        ]
-    else:
-        lines += ["Not run (audit.copying_test.enabled is false).", ""]
-    lines += ["## Membership inference", ""]
-    mia = audit.get("membership_inference")
-    if mia:
-        lines += [
-            f"{mia['attack']}; {mia['n_members']} training vs {mia['n_nonmembers']} held-out images, "
-            f"timesteps {mia['timesteps']}: ROC AUC **{mia['auc']:.3f}**, TPR at 1 % FPR "
-            f"**{mia['tpr_at_1pct_fpr']:.3f}**, TPR at 10 % FPR {mia['tpr_at_10pct_fpr']:.3f}.",
-            "",
-            "![membership ROC](membership_roc.png)",
-            "",
-        ]
-        ref = mia.get("nonprivate_reference")
-        if ref:
-            lines += [
-                f"The same attack on a **non-private** reference model (same data, model, steps and "
-                f"batch size; never released): ROC AUC **{ref['auc']:.3f}**, TPR at 1 % FPR "
-                f"**{ref['tpr_at_1pct_fpr']:.3f}**, TPR at 10 % FPR {ref['tpr_at_10pct_fpr']:.3f}. "
-                f"{ref['privacy_of_this_result'][0].upper()}{ref['privacy_of_this_result'][1:]}.",
-                "",
-            ]
-    else:
-        lines += ["Not run (audit.membership.enabled is false).", ""]
-    lines += [
-        "## Canary audit (Steinke, Nasr & Jagielski 2023)",
-        "",
-        *canary_lines(audit.get("canary_audit")),
-        "",
-    ]
-    lines += ["## What this audit does not cover", "", *[f"- {x}" for x in audit["limits"]], ""]
-    return "\n".join(lines)
+    """The public summary: statistics only, no real image, no index into the private set. The
+    Jinja2 template synthfactory/templates/audit-summary.md.j2."""
+    c = audit["calibration"]
+    template = _templates(markdown=True).get_template("audit-summary.md.j2")
+    return template.render(
+        a=audit,
+        not_covered=NOT_COVERED_NOTE,
+        covers=covers_lines(audit["privacy"]),
+        privacy_line=_privacy_line(audit["privacy"]),
+        level=ordinal(round(c["level_percentile"], 3)),
+        patients=_patients(c),
+        canary=canary_lines(audit.get("canary_audit")),
+    )
 
 
 def canary_lines(ca: dict | None) -> list[str]:
@@ -352,14 +255,18 @@ def internal_html(audit: dict, figures: dict[str, bytes], pairs: dict[str, bytes
     )
 
 
-def _templates():
-    """The package's Jinja2 templates: HTML autoescaped; `fmt` and `img` as in the Markdown."""
-    from jinja2 import Environment, PackageLoader, select_autoescape
+def _templates(markdown: bool = False):
+    """The package's Jinja2 templates: HTML autoescaped, Markdown verbatim; filters `fmt` (as
+    `_fmt`) and `pct`, and `img` (a PNG inline)."""
+    from jinja2 import Environment, PackageLoader
     from markupsafe import Markup
 
     env = Environment(
-        loader=PackageLoader("synthfactory", "templates"), autoescape=select_autoescape(["j2", "html"])
+        loader=PackageLoader("synthfactory", "templates"),
+        autoescape=not markdown,
+        keep_trailing_newline=not markdown,
     )
+    env.filters["pct"] = lambda x: f"{x:.0%}"
     env.filters["fmt"] = _fmt
     env.globals["img"] = lambda data, alt: Markup(_img(data, alt))
     return env
