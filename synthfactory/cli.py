@@ -139,7 +139,7 @@ def validate(recipe: RecipeArg, set_: Sets = None, smoke: Smoke = False) -> None
         typer.echo(
             f"groups     {groups['train']} patients (or scans) in training, {groups['heldout']} held out; "
             f"{groups['heldout_images_of_training_patients']} held-out images of training patients "
-            "(left out of the audit's calibration)"
+            "(the audit calibrates without them when at least 20 others remain)"
         )
     if imgs.skipped:
         typer.echo(

@@ -220,6 +220,16 @@ def test_heldout_images_of_training_patients_leave_the_calibration(run_copy, tmp
     assert mia["n_nonmembers"] <= n_held - same.sum()
     md = next((tmp_path / "pa").rglob("audit-summary.md")).read_text()
     assert f"{same.sum()} held-out images of training patients left out" in md
+    # every held-out image of a training patient: too few others to calibrate on, so all are used
+    # and the report says so (the run does not fail after training)
+    manifest = [{**m, "group": "train0"} for m in checked.images.manifest]
+    run_audit(
+        checked.recipe, run_dir, dataclasses.replace(checked.images, manifest=manifest), tmp_path / "pc"
+    )
+    cal = read_json(run_dir.audit_json)["calibration"]
+    assert cal["heldout_of_training_patients"] == n_held and cal["patients_left_out"] is False
+    assert cal["n_heldout_used"] == min(n_held, checked.recipe.audit.threshold.max_heldout)
+    assert "too few" in cal["patient_rule"]
     # without patient ids, nothing is left out and the report says there were none
     run_audit(checked.recipe, run_dir, checked.images, tmp_path / "pb")
     cal = read_json(run_dir.audit_json)["calibration"]

@@ -241,19 +241,40 @@ def gate_scaled(
     return GateResult(bg, h_dist, background, synth, s_pixel, exact, cal, flags, flagged, seconds)
 
 
-def background_candidates(images: ImageSet, limit: int | None, seed: int) -> tuple[np.ndarray, int | None]:
+@dataclass(frozen=True)
+class PatientRule:
+    """What the calibration did with held-out images of training patients."""
+
+    n_same_patient: int | None  # held-out images whose patient has training images; None: no ids
+    left_out: bool  # whether they were left out of the background
+    text: str
+
+
+def background_candidates(images: ImageSet, limit: int | None, seed: int) -> tuple[np.ndarray, PatientRule]:
     """Indices of the held-out images that may calibrate the gate (a seeded subset of at most
-    `limit`), and how many were left out as images of patients who also have training images
-    (None when the data gives no patient ids): a neighbouring slice of a training patient is as
-    close as a copy, and a sample that close is itself a disclosure."""
+    `limit`), leaving out images of patients who also have training images (a neighbouring slice
+    of a training patient is as close as a copy, and a sample that close is itself a disclosure) —
+    unless fewer than 20 others remain: then all are used, and the report says so."""
     same = images.heldout_of_training_patients()
-    eligible = np.arange(len(images.heldout_labels)) if same is None else np.flatnonzero(~same)
-    if same is not None and len(eligible) < 20:
-        raise ValueError(
-            f"only {len(eligible)} held-out images are of patients without training images: "
-            "too few to calibrate the gate (split the data by patient)"
-        )
-    return eligible[random_subset(len(eligible), limit, seed)], None if same is None else int(same.sum())
+    everyone = np.arange(len(images.heldout_labels))
+    if same is None:
+        rule = PatientRule(None, False, "the data gives no patient ids: held-out images of training "
+                           "patients, if any, stay in the background and make the thresholds stricter")  # fmt: skip
+        return everyone[random_subset(len(everyone), limit, seed)], rule
+    others = np.flatnonzero(~same)
+    ids = "PatientID, else StudyInstanceUID; or the npz '<split>_group' array"
+    if len(others) < 20:
+        rule = PatientRule(int(same.sum()), False, (
+            f"only {len(others)} held-out images are of patients without training images, too few to "
+            f"calibrate on ({ids}): all held-out images calibrate, so the thresholds are stricter "
+            "and a sample as close as a training patient's other slice can pass; split by patient"
+        ))  # fmt: skip
+        return everyone[random_subset(len(everyone), limit, seed)], rule
+    rule = PatientRule(int(same.sum()), True, (
+        f"held-out images whose patient ({ids}) also has training images are left out of the "
+        "background and of the membership attack's non-members"
+    ))  # fmt: skip
+    return others[random_subset(len(others), limit, seed)], rule
 
 
 def run_audit(
@@ -272,7 +293,7 @@ def run_audit(
     if samples.images.shape[1:] != train_u8.shape[1:]:
         raise ValueError(f"samples are {samples.images.shape[1:]}, training images {train_u8.shape[1:]}")
     h, w = train_u8.shape[1:]
-    pick, same_patient = background_candidates(images, cfg.threshold.max_heldout, cfg.threshold.seed)
+    pick, patients = background_candidates(images, cfg.threshold.max_heldout, cfg.threshold.seed)
     heldout_u8 = quantize(images.heldout_images[pick])
     heldout_y = images.heldout_labels[pick]
     train_f, heldout_f, synth_f = (uint8_to_model_range(x) for x in (train_u8, heldout_u8, samples.images))
@@ -358,15 +379,9 @@ def run_audit(
             "n_heldout_used": int(len(pick)),
             "n_background": int(bg.sum()),
             "heldout_near_duplicates": int(dup.sum()),
-            "heldout_of_training_patients": same_patient,
-            "patient_rule": (
-                "held-out images whose patient (PatientID, else StudyInstanceUID; or the npz "
-                "'<split>_group' array) also has training images are left out of the background "
-                "and of the membership attack's non-members"
-                if same_patient is not None
-                else "the data gives no patient ids: held-out images of training patients, if "
-                "any, stay in the background and make the thresholds stricter"
-            ),
+            "heldout_of_training_patients": patients.n_same_patient,
+            "patients_left_out": patients.left_out,
+            "patient_rule": patients.text,
             "near_duplicate_rule": (
                 f"root-mean-square pixel difference to the nearest training image ≤ "
                 f"{cfg.threshold.near_duplicate_rms:g} on the [-1, 1] scale "

@@ -37,6 +37,8 @@ def _patients(c: dict) -> str:
         return "patients not checked"
     if n is None:
         return "no patient ids in the data"
+    if not c.get("patients_left_out", True):
+        return f"{n} held-out images of training patients kept (too few of other patients)"
     return f"{n} held-out images of training patients left out"
 
 
