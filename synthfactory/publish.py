@@ -353,6 +353,17 @@ def hub_failure(e: BaseException) -> str | None:
     return None
 
 
+def open_repo(repo_id: str, repo_type: str, private: bool, revision: str | None, token: str | None):
+    """(HfApi, repository URL): the repository created if missing, and the branch if asked."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    repo = api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
+    if revision is not None:
+        api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
+    return api, repo
+
+
 def publish(
     run_dir: RunDir,
     repo_id: str,
@@ -367,7 +378,7 @@ def publish(
     written to publish.json in the run directory. `datasets` builds each Parquet shard (at most
     `max_shard_size`) in memory and uploads it before the next, so a large release is pushed
     shard by shard."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd
 
     warnings = check_publishable(run_dir, force_not_private, force_blocked)
     recipe = yaml.safe_load(run_dir.recipe.read_text())
@@ -386,10 +397,7 @@ def publish(
         if not summary.exists():
             raise PublishRefused(f"{summary}: the public audit summary is missing; rerun the audit stage")
 
-        api = HfApi(token=token)
-        repo = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-        if revision is not None:
-            api.create_branch(repo_id, branch=revision, repo_type="dataset", exist_ok=True)
+        api, repo = open_repo(repo_id, "dataset", private, revision, token)
         api.create_commit(
             repo_id,
             repo_type="dataset",
@@ -541,7 +549,7 @@ def publish_model(
     """Push the run's pipeline (checkpoints/final without synthfactory's origin records) and its
     model card to `repo_id` (a model repository), in one commit. Same refusal rules as the
     dataset. Returns what was pushed; also written to publish_model.json in the run directory."""
-    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub import CommitOperationAdd
 
     warnings = check_publishable(run_dir, force_not_private, force_blocked)
     final = run_dir.final_checkpoint
@@ -554,10 +562,7 @@ def publish_model(
     )  # fmt: skip
     ops = [CommitOperationAdd(p.relative_to(final).as_posix(), p.read_bytes()) for p in files]
     ops.append(CommitOperationAdd("README.md", model_card(run_dir, warnings).encode()))
-    api = HfApi(token=token)
-    repo = api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    if revision is not None:
-        api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+    api, repo = open_repo(repo_id, "model", private, revision, token)
     commit = api.create_commit(
         repo_id, operations=ops, repo_type="model", revision=revision,
         commit_message=f"synthfactory {run_dir.run_id}: DP generator (ClassConditionalPipeline) and model card",

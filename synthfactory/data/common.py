@@ -94,6 +94,21 @@ class ImageSet:
         return int(self.train_images.shape[-1])
 
 
+def window_to_unit_range(
+    values: np.ndarray, modality: str, window: tuple[float, float], percentiles: tuple[float, float]
+) -> np.ndarray:
+    """Modality values of one image to [-1, 1]: CT through the HU `window` (centre, width), any
+    other modality by the image's own `percentiles` (a per-image statistic: no privacy cost)."""
+    if modality == "CT":
+        center, width = window
+        lo, hi = center - width / 2.0, center + width / 2.0
+    else:
+        lo, hi = np.percentile(values, percentiles)
+    if hi <= lo:
+        return np.full(values.shape, -1.0, dtype=np.float32)
+    return (np.clip((values - lo) / (hi - lo), 0.0, 1.0) * 2.0 - 1.0).astype(np.float32)
+
+
 def uint_to_unit_range(img: np.ndarray) -> np.ndarray:
     """Fixed scaling of an unsigned integer image (8 or 16 bit) to [-1, 1]."""
     top = 65535.0 if img.dtype == np.uint16 else 255.0

@@ -26,7 +26,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut
 
-from .common import DataError, RawSplit, group_key, to_grayscale
+from .common import DataError, RawSplit, group_key, to_grayscale, window_to_unit_range
 from .groups import group_rule, split_groups, split_items
 
 
@@ -53,19 +53,6 @@ def _modality_values(ds: pydicom.Dataset, frame_pixels: np.ndarray, frame: int) 
     return apply_modality_lut(frame_pixels, ds).astype(np.float64)
 
 
-def _to_unit_range(
-    values: np.ndarray, modality: str, window: tuple[float, float], percentiles: tuple[float, float]
-) -> np.ndarray:
-    if modality == "CT":
-        center, width = window
-        lo, hi = center - width / 2.0, center + width / 2.0
-    else:
-        lo, hi = np.percentile(values, percentiles)
-    if hi <= lo:
-        return np.full(values.shape, -1.0, dtype=np.float32)
-    return (np.clip((values - lo) / (hi - lo), 0.0, 1.0) * 2.0 - 1.0).astype(np.float32)
-
-
 def read_dicom_frames(
     path: str | Path,
     fallback_modality: str,
@@ -73,12 +60,23 @@ def read_dicom_frames(
     percentiles: tuple[float, float],
 ) -> list[np.ndarray]:
     """All frames of one DICOM file as float32 [H, W] images in [-1, 1]."""
+    return dataset_frames(load_dicom(path), fallback_modality, window, percentiles)
+
+
+def load_dicom(path: str | Path) -> pydicom.Dataset:
+    """The whole DICOM dataset of a file; UnreadableDicom when it is not one."""
     try:
-        ds = pydicom.dcmread(path)
+        return pydicom.dcmread(path)
     except InvalidDicomError as e:
         raise UnreadableDicom(f"not a DICOM file ({e})") from None
     except Exception as e:  # truncated or corrupt files raise many kinds of errors
         raise UnreadableDicom(f"cannot parse: {type(e).__name__}: {e}") from None
+
+
+def dataset_frames(
+    ds: pydicom.Dataset, fallback_modality: str, window: tuple[float, float], percentiles: tuple[float, float]
+) -> list[np.ndarray]:
+    """All frames of a loaded DICOM dataset as float32 [H, W] images in [-1, 1]."""
     if "PixelData" not in ds:
         raise UnreadableDicom("no pixel data (not an image object)")
     try:
@@ -99,10 +97,10 @@ def read_dicom_frames(
         if colour:
             # Colour pixels carry display values, not a modality quantity: no rescale or window.
             values = to_grayscale(frame)
-            img = _to_unit_range(values, "OT", window, percentiles)
+            img = window_to_unit_range(values, "OT", window, percentiles)
         else:
             values = _modality_values(ds, frame, k)
-            img = _to_unit_range(values, modality, window, percentiles)
+            img = window_to_unit_range(values, modality, window, percentiles)
             if photometric == "MONOCHROME1":
                 img = -img
         out.append(img)
@@ -116,6 +114,11 @@ def patient_of(path: str | Path) -> str | None:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID", "StudyInstanceUID"])
     except Exception:  # noqa: BLE001 - any unreadable file: no patient; reading it reports why
         return None
+    return dataset_patient(ds)
+
+
+def dataset_patient(ds: pydicom.Dataset) -> str | None:
+    """A loaded dataset's patient as a `group_key` (PatientID, else StudyInstanceUID), or None."""
     for tag in ("PatientID", "StudyInstanceUID"):
         value = str(ds.get(tag, "") or "").strip()
         if value:
@@ -180,12 +183,13 @@ def read_dicom_folder(
         raw = RawSplit()
         for f, label in items:
             try:
-                frames = read_dicom_frames(f, fallback_modality, window, percentiles)
+                ds = load_dicom(f)
+                frames = dataset_frames(ds, fallback_modality, window, percentiles)
             except (UnreadableDicom, OSError) as e:
                 skipped.append({"file": f, "reason": str(e)})
                 continue
             rel = Path(f).relative_to(root) if Path(f).is_relative_to(root) else Path(f)
-            patient = groups[f] if rule is not None else patient_of(f)
+            patient = groups[f] if rule is not None else dataset_patient(ds)
             for k, img in enumerate(frames):
                 raw.add(img, label, f"{rel}#frame{k}" if len(frames) > 1 else str(rel), patient)
         splits.append(raw)

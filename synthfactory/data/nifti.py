@@ -23,7 +23,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
-from .common import DataError, RawSplit, group_key
+from .common import DataError, RawSplit, group_key, window_to_unit_range
 from .groups import group_rule, split_groups, split_items
 
 
@@ -41,21 +41,6 @@ def read_volume(path: str | Path, volume: int) -> np.ndarray:
     if data.ndim != 3:
         raise ValueError(f"is {data.ndim}-dimensional, not a 3D or 4D volume")
     return data
-
-
-def scale_slice(
-    data: np.ndarray, modality: str, window: tuple[float, float], pct: tuple[float, float]
-) -> np.ndarray:
-    """To [-1, 1]: CT by the HU window, others by the slice's own percentiles. Per slice, not per
-    volume: the DP unit is one training image (a slice), and a volume-wide statistic would let one
-    slice change how the others are scaled."""
-    if modality == "CT":
-        lo, hi = window[0] - window[1] / 2, window[0] + window[1] / 2
-    else:
-        lo, hi = (float(v) for v in np.percentile(data, pct))
-    if hi <= lo:
-        return np.full(data.shape, -1.0, dtype=np.float32)
-    return (np.clip((data - lo) / (hi - lo), 0.0, 1.0) * 2.0 - 1.0).astype(np.float32)
 
 
 def volume_slices(data: np.ndarray, axis: int, keep: range | None, mask: np.ndarray | None) -> list[int]:
@@ -121,7 +106,9 @@ def read_nifti(cfg, modality: str) -> tuple[RawSplit, RawSplit, list[str], list[
                 if labelled and k not in labelled:
                     continue
                 plane = np.rot90(np.take(data, k, axis=spec.axis))
-                img = scale_slice(plane, dicom_modality, window, cfg.percentiles)
+                # per slice, not per volume: the DP unit is one image, and a volume-wide
+                # statistic would let one slice change how the others are scaled
+                img = window_to_unit_range(plane, dicom_modality, window, cfg.percentiles)
                 raw.add(
                     np.ascontiguousarray(img),
                     labelled.get(k, first[f]["label"]),
