@@ -83,7 +83,7 @@ class DataConfig(_Strict):
     max_train_images: int | None = Field(None, ge=2)
     max_heldout_images: int | None = Field(None, ge=2)
     # Images of one patient stay on one side of the split (see synthfactory/data/groups.py):
-    # "patient" (DICOM), "column:NAME" (dicom labels_csv), "regex:PATTERN" (folder, dicom). The npz
+    # "patient" (DICOM), "column:NAME" (a labels_csv column), "regex:PATTERN" (folder, dicom, nifti). The npz
     # source reads `<split>_group` arrays instead.
     group_by: str | None = None
 

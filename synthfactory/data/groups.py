@@ -3,9 +3,9 @@ patient on both sides. A rule maps a file to a group; the manifest keeps the gro
 `group_key` (a SHA-256 prefix), never the id itself.
 
 - `patient`: DICOM PatientID, else StudyInstanceUID (dicom source).
-- `column:NAME`: the column NAME of `data.labels_csv` (dicom source with a label CSV).
+- `column:NAME`: the column NAME of `data.labels_csv` (dicom and nifti sources).
 - `regex:PATTERN`: the first capture group of PATTERN (or the whole match) searched in the file's
-  path relative to `data.path` (folder and dicom sources), e.g. `regex:^[^/]+/(sub-\\d+)_`.
+  path relative to `data.path` (folder, dicom and nifti sources), e.g. `regex:^[^/]+/(sub-\\d+)_`.
 """
 
 from __future__ import annotations

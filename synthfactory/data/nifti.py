@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
@@ -30,8 +31,6 @@ from .groups import group_rule, split_groups, split_items
 def read_volume(path: str | Path, volume: int) -> np.ndarray:
     """The (volume-th) 3D array of a NIfTI file in the closest canonical (RAS+) orientation,
     float32 in the file's scaled units (e.g. HU)."""
-    import nibabel as nib
-
     img = nib.as_closest_canonical(nib.load(str(path)))
     data = np.asarray(img.dataobj, dtype=np.float32)
     if data.ndim == 4:
