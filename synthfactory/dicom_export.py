@@ -1,7 +1,10 @@
 """DICOM output of a release: one Secondary Capture file per synthetic image, marked synthetic.
 
-Every file is built from an empty dataset: no attribute of any input DICOM is read here, so none
-can reach an output (a test plants identifying values in the inputs and scans the outputs).
+Every file is built by highdicom's `SCImage` from the run's own values: no attribute of any input
+DICOM is read here, so none can reach an output (a test plants identifying values in the inputs
+and scans the outputs). highdicom validates the pixel module and identifiers it writes; what it
+sets otherwise for a Secondary Capture (Modality OT, ConversionType DI, a patient orientation) is
+overwritten below with the synthetic markers.
 
 Per file:
 - SOP Class: Secondary Capture Image Storage (1.2.840.10008.5.1.4.1.1.7), `ConversionType`
@@ -28,10 +31,11 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from . import __version__
 
@@ -79,77 +83,44 @@ def synthetic_dataset(
     window: tuple[float, float] | None,
     created: datetime,
 ) -> Dataset:
-    """One Secondary Capture dataset for an 8-bit [H, W] image."""
+    """One Secondary Capture dataset for an 8-bit [H, W] image, built by highdicom's `SCImage`
+    (which checks the pixel module and the identifiers it is given), then marked synthetic."""
     if pixels.dtype != np.uint8 or pixels.ndim != 2:
         raise ValueError(f"expected a uint8 [H, W] image, got {pixels.dtype} {pixels.shape}")
-    sop_uid = _uid(run_id, "instance", sample_index)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SECONDARY_CAPTURE
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    meta.ImplementationVersionName = f"SYNTHFACTORY{__version__}"[:16]
-
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.SOPClassUID = SECONDARY_CAPTURE
-    ds.SOPInstanceUID = sop_uid
-    date, time = created.strftime("%Y%m%d"), created.strftime("%H%M%S")
-    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
-    # Patient: synthetic, no identity.
-    ds.PatientName = f"SYNTHETIC^{recipe_name}"[:64]
-    ds.PatientID = f"SF-{run_id}"[:64]
-    ds.PatientBirthDate = ""
-    ds.PatientSex = ""
-    ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = (
-        f"synthfactory {__version__}: synthetic image from a differentially private diffusion "
-        "model; no attribute of any input copied"
-    )[:64]
-    # Study and series: new UIDs from the run.
-    ds.StudyInstanceUID = _uid(run_id, "study")
-    ds.StudyDate, ds.StudyTime = date, time
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = "SYNTH"
-    ds.AccessionNumber = ""
-    ds.StudyDescription = f"SYNTHETIC synthfactory {recipe_name}"[:64]
-    ds.SeriesInstanceUID = _uid(run_id, "series", class_index)
-    ds.SeriesNumber = class_index + 1
-    ds.SeriesDescription = f"synthetic {class_name}"[:64]
-    ds.Laterality = ""  # type 2C; a synthetic image has no side
-    ds.Modality = MODALITY[modality]
-    ds.Manufacturer = "synthfactory"
-    ds.SoftwareVersions = __version__
-    ds.ConversionType = "SYN"
-    # Image.
-    ds.InstanceNumber = sample_index + 1
-    ds.ContentDate, ds.ContentTime = date, time
-    ds.ImageType = ["DERIVED", "SECONDARY"]
-    ds.BurnedInAnnotation = "NO"
-    ds.PatientOrientation = ""
+    ds = hd.sc.SCImage(
+        pixel_array=np.ascontiguousarray(pixels),
+        photometric_interpretation="MONOCHROME2",
+        bits_allocated=8,
+        # PATIENT needs an orientation; a synthetic image has none, so it is emptied below (type 2C).
+        coordinate_system="PATIENT",
+        patient_orientation=("L", "P"),
+        study_instance_uid=_uid(run_id, "study"),
+        series_instance_uid=_uid(run_id, "series", class_index),
+        series_number=class_index + 1,
+        sop_instance_uid=_uid(run_id, "instance", sample_index),
+        instance_number=sample_index + 1,
+        manufacturer="synthfactory",
+        patient_id=f"SF-{run_id}"[:64],
+        patient_name=f"SYNTHETIC^{recipe_name}"[:64],
+        patient_birth_date=None,
+        patient_sex=None,
+        accession_number=None,
+        study_id="SYNTH",
+        study_date=created.date(),
+        study_time=created.time(),
+        referring_physician_name=None,
+        series_description=f"synthetic {class_name}"[:64],
+        software_versions=__version__,
+        content_date=created.date(),
+        content_time=created.time(),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
+    _mark_synthetic(ds, modality, recipe_name, created)
+    _set_display(ds, rescale, window)
     ds.ImageComments = (
         f"SYNTHETIC image, not for diagnosis. class={class_name}; class_index={class_index}; "
         f"run={run_id}; sample={sample_index}; seed={sample_seed}; {privacy}"
     )[:10240]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = (int(x) for x in pixels.shape)
-    ds.BitsAllocated = 8
-    ds.BitsStored = 8
-    ds.HighBit = 7
-    ds.PixelRepresentation = 0
-    slope, intercept, rtype = rescale
-    ds.RescaleSlope = f"{slope:.10g}"
-    ds.RescaleIntercept = f"{intercept:.10g}"
-    ds.RescaleType = rtype
-    if window is not None and rtype == "HU":
-        ds.WindowCenter, ds.WindowWidth = f"{window[0]:g}", f"{window[1]:g}"
-    else:
-        ds.WindowCenter, ds.WindowWidth = "127.5", "256"
-    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
-    # Private block: provenance, machine-readable.
-    block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
     values = {
         "class_name": class_name[:64],
         "class_index": int(class_index),
@@ -158,9 +129,43 @@ def synthetic_dataset(
         "sample_index": int(sample_index),
         "privacy": privacy[:64],
     }
+    block = ds.private_block(PRIVATE_GROUP, PRIVATE_CREATOR, create=True)
     for key, (offset, vr) in PRIVATE_TAGS.items():
         block.add_new(offset, vr, values[key])
     return ds
+
+
+def _mark_synthetic(ds: Dataset, modality: str, recipe_name: str, created: datetime) -> None:
+    """What SCImage does not set or sets otherwise: the modality (SCImage writes OT), the
+    conversion type SYN (it writes DI, digitized), no identity, the image type of before."""
+    ds.file_meta.ImplementationVersionName = f"SYNTHFACTORY{__version__}"[:16]
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.Modality = MODALITY[modality]
+    ds.ConversionType = "SYN"
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    ds.PatientOrientation = ""
+    ds.Laterality = ""  # type 2C; a synthetic image has no side
+    ds.InstanceCreationDate, ds.InstanceCreationTime = created.strftime("%Y%m%d"), created.strftime("%H%M%S")
+    ds.DateOfSecondaryCapture, ds.TimeOfSecondaryCapture = ds.InstanceCreationDate, ds.InstanceCreationTime
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = (
+        f"synthfactory {__version__}: synthetic image from a differentially private diffusion "
+        "model; no attribute of any input copied"
+    )[:64]
+    ds.StudyDescription = f"SYNTHETIC synthfactory {recipe_name}"[:64]
+    ds.BurnedInAnnotation = "NO"
+
+
+def _set_display(ds: Dataset, rescale: tuple[float, float, str], window: tuple[float, float] | None) -> None:
+    """Rescale back to the modality's units (HU for windowed CT) and the window to show it in."""
+    slope, intercept, rtype = rescale
+    ds.RescaleSlope = f"{slope:.10g}"
+    ds.RescaleIntercept = f"{intercept:.10g}"
+    ds.RescaleType = rtype
+    if window is not None and rtype == "HU":
+        ds.WindowCenter, ds.WindowWidth = f"{window[0]:g}", f"{window[1]:g}"
+    else:
+        ds.WindowCenter, ds.WindowWidth = "127.5", "256"
 
 
 def read_provenance(ds: Dataset) -> dict:

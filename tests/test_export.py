@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import datasets
 import numpy as np
 import pytest
@@ -96,3 +99,60 @@ def test_streamed_writer_shards_and_round_trips_through_load_from_disk(tmp_path)
     empty = tmp_path / "empty"
     assert write_rows(iter(()), hf_features(["a", "b"]), empty) == 0
     assert len(datasets.load_from_disk(str(empty / "dataset"))["train"]) == 0
+
+
+def test_streamed_writer_matches_save_to_disk_layout(tmp_path) -> None:
+    """The layout `write_rows` writes by hand is the one the installed `datasets` writes with
+    `DatasetDict.save_to_disk` for the same rows: the same files, the same state.json, the same
+    dataset_info.json features (plus the split sizes), the same table. Fails when a `datasets`
+    release changes the layout, so the hand-written writer cannot drift silently."""
+    from PIL import Image
+
+    from synthfactory.export import hf_features, write_rows
+
+    features = hf_features(["a", "b"])
+    images = np.random.default_rng(1).integers(0, 256, (6, 16, 16), dtype=np.uint8)
+
+    def rows():
+        for i in range(6):
+            yield {
+                "image": Image.fromarray(images[i], mode="L"),
+                "label": i % 2,
+                "run_id": "r",
+                "sample_seed": i,
+                "sample_index": i,
+            }
+
+    ours = tmp_path / "ours"
+    write_rows(rows(), features, ours)
+    theirs = tmp_path / "theirs"
+    reference = datasets.Dataset.from_list(
+        [features.encode_example(r) for r in rows()], features=features, split=datasets.Split.TRAIN
+    )
+    datasets.DatasetDict({"train": reference}).save_to_disk(str(theirs / "dataset"))
+
+    def listing(root: Path) -> list[str]:
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+    assert listing(ours / "dataset") == listing(theirs / "dataset")
+    for name in ("dataset_dict.json",):
+        assert json.loads((ours / "dataset" / name).read_text()) == json.loads(
+            (theirs / "dataset" / name).read_text()
+        )
+    split_ours, split_theirs = ours / "dataset" / "train", theirs / "dataset" / "train"
+    state_ours = json.loads((split_ours / "state.json").read_text())
+    state_theirs = json.loads((split_theirs / "state.json").read_text())
+    assert state_ours.keys() == state_theirs.keys()
+    assert {k: v for k, v in state_ours.items() if k != "_fingerprint"} == {
+        k: v for k, v in state_theirs.items() if k != "_fingerprint"
+    }
+    info_ours = json.loads((split_ours / "dataset_info.json").read_text())
+    info_theirs = json.loads((split_theirs / "dataset_info.json").read_text())
+    # Ours also records the split sizes (a DatasetInfo field save_to_disk leaves out for a
+    # dataset built in memory); every other key is the same.
+    assert info_theirs.keys() <= info_ours.keys() and info_ours["features"] == info_theirs["features"]
+    assert info_ours.keys() - info_theirs.keys() <= {"splits", "dataset_size"}
+    assert datasets.DatasetInfo.from_directory(str(split_ours)).splits["train"].num_examples == 6
+    a = datasets.load_from_disk(str(ours / "dataset"))["train"]
+    b = datasets.load_from_disk(str(theirs / "dataset"))["train"]
+    assert a.features == b.features and a.data.table.equals(b.data.table)
