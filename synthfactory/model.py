@@ -7,6 +7,7 @@ a DDIM scheduler derived from the same config.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -62,8 +63,18 @@ def load_unet(folder: Path) -> UNet2DModel:
     return UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False, use_safetensors=True)
 
 
-def load_generator(checkpoint: Path, ema: bool = False) -> tuple[UNet2DModel, DDPMScheduler]:
-    """Model (the EMA weights if asked and present) and scheduler from `checkpoints/final`."""
+def uses_ema(checkpoint: Path) -> bool:
+    """Whether a final checkpoint's pipeline samples with its EMA weights: `use_ema` in its
+    model_index.json (set once, by training, from `sampling.use_ema` and whether EMA ran), the
+    one record that sampling, the audit and `ClassConditionalPipeline` all follow."""
+    index = json.loads((checkpoint / "model_index.json").read_text())
+    return bool(index.get("use_ema")) and (checkpoint / "unet_ema").is_dir()
+
+
+def load_generator(checkpoint: Path, ema: bool | None = None) -> tuple[UNet2DModel, DDPMScheduler]:
+    """Model and scheduler from `checkpoints/final`: the weights its pipeline samples with
+    (`uses_ema`), or, for tests, the EMA (`ema=True`, if present) or last (`ema=False`) weights."""
+    ema = uses_ema(checkpoint) if ema is None else ema
     folder = checkpoint / ("unet_ema" if ema and (checkpoint / "unet_ema").is_dir() else "unet")
     model = load_unet(folder)
     scheduler = DDPMScheduler.from_pretrained(checkpoint / "scheduler")

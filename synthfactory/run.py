@@ -23,7 +23,7 @@ from .data import DataError, ImageSet, load_images
 from .distributed import barrier, from_env
 from .evaluate import evaluate
 from .export import release
-from .model import load_unet, resolve_device
+from .model import load_unet, resolve_device, uses_ema
 from .origin import CheckpointRefused, CheckpointUse, checkpoint_use
 from .recipe import Recipe, RecipeError, check_against_data, load_recipe
 from .rundir import STAGES, RunDir, new_run_id, read_json, write_json_atomic
@@ -258,7 +258,7 @@ def run_stage(stage: str, checked: Checked, run_dir: RunDir, opts: StageOptions)
         run_dir.mark_done(
             "sample",
             n_samples=int(len(samples.labels)),
-            weights="ema" if recipe.sampling.use_ema and recipe.training.ema_decay else "last",
+            weights="ema" if uses_ema(run_dir.final_checkpoint) else "last",
             guidance_scale=recipe.sampling.guidance_scale,
         )
     elif stage == "audit_models":

@@ -1,7 +1,8 @@
 """Class-conditional DDIM sampling from a trained checkpoint.
 
-The denoising loop is written out here, not hidden in a pipeline object: start from Gaussian
-noise, ask the UNet for the noise at each DDIM timestep, step. Each image's starting noise
+The denoising loop is the one `ClassConditionalPipeline` runs (`pipeline.ddim_denoise`), with
+the weights the pipeline samples with (`model.uses_ema`): start from Gaussian noise, ask the
+UNet for the noise at each DDIM timestep, step. Each image's starting noise
 comes from its own seed (derived from `sampling.seed` and the image's index), so an image can
 be regenerated alone, and the result does not depend on the batch size (up to float rounding).
 Samples are stored as 8-bit images: the audit and the release see exactly the same pixels.
@@ -236,7 +237,7 @@ def generate(
     result) into samples/shard-i-of-n.npz; `merge_shards` assembles the store once all n exist.
     Returns the samples, or None for a shard."""
     cfg = recipe.sampling
-    model, train_scheduler = load_generator(run_dir.final_checkpoint, ema=cfg.use_ema)
+    model, train_scheduler = load_generator(run_dir.final_checkpoint)
     info = read_json(run_dir.final_checkpoint / "synthfactory.json")
     model.to(resolve_device(recipe.training.device))
     scheduler = sampling_scheduler(train_scheduler)

@@ -45,3 +45,26 @@ def test_pipeline_refuses_mismatched_generators_and_unknown_outputs(tiny_run) ->
         pipe([0], 2, generator=[torch.Generator(), torch.Generator()])
     with pytest.raises(ValueError, match="output_type"):
         pipe([0], 2, output_type="jpeg")
+
+
+def test_sampling_and_audit_follow_the_pipelines_weights(tiny_run, tmp_path) -> None:
+    """One record says which weights sample: model_index.json's `use_ema`. `load_generator`
+    (sampling, the audit's attacks) follows it, so flipping it flips the weights they load."""
+    import shutil
+
+    from synthfactory.model import load_generator, uses_ema
+
+    _, run_dir = tiny_run
+    final = tmp_path / "final"
+    shutil.copytree(run_dir.final_checkpoint, final)
+    ema_weights = next(load_generator(final, ema=True)[0].parameters())
+    last_weights = next(load_generator(final, ema=False)[0].parameters())
+    assert not torch.equal(ema_weights, last_weights)
+    for use_ema, expected in ((True, ema_weights), (False, last_weights)):
+        index = json.loads((final / "model_index.json").read_text())
+        index["use_ema"] = use_ema
+        (final / "model_index.json").write_text(json.dumps(index))
+        assert uses_ema(final) is use_ema
+        assert torch.equal(next(load_generator(final)[0].parameters()), expected)
+        pipe = ClassConditionalPipeline.from_pretrained(final)
+        assert torch.equal(next(pipe.generator_unet.parameters()), expected)

@@ -23,7 +23,7 @@ from .. import __version__
 from ..data import ImageSet
 from ..data.common import random_subset
 from ..distributed import Dist, from_env
-from ..model import load_generator, resolve_device
+from ..model import load_generator, resolve_device, uses_ema
 from ..recipe import AuditConfig, Recipe
 from ..rundir import RunDir, read_json, write_json_atomic
 from ..sample import Samples, uint8_to_model_range
@@ -134,7 +134,7 @@ def membership_audit(recipe: Recipe, run_dir: RunDir, images: ImageSet, nonmembe
     ts = list(cfg.timesteps)
 
     def attack(checkpoint: Path) -> dict:
-        model, scheduler = load_generator(checkpoint, ema=recipe.sampling.use_ema)
+        model, scheduler = load_generator(checkpoint)
         m_loss = denoising_losses(
             model, scheduler, images.train_images[mem], images.train_labels[mem], ts, cfg.seed
         )
@@ -144,7 +144,7 @@ def membership_audit(recipe: Recipe, run_dir: RunDir, images: ImageSet, nonmembe
         return loss_attack(m_loss, n_loss, ts)
 
     out = attack(run_dir.final_checkpoint)
-    out["weights"] = "EMA" if recipe.sampling.use_ema else "final"
+    out["weights"] = "EMA" if uses_ema(run_dir.final_checkpoint) else "final"
     out["nonmembers_from"] = "held-out real images, near-duplicates of training images left out"
     if cfg.nonprivate_reference and has_nonprivate_reference(run_dir):
         baseline = attack(run_dir.nonprivate_run.final_checkpoint)

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from ..data import ImageSet
-from ..model import load_generator, load_unet
+from ..model import load_generator, load_unet, uses_ema
 from ..recipe import PrivacyConfig, Recipe
 from ..rundir import RunDir, atomic_path, read_json, write_json_atomic
 from ..train import initial_model, train
@@ -83,9 +83,8 @@ def run_canary_audit(recipe: Recipe, run_dir: RunDir, images: ImageSet, progress
     _canary_pretraining(recipe, run_dir, sub, images.image_size, n_real, cfg.m)
     result = train(recipe, with_canaries(images, canaries, included), sub, progress=progress)
 
-    ema = recipe.sampling.use_ema
     ts = list(cfg.timesteps)
-    model, scheduler = load_generator(sub.final_checkpoint, ema=ema)
+    model, scheduler = load_generator(sub.final_checkpoint)
     own = n_real + np.arange(cfg.m)
     null_label = recipe.training.label_dropout > 0  # the model has a null class after the canaries
     baseline_label = n_real + cfg.m if null_label else 0
@@ -118,7 +117,7 @@ def run_canary_audit(recipe: Recipe, run_dir: RunDir, images: ImageSet, progress
             "the canary model's ε-prediction loss under the "
             + ("null label" if null_label else f"label of class {images.class_names[0]!r}")
             + " minus that under the canary's own label, mean over timesteps "
-            f"{ts}, fixed noise; {'EMA' if ema else 'final'} weights"
+            f"{ts}, fixed noise; {'EMA' if uses_ema(sub.final_checkpoint) else 'final'} weights"
         ),
         "scores_in_mean": float(scores[included].mean()) if included.any() else None,
         "scores_out_mean": float(scores[~included].mean()) if (~included).any() else None,
