@@ -7,9 +7,11 @@ a statistic over the private set, so preprocessing spends no privacy budget.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -92,6 +94,18 @@ class ImageSet:
     @property
     def image_size(self) -> int:
         return int(self.train_images.shape[-1])
+
+
+def read_labels_csv(labels_csv: Path, root: Path, columns: str) -> list[dict]:
+    """The rows of a label CSV (`file,label` at least; `columns` names the full form for the
+    error), each `file` resolved against the data folder `root`."""
+    with open(labels_csv, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or not {"file", "label"} <= set(rows[0]):
+        raise DataError("labels_csv", f"{labels_csv} needs the columns {columns}")
+    for r in rows:
+        r["file"] = str((root / r["file"]).resolve())
+    return rows
 
 
 def window_to_unit_range(

@@ -18,7 +18,6 @@ and listed with the reason; reading goes on.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut
 
-from .common import DataError, RawSplit, group_key, to_grayscale, window_to_unit_range
+from .common import DataError, RawSplit, group_key, read_labels_csv, to_grayscale, window_to_unit_range
 from .groups import group_rule, split_groups, split_items
 
 
@@ -130,12 +129,9 @@ def _labelled_files(root: Path, labels_csv: Path | None, train_split: str, heldo
     """([(file, label)] train, [(file, label)] held-out or None when a split is still needed,
     {file: its label-CSV row})."""
     if labels_csv is not None:
-        with open(labels_csv, newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        if not rows or not {"file", "label"} <= set(rows[0]):
-            raise DataError("labels_csv", f"{labels_csv} needs the columns file,label[,split]")
+        rows = read_labels_csv(labels_csv, root, "file,label[,split]")
         has_split = "split" in rows[0]
-        by_file = {str((root / r["file"]).resolve()): r for r in rows}
+        by_file = {r["file"]: r for r in rows}
         items = [(f, r["label"], r.get("split")) for f, r in by_file.items()]
         if has_split:
             train = [(f, lab) for f, lab, s in items if s == train_split]

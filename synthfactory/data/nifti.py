@@ -16,7 +16,6 @@ at the group level k·ε (weaker), as for any slice data.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import nibabel as nib
@@ -24,7 +23,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
-from .common import DataError, RawSplit, group_key, window_to_unit_range
+from .common import DataError, RawSplit, group_key, read_labels_csv, window_to_unit_range
 from .groups import group_rule, split_groups, split_items
 
 
@@ -56,15 +55,10 @@ def volume_slices(data: np.ndarray, axis: int, keep: range | None, mask: np.ndar
 
 
 def _rows(labels_csv: Path | None, root: Path) -> list[dict]:
+    columns = "file,label[,split][,slice][,mask]"
     if labels_csv is None:
-        raise DataError("labels_csv", "the nifti source needs a CSV file,label[,split][,slice][,mask]")
-    with open(labels_csv, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows or not {"file", "label"} <= set(rows[0]):
-        raise DataError("labels_csv", f"{labels_csv} needs the columns file,label[,split][,slice][,mask]")
-    for r in rows:
-        r["file"] = str((root / r["file"]).resolve())
-    return rows
+        raise DataError("labels_csv", f"the nifti source needs a CSV {columns}")
+    return read_labels_csv(labels_csv, root, columns)
 
 
 def read_nifti(cfg, modality: str) -> tuple[RawSplit, RawSplit, list[str], list[dict]]:
