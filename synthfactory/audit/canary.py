@@ -18,6 +18,10 @@ A bound far below the accountant's ε is the usual outcome for a black-box audit
 model (the paper reports ≈ 1.5 at ε = 8 with input-space canaries); a bound *above* it would
 mean the implementation is not private as claimed. The bound is a test of the implementation,
 not an estimate of the leakage of the real images.
+
+Written here because no maintained library implements the one-run audit for a diffusion model
+(Opacus and the auditing libraries we know stop at multi-run or classifier audits); the binomial
+tail itself is SciPy's.
 """
 
 from __future__ import annotations

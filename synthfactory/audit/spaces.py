@@ -22,7 +22,9 @@ and a score, by exact search in blocks (torch matmul).
 ranks), a 3×3 blur and average pooling to 8×8. It has no learned parameters, so it cannot carry
 information about the private set; no encoder is trained for the audit. `lowpass_l2` and
 `warp_ncc` are exact searches over fixed grids of edits (blur levels; rotations and zooms), with
-nothing learned either.
+nothing learned either. Written here because the copy-detection libraries we know ship learned
+descriptors (trained on natural images, or needing training on the data they guard); these
+spaces are exact and need none.
 
 Images come in as float arrays [N, 1, H, W] or [N, H, W] on the [-1, 1] scale.
 """
