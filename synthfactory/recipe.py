@@ -29,7 +29,7 @@ class RecipeError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
 
 
 Seed = Annotated[int, Field(ge=0, lt=2**63)]
@@ -40,23 +40,31 @@ class CTWindow(_Strict):
     """CT display window in Hounsfield units, applied to DICOM CT before scaling to [-1, 1]."""
 
     center: float = 40.0
+    """Window centre in Hounsfield units."""
     width: float = Field(400.0, gt=0)
+    """Window width in Hounsfield units."""
 
 
 class PhantomSpec(_Strict):
     """Size and seed of the built-in procedural data set."""
 
     n_train: int = Field(2000, ge=2, le=1_000_000)
+    """Training images of the built-in phantom set."""
     n_heldout: int = Field(500, ge=2, le=1_000_000)
+    """Held-out images of the built-in phantom set."""
     seed: Seed = 0
+    """Seed of the phantom set."""
 
 
 class NiftiSpec(_Strict):
     """How NIfTI volumes become 2D slices (see synthfactory/data/nifti.py)."""
 
-    axis: int = Field(2, ge=0, le=2)  # after reorientation to RAS+: 0 sagittal, 1 coronal, 2 axial
-    volume: int = Field(0, ge=0)  # which volume of a 4D file
-    slices: tuple[int, int, int] | None = None  # (start, stop, step) along the axis; None: all
+    axis: int = Field(2, ge=0, le=2)
+    """Slicing axis after reorientation to RAS+: 0 sagittal, 1 coronal, 2 axial."""
+    volume: int = Field(0, ge=0)
+    """Which volume of a 4D file."""
+    slices: tuple[int, int, int] | None = None
+    """`[start, stop, step]` along the axis; null: every slice."""
 
     @field_validator("slices")
     @classmethod
@@ -68,24 +76,44 @@ class NiftiSpec(_Strict):
 
 class DataConfig(_Strict):
     source: Literal["phantom", "npz", "folder", "dicom", "hf", "nifti"]
+    """`phantom` (built in, no download), `npz`, `folder`, `dicom`, `hf` (a `datasets` folder) or `nifti`."""
     path: Path | None = None
+    """File or folder of the source (not for `phantom`); relative to the recipe file's folder, `~` and
+    `$VARS` expand."""
     image_size: int = Field(ge=8, le=1024)
+    """Images are padded to a centred square (black) and resized to this size (bilinear, antialiased)."""
     classes: list[str] = Field(min_length=1)
+    """Class names to keep, in label order; each must exist in the data."""
     train_split: str = "train"
+    """npz key prefix, folder name or `datasets` split of the training images."""
     heldout_split: str = "test"
+    """The held-out split: never trained on; it calibrates the audit and evaluates TSTR/TRTR."""
     heldout_fraction: float | None = Field(None, gt=0, lt=1)
+    """`folder`/`dicom`/`nifti` without split folders or a split column: a stratified random split by file
+    (by group with `group_by`)."""
     split_seed: Seed = 0
+    """Seed of that split and of the `max_*_images` subsets."""
     labels_csv: Path | None = None
+    """`dicom`: CSV `file,label[,split]`; `nifti` (required): `file,label[,split][,slice][,mask]`; files
+    relative to `data.path`."""
     ct_window: CTWindow = CTWindow()
+    """DICOM CT: the window applied before scaling."""
     percentiles: tuple[float, float] = (0.5, 99.5)
+    """DICOM and NIfTI, not CT: per-image (per-volume) percentile scaling, `[low, high]`."""
     phantom: PhantomSpec = PhantomSpec()
+    """Size and seed of the built-in set (`source: phantom`)."""
     nifti: NiftiSpec = NiftiSpec()
+    """How NIfTI volumes become 2D slices (`source: nifti`)."""
     max_train_images: int | None = Field(None, ge=2)
+    """A random subset (seed `split_seed`) of at most this many training images."""
     max_heldout_images: int | None = Field(None, ge=2)
-    # Images of one patient stay on one side of the split (see synthfactory/data/groups.py):
-    # "patient" (DICOM), "column:NAME" (a labels_csv column), "regex:PATTERN" (folder, dicom, nifti). The npz
-    # source reads `<split>_group` arrays instead.
+    """A random subset (seed `split_seed`) of at most this many held-out images."""
     group_by: str | None = None
+    """Images of one patient stay on one side of the split: `patient` (DICOM PatientID, else
+    StudyInstanceUID), `column:NAME` (a `labels_csv` column) or `regex:PATTERN` (first capture group in
+    the file's path under `data.path`; `folder`, `dicom`, `nifti`). With split folders or a split column,
+    a patient on both sides is refused. npz reads `<split>_group` arrays instead. Patients are kept as
+    SHA-256 prefixes."""
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -132,12 +160,21 @@ class ModelConfig(_Strict):
     """A class-conditional diffusers UNet2DModel and its DDPM noise schedule."""
 
     block_out_channels: list[int] = Field(default_factory=lambda: [32, 64], min_length=1, max_length=6)
+    """UNet widths per level; the image size must be divisible by 2^(levels−1)."""
     layers_per_block: int = Field(1, ge=1, le=4)
+    """ResNet layers per level."""
     attention: bool = True
+    """Self-attention at the lowest-resolution level and in the middle block (costs more CPU than it gives at
+    32 px)."""
     norm_num_groups: int = Field(8, ge=1)
+    """GroupNorm groups: must divide every width and leave ≥ 2 channels per group (else GroupNorm erases the
+    time and class conditioning)."""
     attention_head_dim: int = Field(8, ge=1)
+    """Must divide the attention level's width."""
     num_train_timesteps: int = Field(1000, ge=10)
+    """DDPM steps of the noise schedule."""
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+    """DDPM noise schedule."""
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
@@ -174,24 +211,50 @@ class TimestepSampling(_Strict):
     """
 
     distribution: Literal["uniform", "lognormal"] = "uniform"
+    """`uniform` DDPM timesteps, or `lognormal`: EDM-style noise levels σ = √((1−ᾱ)/ᾱ), ln σ ~ N(p_mean,
+    p_std²), mapped to the nearest DDPM timestep. The loss stays epsilon-MSE (no EDM weighting), so DPDM's
+    (−1.2, 1.2) would put most rows at low noise here; the default leans to high noise, as DPDM found best
+    under DP."""
     p_mean: float = 0.5
+    """`lognormal`: mean of ln σ."""
     p_std: float = Field(1.5, gt=0)
+    """`lognormal`: standard deviation of ln σ."""
 
 
 class TrainingConfig(_Strict):
     steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    """Optimizer steps (give exactly one of `steps` and `epochs`); at most 10,000,000."""
     epochs: float | None = Field(None, gt=0)
+    """Passes at sampling rate q: steps = ⌈epochs·N/B⌉."""
     expected_batch_size: int = Field(ge=1)
+    """B: Poisson sampling with q = B/N, so batches vary and may be empty; the loss is normalised by B, not
+    by the batch drawn."""
     max_physical_batch_size: int = Field(32, ge=1)
+    """Examples per forward/backward pass (× K rows); memory only: clipped gradients accumulate across chunks
+    and the noise is added once per logical batch."""
     learning_rate: float = Field(gt=0, le=1)
+    """Adam's learning rate."""
     seed: Seed = 0
+    """Model initialisation, noise levels and diffusion noise (not the DP noise, which is seeded from the
+    OS)."""
     checkpoint_every: int = Field(50, ge=1)
+    """Steps between atomic checkpoints (an interrupted run resumes from the last)."""
     timesteps: TimestepSampling = TimestepSampling()
+    """Which noise levels a training example is drawn at."""
     ema_decay: float | None = Field(0.999, gt=0, lt=1)
+    """EMA of the weights (diffusers `EMAModel`, warm-up (1+t)/(10+t)); null for none. Post-processing: no
+    privacy cost."""
     label_dropout: float = Field(0.1, ge=0, lt=1)
+    """Share of rows trained with the null label (classifier-free guidance, class-agnostic pre-training); 0
+    for none."""
     trainable: Literal["all"] | list[str] = "all"
+    """`all`, or glob patterns of parameter names trained in the DP stage, e.g. `["*attentions*",
+    "class_embedding.*"]` (DP-LDM-style); the others stay as pre-trained."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`cpu`, `cuda`, or `auto` (CUDA when present)."""
     precision: Literal["fp32", "bf16"] = "fp32"
+    """`bf16`: bf16 autocast for the forward pass; per-example gradients are cast to fp32 before their norms
+    are taken, so every clipped norm stays ≤ C."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainingConfig:
@@ -211,14 +274,30 @@ class TrainingConfig(_Strict):
 
 class PrivacyConfig(_Strict):
     enabled: bool = True
+    """DP-SGD on. `false` also needs `i_understand_this_is_not_private: true`; every output then says NOT
+    PRIVATE."""
     target_epsilon: float | None = Field(None, gt=0, le=1000)
+    """σ is calibrated so that ε after the planned steps (composed with the warm start's query and with the
+    run `pretrain.checkpoint` comes from, if that was a DP run on this data) is at most this; at most
+    1000."""
     delta: float | None = Field(None, gt=0, lt=1)
+    """δ; must be < 1/N."""
     max_grad_norm: float = Field(1.0, gt=0)
+    """Per-example clipping norm C."""
     accountant: Literal["rdp", "prv"] = "rdp"
+    """`rdp` or `prv` (Opacus); the other is reported for reference."""
     noise_multiplicity: int = Field(4, ge=1, le=64)
+    """K noise draws per example, averaged inside the example before clipping: one clipped gradient per
+    example, ε unchanged."""
     per_example_gradients: Literal["hooks", "functorch", "vmap"] = "vmap"
+    """`vmap` (torch.func over examples), `hooks` (Opacus hooks, with the contiguity fix) or `functorch`
+    (Opacus)."""
     noise_seed: Seed | None = None
+    """Tests only: seeds the DP noise and sampling (otherwise a secret OS seed). Anyone who reads the recipe
+    can regenerate the noise, so such a run is NOT PRIVATE: its run id, release folder, card and reports
+    say so, and `publish` refuses it without `--force-not-private`."""
     i_understand_this_is_not_private: bool = False
+    """Needed with `enabled: false`."""
 
     @model_validator(mode="after")
     def _check(self) -> PrivacyConfig:
@@ -237,14 +316,22 @@ class PrivacyConfig(_Strict):
 
 class SamplingConfig(_Strict):
     images_per_class: int = Field(ge=1)
+    """Samples generated per class, before the audit."""
     ddim_steps: int = Field(50, ge=1, le=1000)
+    """DDIM steps."""
     seed: Seed = 0
+    """Base seed; each image has its own derived seed."""
     batch_size: int = Field(64, ge=1)
+    """Images per forward pass."""
     guidance_scale: float = Field(1.0, ge=0)
+    """Classifier-free guidance w: ε = ε∅ + w(ε_y − ε∅); 1 = none (other values need `training.label_dropout`
+    > 0)."""
     use_ema: bool = True
-    # equal: images_per_class of every class; dp_counts: the same total, shared in proportion to
-    # the warm start's noisy class counts (covered by ε), so the set has the data's class balance
+    """Sample from the EMA weights (recorded in the pipeline's model_index.json)."""
     class_proportions: Literal["equal", "dp_counts"] = "equal"
+    """`equal`: `images_per_class` of every class; `dp_counts`: the same total shared in proportion to the
+    warm start's noisy class counts (DP, covered by ε), so the released set keeps the data's class
+    balance; needs `warm_start`."""
 
 
 class PretrainConfig(_Strict):
@@ -256,11 +343,23 @@ class PretrainConfig(_Strict):
     """
 
     data: DataConfig | None = None
+    """A data source (same fields as `data`) the recipe declares public: trained without DP before the
+    private stage. Images that are exact copies of private images, or near-copies of private training
+    images, are refused. Other class names than the private ones: class-agnostic pre-training with the
+    null label."""
     checkpoint: Path | None = None
+    """Or a diffusers `UNet2DModel` folder (save_pretrained, safetensors) that fits the recipe's model. A
+    synthfactory model is recognised by its `synthfactory_origin.json`: trained on other data → public; a
+    DP run on this data → composed into this run's ε; trained on this data without DP or with seeded noise
+    → refused. Anything else is declared public by the recipe."""
     steps: int = Field(500, ge=1)
+    """Steps of the public stage."""
     expected_batch_size: int = Field(64, ge=1)
+    """Batch size of the public stage."""
     learning_rate: float = Field(1e-3, gt=0, le=1)
+    """Learning rate of the public stage."""
     seed: Seed = 0
+    """Seed of the public stage."""
 
     @model_validator(mode="after")
     def _check(self) -> PretrainConfig:
@@ -274,15 +373,28 @@ class WarmStartConfig(_Strict):
     mean images over the whole private training set, at low resolution, composed into the
     accountant; the UNet is pre-trained on them (augmented) before DP-SGD. See warmstart.py."""
 
-    image_size: int = Field(14, ge=2, le=64)  # resolution of the central images
-    noise_multiplier: float = Field(gt=0)  # σ of the query (noise std / L2 sensitivity)
-    clip_norm: float | None = Field(None, gt=0)  # C on images in [0, 1]; None: image_size (no clipping)
+    image_size: int = Field(14, ge=2, le=64)
+    """Resolution of the central images."""
+    noise_multiplier: float = Field(gt=0)
+    """σ of the one Gaussian-mechanism query: per-class sums of the training images (at `image_size`, in [0,
+    1], clipped to L2 norm C) and per-class counts, noise std σ·√2 (sensitivity √2). It enters the
+    accountant as (σ, q = 1, 1 step) before DP-SGD, whose σ is calibrated for the composed ε."""
+    clip_norm: float | None = Field(None, gt=0)
+    """C on images in [0, 1]; null: `image_size`, the largest norm such an image can have (no clipping).
+    Choose it on public data, never on the private images."""
     steps: int = Field(300, ge=1)
+    """Pre-training steps on the noisy class means (after `pretrain`, if any); post-processing of the DP
+    answer, no further ε."""
     expected_batch_size: int = Field(64, ge=1)
+    """Batch size of that pre-training."""
     learning_rate: float = Field(1e-3, gt=0, le=1)
-    shift: int = Field(2, ge=0, le=8)  # augmentation: translations up to ±shift px (full resolution)
-    intensity: float = Field(0.1, ge=0, lt=1)  # augmentation: gain and offset up to ±this
-    seed: Seed = 0  # the pre-training's own randomness (not the mechanism's noise)
+    """Learning rate of that pre-training."""
+    shift: int = Field(2, ge=0, le=8)
+    """Augmentation: random translations up to ±shift px (full resolution)."""
+    intensity: float = Field(0.1, ge=0, lt=1)
+    """Augmentation: gain and offset up to ±this."""
+    seed: Seed = 0
+    """The pre-training's own randomness (not the mechanism's noise)."""
 
 
 class ClassifierConfig(_Strict):
@@ -291,34 +403,48 @@ class ClassifierConfig(_Strict):
     # Long enough for the classifier to fit real data (training accuracy > 0.9 on the MRI set at
     # 32 px needs ~50 epochs; with patience 5 it stopped at 10 epochs and 0.78).
     epochs: int = Field(60, ge=1)
+    """Maximum epochs."""
     patience: int = Field(15, ge=1)
+    """Early stopping on a validation split of the classifier's own training data."""
     batch_size: int = Field(128, ge=1)
+    """Batch size."""
     learning_rate: float = Field(1e-3, gt=0)
+    """Adam's learning rate."""
     seed: Seed = 0
+    """Seed."""
 
 
 class EvaluationConfig(_Strict):
     enabled: bool = True
+    """Run the evaluate stage."""
     classifier: ClassifierConfig = ClassifierConfig()
+    """The fixed CNN for TSTR/TRTR and the fidelity features."""
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    """The classifier's validation split."""
     max_real_train: int | None = Field(None, ge=10)
+    """Cap on the real training images for TRTR (CPU time)."""
     max_real_features: int = Field(5000, ge=10)
+    """Real images in the fidelity metrics (random subset)."""
     prdc_k: int = Field(5, ge=1)
+    """k of precision/recall/density/coverage."""
 
 
 class ThresholdRule(_Strict):
     """Calibration of the gate on held-out real images (see synthfactory/audit/gate.py)."""
 
     rule: Literal["heldout_percentile"] = "heldout_percentile"
-    # The false-alarm rate: at most this percent of (de-duplicated) held-out images would be
-    # flagged by any space. Each space's threshold sits at one shared percentile level.
+    """How the gate is calibrated."""
     percentile: float = Field(1.0, gt=0, le=50)
-    min_per_class: int = Field(200, ge=1)  # per-class thresholds for classes this large
-    # Held-out images this close to a training image (root-mean-square pixel difference on the
-    # [-1, 1] scale) are near-copies through a leaking split: left out of the background, counted.
+    """The gate's false-alarm rate: at most this percent of held-out images flagged by any space."""
+    min_per_class: int = Field(200, ge=1)
+    """Per-class thresholds for classes with this many held-out images."""
     near_duplicate_rms: float = Field(0.02, ge=0)
-    max_heldout: int | None = Field(5000, ge=20)  # background sample size (cost of search)
+    """Held-out images this close (RMS pixel difference on [-1, 1]) to a training image are left out of the
+    background and counted."""
+    max_heldout: int | None = Field(5000, ge=20)
+    """Held-out images in the background (random subset; search cost)."""
     seed: Seed = 0
+    """Seed of that subset."""
 
 
 SpaceName = Literal["pixel_l2", "ncc", "shift_flip_ncc", "rank_thumbnail", "lowpass_l2", "warp_ncc"]
@@ -326,18 +452,25 @@ SpaceName = Literal["pixel_l2", "ncc", "shift_flip_ncc", "rank_thumbnail", "lowp
 
 class CopyingTestConfig(_Strict):
     enabled: bool = True
+    """Run the data-copying test C_T."""
     n_cells: int = Field(20, ge=1)
+    """k-means cells of the training set."""
     min_per_cell: int = Field(5, ge=2)
+    """Samples and held-out images a cell needs to count."""
 
 
 class MembershipConfig(_Strict):
     enabled: bool = True
-    max_examples: int = Field(500, ge=10)  # members and non-members each
+    """Run the loss-based membership-inference attack."""
+    max_examples: int = Field(500, ge=10)
+    """Members and non-members each."""
     timesteps: list[int] = Field(default_factory=lambda: [10, 50, 100, 200, 400], min_length=1)
+    """Timesteps of the denoising loss."""
     seed: Seed = 0
-    # Also train a NON-private model (same data, model, steps, batch size; never released) and
-    # run the same attack on it, to show what DP changes. Costs one more training run.
+    """Seed of the examples and noise."""
     nonprivate_reference: bool = False
+    """Also train a non-private model (same data, model, steps, batch size; never released) and attack it for
+    comparison. Costs one more training run."""
 
 
 class CanaryConfig(_Strict):
@@ -345,10 +478,16 @@ class CanaryConfig(_Strict):
     canaries, each included with probability ½; never released. Costs one more training run."""
 
     enabled: bool = False
+    """Run the canary audit: one more training run with m canaries, each included with probability ½; reports
+    an empirical ε lower bound."""
     m: int = Field(1000, ge=10)
-    seed: Seed = 0  # canary patterns, labels and which canaries go in (the auditor's randomness)
+    """Number of canaries."""
+    seed: Seed = 0
+    """Canary patterns, labels and which canaries go in (the auditor's randomness)."""
     confidence: float = Field(0.95, gt=0.5, lt=1)
+    """Confidence of the lower bound."""
     timesteps: list[int] = Field(default_factory=lambda: [10, 50, 100, 200, 400], min_length=1)
+    """Timesteps of the canary score."""
 
 
 class AuditConfig(_Strict):
@@ -358,22 +497,32 @@ class AuditConfig(_Strict):
         ],
         min_length=1,
     )  # fmt: skip
-    shift: int = Field(4, ge=0, le=8)  # shift_flip_ncc: translations up to ±shift px
-    warp_shift: int = Field(8, ge=0, le=12)  # warp_ncc: translations up to ±warp_shift px
-    # shift_flip_ncc and warp_ncc: null (default) scores every training image, exact. A number:
-    # exact scores only for that many candidates per query from a half-resolution pass, much
-    # faster but it can miss (recall measured in benchmarks/audit_planted_copies.py).
+    """Similarity spaces of the gate: any of `pixel_l2`, `ncc`, `shift_flip_ncc`, `rank_thumbnail`,
+    `lowpass_l2`, `warp_ncc`."""
+    shift: int = Field(4, ge=0, le=8)
+    """`shift_flip_ncc`, and `warp_ncc`'s rotated and zoomed queries: translations up to ±shift px."""
+    warp_shift: int = Field(8, ge=0, le=12)
+    """`warp_ncc`: translations up to ±warp_shift px of the unwarped query."""
     shift_candidates: int | None = Field(None, ge=1)
+    """`shift_flip_ncc` and `warp_ncc`: null scores every training image (exact); a number scores only that
+    many candidates per sample from one half-resolution pass (faster; its recall is measured by
+    `benchmarks/audit_planted_copies.py --shift-candidates N`)."""
     threshold: ThresholdRule = ThresholdRule()
+    """Calibration of the gate on held-out real images."""
     action: Literal["drop", "block"] = "drop"
+    """`drop` the suspected copies, or `block` the whole release."""
     block_size: int = Field(1024, ge=1)
-    # pixel-L2 search: torch (blocked matrix products) or faiss (faiss-cpu IndexFlatL2; the
-    # `faiss` extra). Both exact; candidates re-measured in float64 either way.
+    """Rows per block in the exact search."""
     search: Literal["torch", "faiss"] = "torch"
-    neighbours: int = Field(50, ge=2)  # the Carlini ratio's n
+    """Pixel-L2 search: `torch` or `faiss` (faiss-cpu `IndexFlatL2`, extra `[faiss]`); both exact."""
+    neighbours: int = Field(50, ge=2)
+    """n of the Carlini ratio."""
     copying_test: CopyingTestConfig = CopyingTestConfig()
+    """The data-copying test C_T (Meehan et al. 2020)."""
     membership: MembershipConfig = MembershipConfig()
+    """The loss-based membership-inference attack."""
     canary: CanaryConfig = CanaryConfig()
+    """The canary audit (Steinke, Nasr & Jagielski 2023)."""
 
     @field_validator("spaces")
     @classmethod
@@ -385,30 +534,46 @@ class AuditConfig(_Strict):
 
 class OutputsConfig(_Strict):
     formats: list[Literal["hf", "png", "dicom"]] = Field(default_factory=lambda: ["hf"], min_length=1)
+    """Any of `hf` (datasets `save_to_disk`), `png`, `dicom`."""
     destination: Path = Path("runs")
+    """Parent folder of run directories (`--out` overrides)."""
     audit_dir: Path = Path("privacy_audits")
-    # The dataset card's licence (a Hub licence id, e.g. cc-by-4.0, cc0-1.0): the synthetic
-    # images derive from the real ones, so follow the source data's licence.
+    """Parent folder of reports (`--audit-dir` overrides)."""
     license: str = "other"
-    # `synthfactory publish`: also a validation split of this fraction (stratified by class).
+    """The dataset card's licence (a Hub licence id such as `cc-by-4.0`); follow the source data's."""
     validation_fraction: float | None = Field(None, gt=0, lt=1)
+    """`publish` also pushes a class-stratified validation split of this fraction."""
 
 
 class Recipe(_Strict):
     schema_version: Literal[1] = 1
+    """Version of the recipe schema."""
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
+    """Letters, digits, `_.-`; names the run and the report folder."""
     description: str = ""
+    """Free text."""
     modality: Literal["mri", "ct", "us"]
+    """`mri`, `ct` or `us`."""
     data: DataConfig
+    """The private data set."""
     model: ModelConfig = ModelConfig()
+    """A class-conditional diffusers UNet2DModel and its DDPM noise schedule."""
     training: TrainingConfig
+    """Training: DP-SGD when `privacy.enabled`."""
     privacy: PrivacyConfig
+    """The privacy budget and DP-SGD's settings."""
     sampling: SamplingConfig
+    """Generating the synthetic set."""
     pretrain: PretrainConfig | None = None
+    """Public pre-training, without DP, before the private stage."""
     warm_start: WarmStartConfig | None = None
+    """DP warm start from central images (DP-FETA), composed into ε."""
     audit: AuditConfig = AuditConfig()
+    """The memorization audit and the release gate."""
     evaluation: EvaluationConfig = EvaluationConfig()
+    """Utility (TSTR/TRTR) and fidelity."""
     outputs: OutputsConfig = OutputsConfig()
+    """Release formats and where outputs go."""
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
