@@ -182,8 +182,8 @@ MUTATIONS = [
         "train.py",
         (
             (
-                '        start = state["accountant_history"] if state else plan["prior_history"]',
-                '        start = plan["prior_history"]',
+                '    start = saved["accountant_history"] if saved else job.plan["prior_history"]',
+                '    start = job.plan["prior_history"]',
             ),
         ),
         ("tests/test_train.py",),
@@ -194,8 +194,8 @@ MUTATIONS = [
         "train.py",
         (
             (
-                '        start = state["accountant_history"] if state else plan["prior_history"]',
-                '        start = state["accountant_history"] if state else []',
+                '    start = saved["accountant_history"] if saved else job.plan["prior_history"]',
+                '    start = saved["accountant_history"] if saved else []',
             ),
         ),
         ("tests/test_train.py",),
