@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -217,73 +218,108 @@ class StageOptions:
     shard: tuple[int, int] | None = None  # sample: this invocation's shard (i, n)
 
 
+def _data(checked: Checked, run_dir: RunDir, opts: StageOptions) -> None:
+    write_data_stage(run_dir, checked.images)
+
+
+def _pretrain(checked: Checked, run_dir: RunDir, opts: StageOptions) -> None:
+    recipe = checked.recipe
+    if recipe.pretrain is None and recipe.warm_start is None:
+        run_dir.mark_done("pretrain", skipped="the recipe has no pre-training or warm start")
+        return
+    record = pretrain(recipe, checked.images, checked.public, run_dir, progress=opts.progress)
+    run_dir.mark_done("pretrain", kind=record["kind"])
+
+
+def _train(checked: Checked, run_dir: RunDir, opts: StageOptions) -> None:
+    result = train(checked.recipe, checked.images, run_dir, progress=opts.progress)
+    run_dir.mark_done("train", steps=result.steps, epsilon=result.epsilon, seconds=round(result.seconds, 1))
+
+
+def _sample(checked: Checked, run_dir: RunDir, opts: StageOptions) -> None:
+    """The whole sample store, or this invocation's shard (`--shard`, or this torchrun rank's);
+    the process that finds every shard written assembles the store."""
+    recipe = checked.recipe
+    n_classes = len(checked.images.class_names)
+    dist = from_env(resolve_device(recipe.training.device).type)
+    shard = opts.shard or ((dist.rank, dist.world) if dist.enabled else None)
+    if shard is None:
+        samples = generate(recipe, run_dir, n_classes, progress=opts.progress)
+    else:
+        generate(recipe, run_dir, n_classes, progress=opts.progress and dist.main, shard=shard)
+        barrier(dist)
+        samples = merge_shards(recipe, run_dir, n_classes, shard[1]) if dist.main else None
+        if samples is None:
+            log.warning(
+                "sample shard %d/%d written; the sample store is assembled when all are there", *shard
+            )
+            return
+    run_dir.mark_done(
+        "sample",
+        n_samples=int(len(samples.labels)),
+        weights="ema" if uses_ema(run_dir.final_checkpoint) else "last",
+        guidance_scale=recipe.sampling.guidance_scale,
+    )
+
+
+def _audit_models(checked: Checked, run_dir: RunDir, opts: StageOptions) -> None:
+    if not audit_models_wanted(checked.recipe):
+        run_dir.mark_done("audit_models", skipped="the recipe asks for no canary or reference model")
+        return
+    done = train_audit_models(checked.recipe, run_dir, checked.images, progress=opts.progress)
+    run_dir.mark_done("audit_models", **done)
+
+
+def _audit(checked: Checked, run_dir: RunDir, opts: StageOptions) -> None:
+    res = run_audit(checked.recipe, run_dir, checked.images, opts.audit_root)
+    if res is not None:  # None: a torchrun rank other than 0, which writes nothing
+        run_dir.mark_done("audit", decision=res.decision, report=str(res.report_dir))
+
+
+def _audit_report(run_dir: RunDir) -> Path | None:
+    """The audit stage's report folder, as run.json records it."""
+    report = run_dir.info().get("stages", {}).get("audit", {}).get("report")
+    return Path(report) if report else None
+
+
+def _release(checked: Checked, run_dir: RunDir, opts: StageOptions) -> None:
+    folder, info = release(run_dir, list(checked.recipe.outputs.formats), _audit_report(run_dir))
+    run_dir.mark_done("release", folder=str(folder), n_released=info["n_released"])
+
+
+def _evaluate(checked: Checked, run_dir: RunDir, opts: StageOptions) -> None:
+    if not checked.recipe.evaluation.enabled:
+        run_dir.mark_done("evaluate", skipped="evaluation.enabled is false")
+        return
+    res = evaluate(checked.recipe, checked.images, run_dir, _audit_report(run_dir))
+    run_dir.mark_done("evaluate", tstr_over_trtr=res.evaluation["tstr_over_trtr_accuracy"])
+
+
+# Stage name -> the function that runs it and records it in run.json (in STAGES order).
+STAGE_RUNNERS: dict[str, Callable[[Checked, RunDir, StageOptions], None]] = {
+    "data": _data,
+    "pretrain": _pretrain,
+    "train": _train,
+    "sample": _sample,
+    "audit_models": _audit_models,
+    "audit": _audit,
+    "release": _release,
+    "evaluate": _evaluate,
+}
+
+
 def run_stage(stage: str, checked: Checked, run_dir: RunDir, opts: StageOptions) -> None:
     """Run one stage and record it in run.json; later stages are invalidated first."""
-    recipe, images = checked.recipe, checked.images
+    runner = STAGE_RUNNERS.get(stage)
+    if runner is None:
+        raise ValueError(f"unknown stage {stage}")
     if stage in ("pretrain", "train") and run_dir.is_done("train") and training_finished(run_dir):
         raise RecipeError(
             f"{run_dir.root}: training of this run has finished and its DP secret is deleted; "
             "training again on the same private data would spend ε a second time: start a new run"
         )
     run_dir.invalidate_from(stage)
-    if stage == "data":
-        write_data_stage(run_dir, images)
-        return
-    if stage == "pretrain":
-        if recipe.pretrain is None and recipe.warm_start is None:
-            run_dir.mark_done("pretrain", skipped="the recipe has no pre-training or warm start")
-            return
-        record = pretrain(recipe, images, checked.public, run_dir, progress=opts.progress)
-        run_dir.mark_done("pretrain", kind=record["kind"])
-    elif stage == "train":
-        result = train(recipe, images, run_dir, progress=opts.progress)
-        run_dir.mark_done(
-            "train", steps=result.steps, epsilon=result.epsilon, seconds=round(result.seconds, 1)
-        )
-    elif stage == "sample":
-        n_classes = len(images.class_names)
-        d = from_env(resolve_device(recipe.training.device).type)
-        shard = opts.shard or ((d.rank, d.world) if d.enabled else None)
-        if shard is None:
-            samples = generate(recipe, run_dir, n_classes, progress=opts.progress)
-        else:
-            generate(recipe, run_dir, n_classes, progress=opts.progress and d.main, shard=shard)
-            barrier(d)
-            samples = merge_shards(recipe, run_dir, n_classes, shard[1]) if d.main else None
-            if samples is None:
-                log.warning(
-                    "sample shard %d/%d written; the sample store is assembled when all are there", *shard
-                )
-                return
-        run_dir.mark_done(
-            "sample",
-            n_samples=int(len(samples.labels)),
-            weights="ema" if uses_ema(run_dir.final_checkpoint) else "last",
-            guidance_scale=recipe.sampling.guidance_scale,
-        )
-    elif stage == "audit_models":
-        if not audit_models_wanted(recipe):
-            run_dir.mark_done("audit_models", skipped="the recipe asks for no canary or reference model")
-            return
-        done = train_audit_models(recipe, run_dir, images, progress=opts.progress)
-        run_dir.mark_done("audit_models", **done)
-    elif stage == "audit":
-        res = run_audit(recipe, run_dir, images, opts.audit_root)
-        if res is not None:  # None: a torchrun rank other than 0, which writes nothing
-            run_dir.mark_done("audit", decision=res.decision, report=str(res.report_dir))
-    elif stage == "release":
-        report = run_dir.info().get("stages", {}).get("audit", {}).get("report")
-        folder, info = release(run_dir, list(recipe.outputs.formats), Path(report) if report else None)
-        run_dir.mark_done("release", folder=str(folder), n_released=info["n_released"])
-    elif stage == "evaluate":
-        if not recipe.evaluation.enabled:
-            run_dir.mark_done("evaluate", skipped="evaluation.enabled is false")
-            return
-        report = run_dir.info().get("stages", {}).get("audit", {}).get("report")
-        res = evaluate(recipe, images, run_dir, Path(report) if report else None)
-        run_dir.mark_done("evaluate", tstr_over_trtr=res.evaluation["tstr_over_trtr_accuracy"])
-    else:
-        raise ValueError(f"unknown stage {stage}")
+    runner(checked, run_dir, opts)
 
 
 def run_remaining(checked: Checked, run_dir: RunDir, opts: StageOptions) -> None:
