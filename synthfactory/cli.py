@@ -66,43 +66,10 @@ def _print_summary(run_path: Path) -> None:
     echo = typer.echo
     echo("")
     echo(f"run        {s['run_dir']}")
-    p = s.get("privacy")
-    if p:
-        if p["private"]:
-            other = ", ".join(f"{k} {v:.3f}" for k, v in p["epsilon_other_accountant"].items())
-            echo(
-                f"privacy    ε = {p['epsilon']:.3f} spent of target {p['target_epsilon']:g} at δ = {p['delta']:g} "
-                f"({p['accountant']}; {other}); σ = {p['noise_multiplier']:.4f}, q = {p['sample_rate']:.4g}, "
-                f"{p['steps_taken']} steps, C = {p['max_grad_norm']:g}"
-            )
-        else:
-            typer.secho(f"privacy    {p.get('warning', 'NOT PRIVATE')}", fg=typer.colors.RED)
-    a = s.get("audit")
-    if a:
-        echo(
-            f"audit      {a['n_samples']} generated, {a['n_flagged']} suspected copies in "
-            f"{len(a['spaces'])} spaces (gate false alarms ≤ {a['false_alarm_percent']:g} % of held-out), "
-            f"{a['n_dropped']} dropped, {a['n_released']} released; decision: {a['decision']}"
-        )
-        extra = []
-        if a.get("c_t") is not None:
-            extra.append(f"data-copying C_T {a['c_t']:.2f}")
-        if a.get("mia_auc") is not None:
-            extra.append(f"membership-inference AUC {a['mia_auc']:.3f}")
-        if a.get("mia_auc_nonprivate") is not None:
-            extra.append(f"(non-private reference {a['mia_auc_nonprivate']:.3f})")
-        if a.get("canary_epsilon_lower_bound") is not None:
-            extra.append(
-                f"canary audit: empirical ε ≥ {a['canary_epsilon_lower_bound']:.3f} "
-                f"(accountant ε {a['canary_accountant_epsilon']:.3f})"
-            )
-        if a.get("heldout_near_duplicates"):
-            extra.append(
-                f"{a['heldout_near_duplicates']} held-out near-copies of training images (split leaks)"
-            )
-        if extra:
-            echo(f"           {'; '.join(extra)}")
-        echo(f"report     {Path(s['report']) / 'audit-summary.md'} (internal: internal/audit.html)")
+    if s.get("privacy"):
+        _print_privacy(s["privacy"])
+    if s.get("audit"):
+        _print_audit(s["audit"], s["report"])
     if s.get("release"):
         echo(f"dataset    {Path(s['release']) / 'dataset'}   (datasets.load_from_disk)")
         echo(f"release    {s['release']}")
@@ -113,6 +80,53 @@ def _print_summary(run_path: Path) -> None:
             f"above chance {'n/a' if e.get('above_chance') is None else format(e['above_chance'], '.2f')}); "
             f"Fréchet distance {e['fd']:.2f} (real vs real {e['fd_real']:.2f})"
         )
+
+
+def _print_privacy(p: dict) -> None:
+    """ε spent and how, or the NOT PRIVATE warning in red."""
+    if not p["private"]:
+        typer.secho(f"privacy    {p.get('warning', 'NOT PRIVATE')}", fg=typer.colors.RED)
+        return
+    other = ", ".join(f"{k} {v:.3f}" for k, v in p["epsilon_other_accountant"].items())
+    typer.echo(
+        f"privacy    ε = {p['epsilon']:.3f} spent of target {p['target_epsilon']:g} at δ = {p['delta']:g} "
+        f"({p['accountant']}; {other}); σ = {p['noise_multiplier']:.4f}, q = {p['sample_rate']:.4g}, "
+        f"{p['steps_taken']} steps, C = {p['max_grad_norm']:g}"
+    )
+
+
+def _print_audit(a: dict, report: str) -> None:
+    """The audit's counts and decision, the attacks' figures it has, and where its report is."""
+    typer.echo(
+        f"audit      {a['n_samples']} generated, {a['n_flagged']} suspected copies in "
+        f"{len(a['spaces'])} spaces (gate false alarms ≤ {a['false_alarm_percent']:g} % of held-out), "
+        f"{a['n_dropped']} dropped, {a['n_released']} released; decision: {a['decision']}"
+    )
+    attacks = _audit_attack_figures(a)
+    if attacks:
+        typer.echo(f"           {'; '.join(attacks)}")
+    typer.echo(f"report     {Path(report) / 'audit-summary.md'} (internal: internal/audit.html)")
+
+
+def _audit_attack_figures(a: dict) -> list[str]:
+    """Data-copying C_T, membership-inference AUCs, the canary bound and held-out leaks, where present."""
+    figures = []
+    if a.get("c_t") is not None:
+        figures.append(f"data-copying C_T {a['c_t']:.2f}")
+    if a.get("mia_auc") is not None:
+        figures.append(f"membership-inference AUC {a['mia_auc']:.3f}")
+    if a.get("mia_auc_nonprivate") is not None:
+        figures.append(f"(non-private reference {a['mia_auc_nonprivate']:.3f})")
+    if a.get("canary_epsilon_lower_bound") is not None:
+        figures.append(
+            f"canary audit: empirical ε ≥ {a['canary_epsilon_lower_bound']:.3f} "
+            f"(accountant ε {a['canary_accountant_epsilon']:.3f})"
+        )
+    if a.get("heldout_near_duplicates"):
+        figures.append(
+            f"{a['heldout_near_duplicates']} held-out near-copies of training images (split leaks)"
+        )
+    return figures
 
 
 @app.callback()
