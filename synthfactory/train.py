@@ -88,36 +88,38 @@ def dp_step(
     labels: torch.Tensor,
     generator: torch.Generator,
     settings: StepSettings | None = None,
-    part: Dist | None = None,
+    dist: Dist | None = None,
 ) -> float:
     """One DP-SGD step on one Poisson batch (possibly empty): per chunk of examples, per-example
     gradients over k rows, clipped and summed; noise once at the end. Returns the mean loss.
 
-    Distributed (`part`): every rank gets the whole logical batch and draws its rows with the
+    Distributed (`dist`): every rank gets the whole logical batch and draws its rows with the
     same generator, then works on its contiguous share of the examples; the optimizer adds the
     noise on rank 0 and sums over ranks. An empty share still takes its (collective) step."""
-    s = settings or StepSettings()
+    settings = settings or StepSettings()
     opt = private.optimizer
     opt.zero_grad(set_to_none=True)
     n = len(x0)
     if n == 0:
         private.empty_step()
         return float("nan")
-    drawn = draw_rows(x0, labels, scheduler, s.draws, generator)
-    start, stop = part.share(n) if part is not None else (0, n)
+    drawn = draw_rows(x0, labels, scheduler, settings.draws, generator)
+    start, stop = dist.share(n) if dist is not None else (0, n)
     total = 0.0
-    chunks = _chunks(stop - start, s.max_physical)
+    chunks = _chunks(stop - start, settings.max_physical)
     if not chunks:
         private.empty_step()
     for j, (a, b) in enumerate(chunks):
-        rows = tuple(r.to(s.device) for r in drawn.rows(x0, scheduler, start + a, start + b, s.draws.k))
-        total += private.per_example_backward(s.row_loss, rows, b - a, s.draws.k) * (b - a)
+        rows = tuple(
+            r.to(settings.device) for r in drawn.rows(x0, scheduler, start + a, start + b, settings.draws.k)
+        )
+        total += private.per_example_backward(settings.row_loss, rows, b - a, settings.draws.k) * (b - a)
         last = j == len(chunks) - 1
         opt.signal_skip_step(do_skip=not last)  # accumulate clipped sums; noise only at the end
         opt.step()
         if not last:
             opt.zero_grad(set_to_none=True)  # keeps the accumulated clipped sum
-    return sum_over_ranks(total, part) / n if part is not None else total / n
+    return sum_over_ranks(total, dist) / n if dist is not None else total / n
 
 
 def plain_step(
@@ -227,9 +229,9 @@ def prior_history(run_dir: RunDir) -> list:
     weights the pre-training stage loaded, then the warm start's query; else none."""
     path = run_dir.pretrained / "pretrain.json"
     rec = read_json(path) if path.exists() else {}
-    parts = [(rec.get("composed_with") or {}).get("accountant_history", []),
-             (rec.get("warm_start") or {}).get("accountant_history", [])]  # fmt: skip
-    return [tuple(h) for part in parts for h in part]
+    histories = [(rec.get("composed_with") or {}).get("accountant_history", []),
+                 (rec.get("warm_start") or {}).get("accountant_history", [])]  # fmt: skip
+    return [tuple(entry) for history in histories for entry in history]
 
 
 def recipe_prior(recipe: Recipe, composed: list | None) -> list:
@@ -581,29 +583,29 @@ def _finished_result(recipe: Recipe, images: ImageSet, run_dir: RunDir) -> Train
     )
 
 
-def read_train_state(run_dir: RunDir, recipe: Recipe, images: ImageSet, device: torch.device, d: Dist):
+def read_train_state(run_dir: RunDir, recipe: Recipe, images: ImageSet, device: torch.device, dist: Dist):
     """The state to resume from, or None. Rank 0 reads checkpoints/train_state.pt and broadcasts
     it: another rank may have no copy (a node's own disk) or a stale one, and a rank that went
     on with its own seed would draw other Poisson batches. A rank holding a copy that disagrees
     with rank 0's (step, DP seed) stops every rank."""
     path = run_dir.train_state
-    own = torch.load(path, weights_only=True, map_location="cpu") if path.exists() else None
-    state = broadcast_object(own, d)
+    own_copy = torch.load(path, weights_only=True, map_location="cpu") if path.exists() else None
+    saved = broadcast_object(own_copy, dist)
 
-    def key(s: dict | None):
-        return None if s is None else (s["step"], s["dp_seed"])
+    def step_and_seed(state: dict | None):
+        return None if state is None else (state["step"], state["dp_seed"])
 
-    if any_over_ranks(own is not None and key(own) != key(state), d):
+    if any_over_ranks(own_copy is not None and step_and_seed(own_copy) != step_and_seed(saved), dist):
         raise RuntimeError(
             f"{path}: a rank's copy disagrees with rank 0's (step, DP seed); resume where every "
             "rank sees rank 0's file, or remove the stale copies"
         )
-    if state is None:
+    if saved is None:
         return None
-    _check_same_run(path, state["recipe_sha256"], state["manifest_sha256"], recipe, images)
-    if state["device"] != device.type:
-        raise RuntimeError(f"{path} was written on {state['device']}; resume it there")
-    return state
+    _check_same_run(path, saved["recipe_sha256"], saved["manifest_sha256"], recipe, images)
+    if saved["device"] != device.type:
+        raise RuntimeError(f"{path} was written on {saved['device']}; resume it there")
+    return saved
 
 
 def restore_ema(ema: EMAModel, saved: dict, device: torch.device) -> None:
@@ -617,14 +619,14 @@ def log_line(step: int, batch: int, loss: float) -> str:
     return json.dumps({"step": step, "batch": batch, "loss": loss if batch else None}, allow_nan=False)
 
 
-def dp_randomness(recipe: Recipe, state: dict | None, d: Dist) -> tuple[int, str]:
+def dp_randomness(recipe: Recipe, saved: dict | None, dist: Dist) -> tuple[int, str]:
     """The seed of the DP noise and Poisson sampling, and where it came from: the checkpoint's
     when resuming, else a secret from the OS drawn by rank 0 (or the recipe's, tests only)."""
-    if state:
-        return state["dp_seed"], state["dp_seed_source"]
+    if saved:
+        return saved["dp_seed"], saved["dp_seed_source"]
     if recipe.privacy.noise_seed is not None:
         return recipe.privacy.noise_seed, "seeded from the recipe (privacy.noise_seed): the noise is known"
-    secret = broadcast_int(secrets.randbits(62), d)  # rank 0's, shared by all ranks
+    secret = broadcast_int(secrets.randbits(62), dist)  # rank 0's, shared by all ranks
     return secret, "secret seed from the OS, kept in the resumable state until training ends, then deleted"
 
 
@@ -853,9 +855,9 @@ def _one_step(job: _Job, state: TrainState, batches) -> tuple[int, float]:
     """One step on the next batch (Poisson under DP-SGD), then the EMA. Returns (batch size, loss)."""
     if state.private is not None:
         idx = torch.as_tensor(next(batches), dtype=torch.long)  # the whole logical batch
-        part = job.dist if job.dist.enabled else None
+        dist = job.dist if job.dist.enabled else None
         x0, labels = job.x_all[idx], job.y_all[idx]
-        loss = dp_step(state.private, job.scheduler, x0, labels, state.train_gen, job.settings, part)
+        loss = dp_step(state.private, job.scheduler, x0, labels, state.train_gen, job.settings, dist)
     else:
         n_train, batch = len(job.y_all), job.recipe.training.expected_batch_size
         idx = torch.randperm(n_train, generator=state.train_gen)[:batch]
