@@ -27,9 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_one(args: argparse.Namespace) -> dict:
     from synthfactory.model import build_noise_scheduler, build_unet, count_parameters
+    from synthfactory.objective import Draws, make_row_loss
     from synthfactory.privacy import make_conv_inputs_contiguous, make_private
     from synthfactory.recipe import load_recipe
-    from synthfactory.train import Draws, StepSettings, dp_step, make_row_loss, plain_step
+    from synthfactory.train import StepSettings, dp_step, plain_step
 
     torch.manual_seed(0)
     recipe = load_recipe(args.recipe)
@@ -100,7 +101,7 @@ def ghost_step_fn(model, opt, scheduler, x0, y, gen, settings, make_contiguous):
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    from synthfactory.train import draw_rows
+    from synthfactory.objective import draw_rows
 
     class PerSampleMSE(torch.nn.Module):
         reduction = "mean"

@@ -62,57 +62,74 @@ def _print_summary(run_path: Path) -> None:
         return
     from .rundir import RunDir
 
-    s = summary(RunDir(run_path))
+    found = summary(RunDir(run_path))
     echo = typer.echo
     echo("")
-    echo(f"run        {s['run_dir']}")
-    p = s.get("privacy")
-    if p:
-        if p["private"]:
-            other = ", ".join(f"{k} {v:.3f}" for k, v in p["epsilon_other_accountant"].items())
-            echo(
-                f"privacy    ε = {p['epsilon']:.3f} spent of target {p['target_epsilon']:g} at δ = {p['delta']:g} "
-                f"({p['accountant']}; {other}); σ = {p['noise_multiplier']:.4f}, q = {p['sample_rate']:.4g}, "
-                f"{p['steps_taken']} steps, C = {p['max_grad_norm']:g}"
-            )
-        else:
-            typer.secho(f"privacy    {p.get('warning', 'NOT PRIVATE')}", fg=typer.colors.RED)
-    a = s.get("audit")
-    if a:
+    echo(f"run        {found['run_dir']}")
+    if found.get("privacy"):
+        _print_privacy(found["privacy"])
+    if found.get("audit"):
+        _print_audit(found["audit"], found["report"])
+    if found.get("release"):
+        echo(f"dataset    {Path(found['release']) / 'dataset'}   (datasets.load_from_disk)")
+        echo(f"release    {found['release']}")
+    ev = found.get("evaluation")
+    if ev:
         echo(
-            f"audit      {a['n_samples']} generated, {a['n_flagged']} suspected copies in "
-            f"{len(a['spaces'])} spaces (gate false alarms ≤ {a['false_alarm_percent']:g} % of held-out), "
-            f"{a['n_dropped']} dropped, {a['n_released']} released; decision: {a['decision']}"
+            f"utility    TSTR {ev['tstr']:.3f} / TRTR {ev['trtr']:.3f} = {ev['ratio']:.2f} "
+            f"(chance {ev['chance']:.3f}; "
+            f"above chance {'n/a' if ev.get('above_chance') is None else format(ev['above_chance'], '.2f')}); "
+            f"Fréchet distance {ev['fd']:.2f} (real vs real {ev['fd_real']:.2f})"
         )
-        extra = []
-        if a.get("c_t") is not None:
-            extra.append(f"data-copying C_T {a['c_t']:.2f}")
-        if a.get("mia_auc") is not None:
-            extra.append(f"membership-inference AUC {a['mia_auc']:.3f}")
-        if a.get("mia_auc_nonprivate") is not None:
-            extra.append(f"(non-private reference {a['mia_auc_nonprivate']:.3f})")
-        if a.get("canary_epsilon_lower_bound") is not None:
-            extra.append(
-                f"canary audit: empirical ε ≥ {a['canary_epsilon_lower_bound']:.3f} "
-                f"(accountant ε {a['canary_accountant_epsilon']:.3f})"
-            )
-        if a.get("heldout_near_duplicates"):
-            extra.append(
-                f"{a['heldout_near_duplicates']} held-out near-copies of training images (split leaks)"
-            )
-        if extra:
-            echo(f"           {'; '.join(extra)}")
-        echo(f"report     {Path(s['report']) / 'audit-summary.md'} (internal: internal/audit.html)")
-    if s.get("release"):
-        echo(f"dataset    {Path(s['release']) / 'dataset'}   (datasets.load_from_disk)")
-        echo(f"release    {s['release']}")
-    e = s.get("evaluation")
-    if e:
-        echo(
-            f"utility    TSTR {e['tstr']:.3f} / TRTR {e['trtr']:.3f} = {e['ratio']:.2f} (chance {e['chance']:.3f}; "
-            f"above chance {'n/a' if e.get('above_chance') is None else format(e['above_chance'], '.2f')}); "
-            f"Fréchet distance {e['fd']:.2f} (real vs real {e['fd_real']:.2f})"
+
+
+def _print_privacy(privacy: dict) -> None:
+    """ε spent and how, or the NOT PRIVATE warning in red."""
+    if not privacy["private"]:
+        typer.secho(f"privacy    {privacy.get('warning', 'NOT PRIVATE')}", fg=typer.colors.RED)
+        return
+    other = ", ".join(f"{k} {v:.3f}" for k, v in privacy["epsilon_other_accountant"].items())
+    typer.echo(
+        f"privacy    ε = {privacy['epsilon']:.3f} spent of target {privacy['target_epsilon']:g} "
+        f"at δ = {privacy['delta']:g} ({privacy['accountant']}; {other}); "
+        f"σ = {privacy['noise_multiplier']:.4f}, q = {privacy['sample_rate']:.4g}, "
+        f"{privacy['steps_taken']} steps, C = {privacy['max_grad_norm']:g}"
+    )
+
+
+def _print_audit(audit: dict, report: str) -> None:
+    """The audit's counts and decision, the attacks' figures it has, and where its report is."""
+    typer.echo(
+        f"audit      {audit['n_samples']} generated, {audit['n_flagged']} suspected copies in "
+        f"{len(audit['spaces'])} spaces "
+        f"(gate false alarms ≤ {audit['false_alarm_percent']:g} % of held-out), "
+        f"{audit['n_dropped']} dropped, {audit['n_released']} released; decision: {audit['decision']}"
+    )
+    attacks = _audit_attack_figures(audit)
+    if attacks:
+        typer.echo(f"           {'; '.join(attacks)}")
+    typer.echo(f"report     {Path(report) / 'audit-summary.md'} (internal: internal/audit.html)")
+
+
+def _audit_attack_figures(audit: dict) -> list[str]:
+    """Data-copying C_T, membership-inference AUCs, the canary bound and held-out leaks, where present."""
+    figures = []
+    if audit.get("c_t") is not None:
+        figures.append(f"data-copying C_T {audit['c_t']:.2f}")
+    if audit.get("mia_auc") is not None:
+        figures.append(f"membership-inference AUC {audit['mia_auc']:.3f}")
+    if audit.get("mia_auc_nonprivate") is not None:
+        figures.append(f"(non-private reference {audit['mia_auc_nonprivate']:.3f})")
+    if audit.get("canary_epsilon_lower_bound") is not None:
+        figures.append(
+            f"canary audit: empirical ε ≥ {audit['canary_epsilon_lower_bound']:.3f} "
+            f"(accountant ε {audit['canary_accountant_epsilon']:.3f})"
         )
+    if audit.get("heldout_near_duplicates"):
+        figures.append(
+            f"{audit['heldout_near_duplicates']} held-out near-copies of training images (split leaks)"
+        )
+    return figures
 
 
 @app.callback()
@@ -291,7 +308,7 @@ def sample(
     quiet: Quiet = False,
 ) -> None:
     """Generate the synthetic samples of a run (under torchrun: one shard per rank)."""
-    part = None
+    shard_of_n = None
     if shard is not None:
         try:
             i, n = (int(x) for x in shard.split("/"))
@@ -299,10 +316,14 @@ def sample(
             i, n = -1, 0
         if not 0 <= i < n:
             _fail(2, f"error: --shard {shard!r}: expected i/n with 0 <= i < n, e.g. 0/4")
-        part = (i, n)
+        shard_of_n = (i, n)
     checked, rd = _guard(open_run, run_dir)
     _guard(
-        run_stage, "sample", checked, rd, StageOptions(progress=not quiet, audit_root=audit_dir, shard=part)
+        run_stage,
+        "sample",
+        checked,
+        rd,
+        StageOptions(progress=not quiet, audit_root=audit_dir, shard=shard_of_n),
     )
     if rd.is_done("sample"):
         _print_summary(rd.root)

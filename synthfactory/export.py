@@ -118,15 +118,15 @@ def hf_features(class_names: list[str]):
     )
 
 
-def released_rows(rs: ReleasedSet):
+def released_rows(released: ReleasedSet):
     """One dataset row per released image, made when asked for (nothing is held twice)."""
-    for i in range(len(rs.labels)):
+    for i in range(len(released.labels)):
         yield {
-            "image": Image.fromarray(rs.image(i), mode="L"),
-            "label": int(rs.labels[i]),
-            "run_id": rs.run_id,
-            "sample_seed": int(rs.seeds[i]),
-            "sample_index": int(rs.sample_index[i]),
+            "image": Image.fromarray(released.image(i), mode="L"),
+            "label": int(released.labels[i]),
+            "run_id": released.run_id,
+            "sample_seed": int(released.seeds[i]),
+            "sample_index": int(released.sample_index[i]),
         }
 
 
@@ -206,37 +206,39 @@ def write_rows(rows, features, folder: Path, max_shard_size: str = "200MB", batc
     return n_rows
 
 
-def write_hf(rs: ReleasedSet, folder: Path) -> None:
+def write_hf(released: ReleasedSet, folder: Path) -> None:
     """A `datasets.DatasetDict` with a train split in save_to_disk's layout, streamed (`write_rows`)."""
-    write_rows(released_rows(rs), hf_features(rs.class_names), folder)
+    write_rows(released_rows(released), hf_features(released.class_names), folder)
 
 
-def write_png(rs: ReleasedSet, folder: Path) -> None:
+def write_png(released: ReleasedSet, folder: Path) -> None:
     """png/<class>/<sample index>.png, 8-bit grayscale."""
-    for name in rs.class_names:
+    for name in released.class_names:
         (folder / "png" / name).mkdir(parents=True, exist_ok=True)
-    for k, (label, idx) in enumerate(zip(rs.labels, rs.sample_index, strict=True)):
-        Image.fromarray(rs.image(k), mode="L").save(folder / "png" / rs.class_names[label] / f"{idx:06d}.png")
+    for k, (label, idx) in enumerate(zip(released.labels, released.sample_index, strict=True)):
+        Image.fromarray(released.image(k), mode="L").save(
+            folder / "png" / released.class_names[label] / f"{idx:06d}.png"
+        )
 
 
-def write_grid(rs: ReleasedSet, path: Path, per_class: int = 10) -> None:
+def write_grid(released: ReleasedSet, path: Path, per_class: int = 10) -> None:
     """A figure of released samples, one row per class (synthetic images only, all audited)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n_rows = len(rs.class_names)
+    n_rows = len(released.class_names)
     fig, axes = plt.subplots(
         n_rows, per_class, figsize=(0.9 * per_class + 1.6, 0.95 * n_rows + 0.3), dpi=110, squeeze=False
     )
-    for r, name in enumerate(rs.class_names):
-        picks = np.flatnonzero(rs.labels == r)[:per_class]
+    for r, name in enumerate(released.class_names):
+        picks = np.flatnonzero(released.labels == r)[:per_class]
         for c in range(per_class):
             ax = axes[r, c]
             ax.axis("off")
             if c < len(picks):
-                ax.imshow(rs.image(picks[c]), cmap="gray", vmin=0, vmax=255)
+                ax.imshow(released.image(picks[c]), cmap="gray", vmin=0, vmax=255)
         axes[r, 0].text(-0.15, 0.5, name, transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=7)
     fig.suptitle("synthetic samples that passed the memorization audit", fontsize=8)
     fig.subplots_adjust(
@@ -246,11 +248,11 @@ def write_grid(rs: ReleasedSet, path: Path, per_class: int = 10) -> None:
     plt.close(fig)
 
 
-def write_dicom(rs: ReleasedSet, folder: Path) -> None:
+def write_dicom(released: ReleasedSet, folder: Path) -> None:
     """dicom/<class>/<sample index>.dcm: Secondary Capture, marked synthetic (dicom_export)."""
     from .dicom_export import write_dicom_files
 
-    write_dicom_files(rs, folder)
+    write_dicom_files(released, folder)
 
 
 WRITERS: dict[str, Callable[[ReleasedSet, Path], None]] = {
@@ -264,41 +266,43 @@ def release(run_dir: RunDir, formats: list[str], report_dir: Path | None = None)
     """Write the audited samples in each format, and a per-class grid of them (also into the
     audit report folder); returns the release folder and release.json. A run without the DP
     guarantee goes to release-NOT-PRIVATE/."""
-    rs, audit = audited_set(run_dir)
+    released, audit = audited_set(run_dir)
     privacy = read_json(run_dir.privacy)
-    final = run_dir.release_dir(rs.private)
+    final = run_dir.release_dir(released.private)
     tmp = atomic_path(final)
     tmp.mkdir(parents=True)
     try:
         for fmt in formats:
-            WRITERS[fmt](rs, tmp)
-        write_grid(rs, tmp / "sample_grid.png")
+            WRITERS[fmt](released, tmp)
+        write_grid(released, tmp / "sample_grid.png")
         if report_dir is not None and report_dir.is_dir():
             shutil.copy(tmp / "sample_grid.png", report_dir / "sample_grid.png")
-        s = audit["summary"]
+        counts = audit["summary"]
         info = {
             "synthfactory_version": __version__,
             "run_id": run_dir.run_id,
-            "private": rs.private,
+            "private": released.private,
             "recipe_sha256": audit["recipe_sha256"],
             "privacy": audit["privacy"],
             "covered_by_epsilon": privacy.get("covered_by_epsilon", []),
             "not_covered_by_epsilon": privacy.get("not_covered_by_epsilon", []),
-            "columns": list(hf_features(rs.class_names)),
+            "columns": list(hf_features(released.class_names)),
             "audit": {
                 "schema": audit["schema"],
                 "decision": audit["decision"],
                 "spaces": list(audit["spaces"]),
                 "false_alarm_percent": audit["calibration"]["false_alarm_target_percent"],
-                **{k: s[k] for k in ("n_samples", "n_flagged", "n_dropped", "n_released")},
+                **{k: counts[k] for k in ("n_samples", "n_flagged", "n_dropped", "n_released")},
                 "privacy_of_these_figures": "computed from the private images: not covered by ε",
             },
-            "class_names": rs.class_names,
-            "class_counts": {n: int((rs.labels == i).sum()) for i, n in enumerate(rs.class_names)},
+            "class_names": released.class_names,
+            "class_counts": {
+                n: int((released.labels == i).sum()) for i, n in enumerate(released.class_names)
+            },
             "formats": formats,
-            "n_released": int(len(rs.labels)),
+            "n_released": int(len(released.labels)),
         }
-        if not rs.private:
+        if not released.private:
             info["warning"] = privacy.get("warning", "NOT PRIVATE")
         write_json_atomic(tmp / "release.json", info)
         if final.exists():

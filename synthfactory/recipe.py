@@ -745,6 +745,20 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None, smoke
     """Read and validate a recipe (with `--set` overrides and the smoke variant applied);
     input paths come back absolute and checked to exist."""
     path = Path(path)
+    raw = _read_mapping(path)
+    if smoke:
+        raw = apply_overrides(raw, smoke_overrides(raw))
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(_format_errors(path, e)) from None
+    return _with_input_paths_resolved(recipe, path)
+
+
+def _read_mapping(path: Path) -> dict:
+    """The recipe file's YAML, which must be a mapping of fields."""
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file")
     try:
@@ -755,51 +769,59 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None, smoke
         raise RecipeError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: <top level>: a recipe is a YAML mapping of fields")
-    if smoke:
-        raw = apply_overrides(raw, smoke_overrides(raw))
-    if overrides:
-        raw = apply_overrides(raw, overrides)
-    try:
-        recipe = Recipe.model_validate(raw)
-    except ValidationError as e:
-        raise RecipeError(_format_errors(path, e)) from None
+    return raw
 
+
+def _with_input_paths_resolved(recipe: Recipe, path: Path) -> Recipe:
+    """The recipe with its input paths (data, pretrain.data, pretrain.checkpoint) made absolute
+    against the recipe's folder and checked to exist."""
     base = path.resolve().parent
-
-    def resolved(p: Path | None, field: str) -> Path | None:
-        try:
-            p = _resolve(base, p)
-            exists = p is None or p.exists()
-        except (ValueError, OSError) as e:  # a NUL byte, a name too long, ...
-            raise RecipeError(f"{path}: {field}: not a usable path ({e})") from None
-        if not exists:
-            raise RecipeError(f"{path}: {field}: no such file or folder: {p}")
-        return p
-
-    def resolved_data(data: DataConfig, prefix: str) -> DataConfig:
-        paths = {k: resolved(getattr(data, k), f"{prefix}.{k}") for k in ("path", "labels_csv")}
-        return data.model_copy(update=paths)
-
-    update: dict[str, Any] = {"data": resolved_data(recipe.data, "data")}
-    if recipe.pretrain is not None:
-        pre = recipe.pretrain
+    update: dict[str, Any] = {"data": _existing_data_paths(recipe.data, "data", path, base)}
+    pre = recipe.pretrain
+    if pre is not None:
         pre_update: dict[str, Any] = {}
         if pre.data is not None:
-            pre_update["data"] = resolved_data(pre.data, "pretrain.data")
+            pre_update["data"] = _existing_data_paths(pre.data, "pretrain.data", path, base)
         if pre.checkpoint is not None:
-            ckpt = resolved(pre.checkpoint, "pretrain.checkpoint")
-            if not (ckpt / "config.json").is_file():
-                raise RecipeError(
-                    f"{path}: pretrain.checkpoint: {ckpt} is not a diffusers model folder (no config.json)"
-                )
-            if not any(ckpt.glob("diffusion_pytorch_model*.safetensors")):
-                raise RecipeError(
-                    f"{path}: pretrain.checkpoint: {ckpt} has no safetensors weights "
-                    "(diffusion_pytorch_model.safetensors); other formats are not loaded"
-                )
-            pre_update["checkpoint"] = ckpt
+            pre_update["checkpoint"] = _checked_checkpoint(
+                _existing_path(pre.checkpoint, "pretrain.checkpoint", path, base), path
+            )
         update["pretrain"] = pre.model_copy(update=pre_update)
     return recipe.model_copy(update=update)
+
+
+def _existing_path(p: Path | None, field: str, recipe_path: Path, base: Path) -> Path | None:
+    """`p` made absolute against `base` (the recipe's folder); RecipeError unless it exists."""
+    try:
+        p = _resolve(base, p)
+        exists = p is None or p.exists()
+    except (ValueError, OSError) as e:  # a NUL byte, a name too long, ...
+        raise RecipeError(f"{recipe_path}: {field}: not a usable path ({e})") from None
+    if not exists:
+        raise RecipeError(f"{recipe_path}: {field}: no such file or folder: {p}")
+    return p
+
+
+def _existing_data_paths(data: DataConfig, prefix: str, recipe_path: Path, base: Path) -> DataConfig:
+    paths = {
+        k: _existing_path(getattr(data, k), f"{prefix}.{k}", recipe_path, base)
+        for k in ("path", "labels_csv")
+    }
+    return data.model_copy(update=paths)
+
+
+def _checked_checkpoint(ckpt: Path, recipe_path: Path) -> Path:
+    """pretrain.checkpoint must be a diffusers model folder with safetensors weights."""
+    if not (ckpt / "config.json").is_file():
+        raise RecipeError(
+            f"{recipe_path}: pretrain.checkpoint: {ckpt} is not a diffusers model folder (no config.json)"
+        )
+    if not any(ckpt.glob("diffusion_pytorch_model*.safetensors")):
+        raise RecipeError(
+            f"{recipe_path}: pretrain.checkpoint: {ckpt} has no safetensors weights "
+            "(diffusion_pytorch_model.safetensors); other formats are not loaded"
+        )
+    return ckpt
 
 
 def check_against_data(recipe: Recipe, recipe_path: str | Path, n_train: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,8 +18,7 @@ import yaml
 
 from . import __version__
 from .audit import near_copies, run_audit
-from .audit.models import train_audit_models
-from .audit.models import wanted as audit_models_wanted
+from .audit.models import train_audit_models, wants_audit_models
 from .data import DataError, ImageSet, load_images
 from .distributed import barrier, from_env
 from .evaluate import evaluate
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Checked:
+class CheckedRecipe:
     """A recipe that validated against its data: the private images, the public pre-training
     images (if any) and the training plan."""
 
@@ -93,7 +93,7 @@ def _checkpoint_use(recipe: Recipe, recipe_path: str | Path, images: ImageSet) -
         raise RecipeError(f"{recipe_path}: pretrain.checkpoint: {e}") from None
 
 
-def check(recipe_path: str | Path, overrides: dict | None = None, smoke: bool = False) -> Checked:
+def check(recipe_path: str | Path, overrides: dict | None = None, smoke: bool = False) -> CheckedRecipe:
     """Validate a recipe (with overrides, or its smoke variant) and its data without writing
     anything. Raises RecipeError."""
     recipe = load_recipe(recipe_path, overrides, smoke)
@@ -125,7 +125,7 @@ def check(recipe_path: str | Path, overrides: dict | None = None, smoke: bool = 
         resolve_device(recipe.training.device)
     except ValueError as e:
         raise RecipeError(f"{recipe_path}: {e}") from None
-    return Checked(recipe, images, plan, public)
+    return CheckedRecipe(recipe, images, plan, public)
 
 
 def _versions() -> dict:
@@ -170,7 +170,7 @@ def write_data_stage(run_dir: RunDir, images: ImageSet) -> None:
     run_dir.mark_done("data", manifest_sha256=images.manifest_sha256(), skipped=len(images.skipped))
 
 
-def create_run(checked: Checked, destination: Path | None = None) -> RunDir:
+def create_run(checked: CheckedRecipe, destination: Path | None = None) -> RunDir:
     """Make runs/<run id>/ with the recipe, run.json and the data stage's outputs."""
     recipe = checked.recipe
     root = Path(destination or recipe.outputs.destination) / new_run_id(recipe.name, recipe.private)
@@ -193,7 +193,7 @@ def create_run(checked: Checked, destination: Path | None = None) -> RunDir:
     return run_dir
 
 
-def open_run(path: str | Path) -> tuple[Checked, RunDir]:
+def open_run(path: str | Path) -> tuple[CheckedRecipe, RunDir]:
     """Reload a run's recipe and data, and check the data is what the run started from."""
     run_dir = RunDir(Path(path))
     if not run_dir.run_json.exists():
@@ -207,7 +207,7 @@ def open_run(path: str | Path) -> tuple[Checked, RunDir]:
             f"(manifest {images.manifest_sha256()[:12]} ≠ {expected[:12]}); start a new run"
         )
     plan = plan_training(recipe, len(images.train_labels), prior_history(run_dir))
-    return Checked(recipe, images, plan, public), run_dir
+    return CheckedRecipe(recipe, images, plan, public), run_dir
 
 
 @dataclass
@@ -217,76 +217,111 @@ class StageOptions:
     shard: tuple[int, int] | None = None  # sample: this invocation's shard (i, n)
 
 
-def run_stage(stage: str, checked: Checked, run_dir: RunDir, opts: StageOptions) -> None:
+def _data(checked: CheckedRecipe, run_dir: RunDir, opts: StageOptions) -> None:
+    write_data_stage(run_dir, checked.images)
+
+
+def _pretrain(checked: CheckedRecipe, run_dir: RunDir, opts: StageOptions) -> None:
+    recipe = checked.recipe
+    if recipe.pretrain is None and recipe.warm_start is None:
+        run_dir.mark_done("pretrain", skipped="the recipe has no pre-training or warm start")
+        return
+    record = pretrain(recipe, checked.images, checked.public, run_dir, progress=opts.progress)
+    run_dir.mark_done("pretrain", kind=record["kind"])
+
+
+def _train(checked: CheckedRecipe, run_dir: RunDir, opts: StageOptions) -> None:
+    result = train(checked.recipe, checked.images, run_dir, progress=opts.progress)
+    run_dir.mark_done("train", steps=result.steps, epsilon=result.epsilon, seconds=round(result.seconds, 1))
+
+
+def _sample(checked: CheckedRecipe, run_dir: RunDir, opts: StageOptions) -> None:
+    """The whole sample store, or this invocation's shard (`--shard`, or this torchrun rank's);
+    the process that finds every shard written assembles the store."""
+    recipe = checked.recipe
+    n_classes = len(checked.images.class_names)
+    dist = from_env(resolve_device(recipe.training.device).type)
+    shard = opts.shard or ((dist.rank, dist.world) if dist.enabled else None)
+    if shard is None:
+        samples = generate(recipe, run_dir, n_classes, progress=opts.progress)
+    else:
+        generate(recipe, run_dir, n_classes, progress=opts.progress and dist.main, shard=shard)
+        barrier(dist)
+        samples = merge_shards(recipe, run_dir, n_classes, shard[1]) if dist.main else None
+        if samples is None:
+            log.warning(
+                "sample shard %d/%d written; the sample store is assembled when all are there", *shard
+            )
+            return
+    run_dir.mark_done(
+        "sample",
+        n_samples=int(len(samples.labels)),
+        weights="ema" if uses_ema(run_dir.final_checkpoint) else "last",
+        guidance_scale=recipe.sampling.guidance_scale,
+    )
+
+
+def _audit_models(checked: CheckedRecipe, run_dir: RunDir, opts: StageOptions) -> None:
+    if not wants_audit_models(checked.recipe):
+        run_dir.mark_done("audit_models", skipped="the recipe asks for no canary or reference model")
+        return
+    done = train_audit_models(checked.recipe, run_dir, checked.images, progress=opts.progress)
+    run_dir.mark_done("audit_models", **done)
+
+
+def _audit(checked: CheckedRecipe, run_dir: RunDir, opts: StageOptions) -> None:
+    res = run_audit(checked.recipe, run_dir, checked.images, opts.audit_root)
+    if res is not None:  # None: a torchrun rank other than 0, which writes nothing
+        run_dir.mark_done("audit", decision=res.decision, report=str(res.report_dir))
+
+
+def _audit_report(run_dir: RunDir) -> Path | None:
+    """The audit stage's report folder, as run.json records it."""
+    report = run_dir.info().get("stages", {}).get("audit", {}).get("report")
+    return Path(report) if report else None
+
+
+def _release(checked: CheckedRecipe, run_dir: RunDir, opts: StageOptions) -> None:
+    folder, info = release(run_dir, list(checked.recipe.outputs.formats), _audit_report(run_dir))
+    run_dir.mark_done("release", folder=str(folder), n_released=info["n_released"])
+
+
+def _evaluate(checked: CheckedRecipe, run_dir: RunDir, opts: StageOptions) -> None:
+    if not checked.recipe.evaluation.enabled:
+        run_dir.mark_done("evaluate", skipped="evaluation.enabled is false")
+        return
+    res = evaluate(checked.recipe, checked.images, run_dir, _audit_report(run_dir))
+    run_dir.mark_done("evaluate", tstr_over_trtr=res.evaluation["tstr_over_trtr_accuracy"])
+
+
+# Stage name -> the function that runs it and records it in run.json (in STAGES order).
+STAGE_RUNNERS: dict[str, Callable[[CheckedRecipe, RunDir, StageOptions], None]] = {
+    "data": _data,
+    "pretrain": _pretrain,
+    "train": _train,
+    "sample": _sample,
+    "audit_models": _audit_models,
+    "audit": _audit,
+    "release": _release,
+    "evaluate": _evaluate,
+}
+
+
+def run_stage(stage: str, checked: CheckedRecipe, run_dir: RunDir, opts: StageOptions) -> None:
     """Run one stage and record it in run.json; later stages are invalidated first."""
-    recipe, images = checked.recipe, checked.images
+    runner = STAGE_RUNNERS.get(stage)
+    if runner is None:
+        raise ValueError(f"unknown stage {stage}")
     if stage in ("pretrain", "train") and run_dir.is_done("train") and training_finished(run_dir):
         raise RecipeError(
             f"{run_dir.root}: training of this run has finished and its DP secret is deleted; "
             "training again on the same private data would spend ε a second time: start a new run"
         )
     run_dir.invalidate_from(stage)
-    if stage == "data":
-        write_data_stage(run_dir, images)
-        return
-    if stage == "pretrain":
-        if recipe.pretrain is None and recipe.warm_start is None:
-            run_dir.mark_done("pretrain", skipped="the recipe has no pre-training or warm start")
-            return
-        record = pretrain(recipe, images, checked.public, run_dir, progress=opts.progress)
-        run_dir.mark_done("pretrain", kind=record["kind"])
-    elif stage == "train":
-        result = train(recipe, images, run_dir, progress=opts.progress)
-        run_dir.mark_done(
-            "train", steps=result.steps, epsilon=result.epsilon, seconds=round(result.seconds, 1)
-        )
-    elif stage == "sample":
-        n_classes = len(images.class_names)
-        d = from_env(resolve_device(recipe.training.device).type)
-        shard = opts.shard or ((d.rank, d.world) if d.enabled else None)
-        if shard is None:
-            samples = generate(recipe, run_dir, n_classes, progress=opts.progress)
-        else:
-            generate(recipe, run_dir, n_classes, progress=opts.progress and d.main, shard=shard)
-            barrier(d)
-            samples = merge_shards(recipe, run_dir, n_classes, shard[1]) if d.main else None
-            if samples is None:
-                log.warning(
-                    "sample shard %d/%d written; the sample store is assembled when all are there", *shard
-                )
-                return
-        run_dir.mark_done(
-            "sample",
-            n_samples=int(len(samples.labels)),
-            weights="ema" if uses_ema(run_dir.final_checkpoint) else "last",
-            guidance_scale=recipe.sampling.guidance_scale,
-        )
-    elif stage == "audit_models":
-        if not audit_models_wanted(recipe):
-            run_dir.mark_done("audit_models", skipped="the recipe asks for no canary or reference model")
-            return
-        done = train_audit_models(recipe, run_dir, images, progress=opts.progress)
-        run_dir.mark_done("audit_models", **done)
-    elif stage == "audit":
-        res = run_audit(recipe, run_dir, images, opts.audit_root)
-        if res is not None:  # None: a torchrun rank other than 0, which writes nothing
-            run_dir.mark_done("audit", decision=res.decision, report=str(res.report_dir))
-    elif stage == "release":
-        report = run_dir.info().get("stages", {}).get("audit", {}).get("report")
-        folder, info = release(run_dir, list(recipe.outputs.formats), Path(report) if report else None)
-        run_dir.mark_done("release", folder=str(folder), n_released=info["n_released"])
-    elif stage == "evaluate":
-        if not recipe.evaluation.enabled:
-            run_dir.mark_done("evaluate", skipped="evaluation.enabled is false")
-            return
-        report = run_dir.info().get("stages", {}).get("audit", {}).get("report")
-        res = evaluate(recipe, images, run_dir, Path(report) if report else None)
-        run_dir.mark_done("evaluate", tstr_over_trtr=res.evaluation["tstr_over_trtr_accuracy"])
-    else:
-        raise ValueError(f"unknown stage {stage}")
+    runner(checked, run_dir, opts)
 
 
-def run_remaining(checked: Checked, run_dir: RunDir, opts: StageOptions) -> None:
+def run_remaining(checked: CheckedRecipe, run_dir: RunDir, opts: StageOptions) -> None:
     """Run every stage not yet done, in order (this is how an interrupted run resumes)."""
     for stage in STAGES:
         if not run_dir.is_done(stage):
@@ -340,7 +375,7 @@ def summary(run_dir: RunDir) -> dict:
 
 __all__ = [
     "STAGES",
-    "Checked",
+    "CheckedRecipe",
     "StageOptions",
     "check",
     "create_run",

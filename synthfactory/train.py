@@ -2,8 +2,8 @@
 private stage with DP-SGD unless the recipe opts out.
 
 An ordinary PyTorch loop: draw a Poisson batch, turn each example into K rows (K noise levels
-and noise draws), compute the per-example gradient of the mean loss over its rows, clip, add
-noise, step, update the EMA. Privacy (folding, clipping, noise, accounting) comes from
+and noise draws; the objective is in objective.py), compute the per-example gradient of the mean
+loss over its rows, clip, add noise, step, update the EMA. Privacy (folding, clipping, noise, accounting) comes from
 `privacy.py`. A logical batch is processed in physical chunks of at most
 `training.max_physical_batch_size` examples; clipped gradients accumulate across chunks and the
 noise is added once per logical batch.
@@ -54,106 +54,15 @@ from .distributed import (
     sum_over_ranks,
 )
 from .model import build_noise_scheduler, build_unet, count_parameters, load_unet, resolve_device
+from .objective import Draws, denoising_loss, draw_rows, make_row_loss
 from .origin import checkpoint_use, public_origin, trained_origin, write_origin
 from .pipeline import ClassConditionalPipeline
 from .privacy import PrivateTraining, calibrate_noise, epsilon_of, make_private, opacus_version
 from .progress import progress_bar
-from .recipe import Recipe, RecipeError, TimestepSampling
+from .recipe import Recipe, RecipeError
 from .rundir import RunDir, atomic_path, folder_sha256, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
-
-
-# --- the loss and how examples become rows ----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Draws:
-    """How each example becomes k training rows: noise levels, noise, label dropout."""
-
-    k: int = 1
-    timesteps: TimestepSampling = field(default_factory=TimestepSampling)
-    label_dropout: float = 0.0
-    null_class: int | None = None
-
-
-def sample_timesteps(
-    n: int, scheduler: DDPMScheduler, cfg: TimestepSampling, gen: torch.Generator
-) -> torch.Tensor:
-    """n DDPM timesteps: uniform, or EDM-style log-normal noise levels mapped to the nearest
-    timestep (σ_t = √((1−ᾱ_t)/ᾱ_t) increases with t)."""
-    steps = scheduler.config.num_train_timesteps
-    if cfg.distribution == "uniform":
-        return torch.randint(0, steps, (n,), generator=gen)
-    log_sigma_t = 0.5 * torch.log((1 - scheduler.alphas_cumprod) / scheduler.alphas_cumprod).double()
-    target = cfg.p_mean + cfg.p_std * torch.randn(n, generator=gen, dtype=torch.float64)
-    hi = torch.searchsorted(log_sigma_t, target).clamp(1, steps - 1)
-    closer_low = (target - log_sigma_t[hi - 1]).abs() <= (log_sigma_t[hi] - target).abs()
-    return torch.where(closer_low, hi - 1, hi)
-
-
-@dataclass
-class RowDraws:
-    """The random part of a logical batch's rows: timesteps, (dropped) labels and noise for
-    each of its n·k rows, drawn once for the whole batch so that how the batch is split into
-    physical chunks changes nothing."""
-
-    t: torch.Tensor
-    labels: torch.Tensor
-    noise: torch.Tensor
-
-    def rows(self, x0: torch.Tensor, scheduler: DDPMScheduler, a: int, b: int, k: int):
-        """(noisy, timesteps, labels, noise) rows of examples a..b."""
-        sl = slice(a * k, b * k)
-        x = x0[a:b].repeat_interleave(k, 0)
-        t, noise = self.t[sl], self.noise[sl]
-        return scheduler.add_noise(x, noise, t), t, self.labels[sl], noise
-
-
-def draw_rows(
-    x0: torch.Tensor, labels: torch.Tensor, scheduler: DDPMScheduler, draws: Draws, gen: torch.Generator
-) -> RowDraws:
-    n = len(x0) * draws.k
-    t = sample_timesteps(n, scheduler, draws.timesteps, gen)
-    noise = torch.randn((n, *x0.shape[1:]), generator=gen)
-    y = labels.repeat_interleave(draws.k, 0)
-    if draws.label_dropout > 0:
-        drop = torch.rand(n, generator=gen) < draws.label_dropout
-        y = torch.where(drop, torch.full_like(y, draws.null_class), y)
-    return RowDraws(t=t, labels=y, noise=noise)
-
-
-def make_rows(
-    x0: torch.Tensor, labels: torch.Tensor, scheduler: DDPMScheduler, draws: Draws, gen: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(noisy, timesteps, labels, noise) for len(x0)·k rows, each example's k rows together."""
-    return draw_rows(x0, labels, scheduler, draws, gen).rows(x0, scheduler, 0, len(x0), draws.k)
-
-
-def make_row_loss(device: torch.device, bf16: bool) -> Callable[..., torch.Tensor]:
-    """Per-row epsilon-prediction loss; the forward pass in bf16 autocast if asked (CUDA or CPU).
-    Per-example gradients are cast to fp32 before clipping (privacy.as_parameter_precision)."""
-
-    def row_loss(model, noisy, t, labels, noise) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            pred = model(noisy, t, class_labels=labels).sample
-        return (pred.float() - noise).pow(2).flatten(1).mean(1)
-
-    return row_loss
-
-
-denoising_loss = make_row_loss(torch.device("cpu"), False)
-
-
-def diffusion_loss(model, scheduler: DDPMScheduler, x0, labels, timesteps, noise) -> torch.Tensor:
-    """Per-example epsilon-prediction loss [B] at given timesteps and noise."""
-    return denoising_loss(model, scheduler.add_noise(x0, noise, timesteps), timesteps, labels, noise)
-
-
-def draw_diffusion_noise(x0: torch.Tensor, num_train_timesteps: int, generator: torch.Generator):
-    """Uniform DDPM timesteps and Gaussian noise for a batch."""
-    t = torch.randint(0, num_train_timesteps, (x0.shape[0],), generator=generator)
-    return t, torch.randn(x0.shape, generator=generator)
 
 
 # --- one step ------------------------------------------------------------------------------------
@@ -179,36 +88,38 @@ def dp_step(
     labels: torch.Tensor,
     generator: torch.Generator,
     settings: StepSettings | None = None,
-    part: Dist | None = None,
+    dist: Dist | None = None,
 ) -> float:
     """One DP-SGD step on one Poisson batch (possibly empty): per chunk of examples, per-example
     gradients over k rows, clipped and summed; noise once at the end. Returns the mean loss.
 
-    Distributed (`part`): every rank gets the whole logical batch and draws its rows with the
+    Distributed (`dist`): every rank gets the whole logical batch and draws its rows with the
     same generator, then works on its contiguous share of the examples; the optimizer adds the
     noise on rank 0 and sums over ranks. An empty share still takes its (collective) step."""
-    s = settings or StepSettings()
+    settings = settings or StepSettings()
     opt = private.optimizer
     opt.zero_grad(set_to_none=True)
     n = len(x0)
     if n == 0:
         private.empty_step()
         return float("nan")
-    drawn = draw_rows(x0, labels, scheduler, s.draws, generator)
-    start, stop = part.share(n) if part is not None else (0, n)
+    drawn = draw_rows(x0, labels, scheduler, settings.draws, generator)
+    start, stop = dist.share(n) if dist is not None else (0, n)
     total = 0.0
-    chunks = _chunks(stop - start, s.max_physical)
+    chunks = _chunks(stop - start, settings.max_physical)
     if not chunks:
         private.empty_step()
     for j, (a, b) in enumerate(chunks):
-        rows = tuple(r.to(s.device) for r in drawn.rows(x0, scheduler, start + a, start + b, s.draws.k))
-        total += private.per_example_backward(s.row_loss, rows, b - a, s.draws.k) * (b - a)
+        rows = tuple(
+            r.to(settings.device) for r in drawn.rows(x0, scheduler, start + a, start + b, settings.draws.k)
+        )
+        total += private.per_example_backward(settings.row_loss, rows, b - a, settings.draws.k) * (b - a)
         last = j == len(chunks) - 1
         opt.signal_skip_step(do_skip=not last)  # accumulate clipped sums; noise only at the end
         opt.step()
         if not last:
             opt.zero_grad(set_to_none=True)  # keeps the accumulated clipped sum
-    return sum_over_ranks(total, part) / n if part is not None else total / n
+    return sum_over_ranks(total, dist) / n if dist is not None else total / n
 
 
 def plain_step(
@@ -318,9 +229,9 @@ def prior_history(run_dir: RunDir) -> list:
     weights the pre-training stage loaded, then the warm start's query; else none."""
     path = run_dir.pretrained / "pretrain.json"
     rec = read_json(path) if path.exists() else {}
-    parts = [(rec.get("composed_with") or {}).get("accountant_history", []),
-             (rec.get("warm_start") or {}).get("accountant_history", [])]  # fmt: skip
-    return [tuple(h) for part in parts for h in part]
+    histories = [(rec.get("composed_with") or {}).get("accountant_history", []),
+                 (rec.get("warm_start") or {}).get("accountant_history", [])]  # fmt: skip
+    return [tuple(entry) for history in histories for entry in history]
 
 
 def recipe_prior(recipe: Recipe, composed: list | None) -> list:
@@ -672,29 +583,29 @@ def _finished_result(recipe: Recipe, images: ImageSet, run_dir: RunDir) -> Train
     )
 
 
-def read_train_state(run_dir: RunDir, recipe: Recipe, images: ImageSet, device: torch.device, d: Dist):
+def read_train_state(run_dir: RunDir, recipe: Recipe, images: ImageSet, device: torch.device, dist: Dist):
     """The state to resume from, or None. Rank 0 reads checkpoints/train_state.pt and broadcasts
     it: another rank may have no copy (a node's own disk) or a stale one, and a rank that went
     on with its own seed would draw other Poisson batches. A rank holding a copy that disagrees
     with rank 0's (step, DP seed) stops every rank."""
     path = run_dir.train_state
-    own = torch.load(path, weights_only=True, map_location="cpu") if path.exists() else None
-    state = broadcast_object(own, d)
+    own_copy = torch.load(path, weights_only=True, map_location="cpu") if path.exists() else None
+    saved = broadcast_object(own_copy, dist)
 
-    def key(s: dict | None):
-        return None if s is None else (s["step"], s["dp_seed"])
+    def step_and_seed(state: dict | None):
+        return None if state is None else (state["step"], state["dp_seed"])
 
-    if any_over_ranks(own is not None and key(own) != key(state), d):
+    if any_over_ranks(own_copy is not None and step_and_seed(own_copy) != step_and_seed(saved), dist):
         raise RuntimeError(
             f"{path}: a rank's copy disagrees with rank 0's (step, DP seed); resume where every "
             "rank sees rank 0's file, or remove the stale copies"
         )
-    if state is None:
+    if saved is None:
         return None
-    _check_same_run(path, state["recipe_sha256"], state["manifest_sha256"], recipe, images)
-    if state["device"] != device.type:
-        raise RuntimeError(f"{path} was written on {state['device']}; resume it there")
-    return state
+    _check_same_run(path, saved["recipe_sha256"], saved["manifest_sha256"], recipe, images)
+    if saved["device"] != device.type:
+        raise RuntimeError(f"{path} was written on {saved['device']}; resume it there")
+    return saved
 
 
 def restore_ema(ema: EMAModel, saved: dict, device: torch.device) -> None:
@@ -708,196 +619,312 @@ def log_line(step: int, batch: int, loss: float) -> str:
     return json.dumps({"step": step, "batch": batch, "loss": loss if batch else None}, allow_nan=False)
 
 
-def dp_randomness(recipe: Recipe, state: dict | None, d: Dist) -> tuple[int, str]:
+def dp_randomness(recipe: Recipe, saved: dict | None, dist: Dist) -> tuple[int, str]:
     """The seed of the DP noise and Poisson sampling, and where it came from: the checkpoint's
     when resuming, else a secret from the OS drawn by rank 0 (or the recipe's, tests only)."""
-    if state:
-        return state["dp_seed"], state["dp_seed_source"]
+    if saved:
+        return saved["dp_seed"], saved["dp_seed_source"]
     if recipe.privacy.noise_seed is not None:
         return recipe.privacy.noise_seed, "seeded from the recipe (privacy.noise_seed): the noise is known"
-    secret = broadcast_int(secrets.randbits(62), d)  # rank 0's, shared by all ranks
+    secret = broadcast_int(secrets.randbits(62), dist)  # rank 0's, shared by all ranks
     return secret, "secret seed from the OS, kept in the resumable state until training ends, then deleted"
+
+
+@dataclass
+class TrainState:
+    """What training changes as it goes, and what checkpoints/train_state.pt holds: the weights,
+    the EMA, the optimizer, the step, and the three generators (rows: training.seed + 1;
+    Poisson sampling and DP noise: the DP seed, which is kept here too)."""
+
+    model: UNet2DModel
+    optimizer: torch.optim.Optimizer
+    ema: EMAModel | None
+    train_gen: torch.Generator
+    sample_gen: torch.Generator
+    noise_gen: torch.Generator
+    dp_seed: int
+    dp_seed_source: str
+    step: int = 0
+    seconds: float = 0.0  # training time of the attempts before this one
+    private: PrivateTraining | None = None  # the DP-SGD wrapping, once built
+
+    def accountant_history(self) -> list[tuple]:
+        return [tuple(h) for h in self.private.accountant.history] if self.private else []
+
+    def restore(self, saved: dict, device: torch.device) -> None:
+        """Go on from a checkpoint read by `read_train_state`."""
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.ema is not None:
+            restore_ema(self.ema, saved["ema"], device)
+        self.step = saved["step"]
+        self.seconds = saved.get("seconds", 0.0)
+        self.train_gen.set_state(saved["train_rng"])
+        self.sample_gen.set_state(saved["sample_rng"])
+        self.noise_gen.set_state(saved["noise_rng"])
+
+    def save(self, job: _Job, seconds: float) -> None:
+        """Write checkpoints/train_state.pt atomically (it holds the DP secret)."""
+        _save_state(
+            job.run_dir.train_state,
+            {
+                "step": self.step,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "accountant_history": self.accountant_history(),
+                "train_rng": self.train_gen.get_state(),
+                "sample_rng": self.sample_gen.get_state(),
+                "noise_rng": self.noise_gen.get_state(),
+                "dp_seed": self.dp_seed,
+                "dp_seed_source": self.dp_seed_source,
+                "device": job.device.type,
+                "recipe_sha256": job.recipe.sha256(),
+                "manifest_sha256": job.images.manifest_sha256(),
+                "synthfactory_version": __version__,
+                "seconds": seconds,
+                "world_size": job.dist.world,
+            },
+        )
+
+
+# --- training: set up, the private stage, the loop, finishing ----------------------------------------
+
+
+@dataclass
+class _Job:
+    """What one training run works from, fixed while it trains."""
+
+    recipe: Recipe
+    images: ImageSet
+    run_dir: RunDir
+    dist: Dist
+    device: torch.device
+    plan: dict  # _planned: steps, q, σ, prior history
+    settings: StepSettings
+    scheduler: DDPMScheduler
+    x_all: torch.Tensor
+    y_all: torch.Tensor
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.images.class_names)
 
 
 def train(recipe: Recipe, images: ImageSet, run_dir: RunDir, progress: bool = True) -> TrainResult:
     """Train (or resume training) and write checkpoints/final and privacy.json; then delete the
     resumable state, which holds the DP secret (a finished run is not trained again)."""
     device = resolve_device(recipe.training.device)
-    d = from_env(device.type)  # torchrun: join the process group; otherwise one process
-    if broadcast_object(training_finished(run_dir), d):  # rank 0's disk decides, for every rank
+    dist = from_env(device.type)  # torchrun: join the process group; otherwise one process
+    if broadcast_object(training_finished(run_dir), dist):  # rank 0's disk decides, for every rank
         return _finished_result(recipe, images, run_dir)
-    n_train = len(images.train_labels)
-    n_classes = len(images.class_names)
-    plan = _planned(recipe, n_train, prior_history(run_dir))
-    steps_total = plan["steps"]
-    if d.enabled and device.type == "cuda":
-        device = torch.device("cuda", d.local_rank)
-    if d.enabled and not recipe.dp_sgd:
-        raise ValueError("distributed training runs DP-SGD; train a non-private recipe in one process")
-    k = recipe.privacy.noise_multiplicity if recipe.dp_sgd else 1
-    settings = _settings(recipe, n_classes, device, k)
-    x_all = torch.from_numpy(images.train_images)
-    y_all = torch.from_numpy(images.train_labels)
-
-    model = initial_model(recipe, images.image_size, n_classes, run_dir)
-    names = trainable_names(model, recipe.training.trainable)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name in names)
-    model.to(device)
-    trainable = {
-        "patterns": recipe.training.trainable,
-        "parameters": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
-        "of": count_parameters(model),
-    }
-    scheduler = build_noise_scheduler(recipe.model)
-    optimizer = torch.optim.Adam(
-        [p for p in model.parameters() if p.requires_grad], lr=recipe.training.learning_rate
-    )
-    decay = recipe.training.ema_decay
-    ema = EMAModel(model.parameters(), decay=decay) if decay else None
-    pretrained = (
-        read_json(run_dir.pretrained / "pretrain.json")
-        if (run_dir.pretrained / "pretrain.json").exists()
-        else None
-    )
-
-    state = read_train_state(run_dir, recipe, images, device, d)
-    if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None:
-            restore_ema(ema, state["ema"], device)
-        log.info("resuming training at step %d of %d", state["step"], steps_total)
-
-    step = state["step"] if state else 0
-    train_gen = _generator(recipe.training.seed + 1)
-    dp_seed, dp_seed_source = dp_randomness(recipe, state, d)
-    sample_gen, noise_gen = _generator(dp_seed), _generator(dp_seed + 1, device)
-    if state:
-        train_gen.set_state(state["train_rng"])
-        sample_gen.set_state(state["sample_rng"])
-        noise_gen.set_state(state["noise_rng"])
-
-    private: PrivateTraining | None = None
-    if recipe.dp_sgd:
-        private = make_private(
-            model,
-            optimizer,
-            n_train=n_train,
-            expected_batch_size=recipe.training.expected_batch_size,
-            steps=steps_total - step,
-            noise_multiplier=plan["noise_multiplier"],
-            max_grad_norm=recipe.privacy.max_grad_norm,
-            accountant=recipe.privacy.accountant,
-            sample_generator=sample_gen,
-            noise_generator=noise_gen,
-            mode=recipe.privacy.per_example_gradients,
-            world=d.world,
-        )
-        # The accountant goes on from the checkpoint's history, or starts from the composed prior run's.
-        start = state["accountant_history"] if state else plan["prior_history"]
-        private.accountant.history = [tuple(h) for h in start]
-        batches = iter(private.sampler)
-    broadcast_parameters(model, d)
+    job = _prepare_job(recipe, images, run_dir, device, dist)
+    model, trainable = _trainable_model(job)
+    saved = read_train_state(run_dir, recipe, images, job.device, dist)
+    state = _start_or_resume(job, model, saved)
+    batches = _private_stage(job, state, saved)
+    broadcast_parameters(model, dist)
     model.train()
-
-    started = time.perf_counter()
-    previous_seconds = state.get("seconds", 0.0) if state else 0.0
-
-    def checkpoint() -> None:
-        if not d.main:
-            return
-        _save_state(
-            run_dir.train_state,
-            {
-                "step": step,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "ema": ema.state_dict() if ema is not None else None,
-                "accountant_history": [tuple(h) for h in (private.accountant.history if private else [])],
-                "train_rng": train_gen.get_state(),
-                "sample_rng": sample_gen.get_state(),
-                "noise_rng": noise_gen.get_state(),
-                "dp_seed": dp_seed,
-                "dp_seed_source": dp_seed_source,
-                "device": device.type,
-                "recipe_sha256": recipe.sha256(),
-                "manifest_sha256": images.manifest_sha256(),
-                "synthfactory_version": __version__,
-                "seconds": time.perf_counter() - started + previous_seconds,
-                "world_size": d.world,
-            },
-        )
-
     log.info(
         "training %s of %s parameters for %d steps, q=%.4g, sigma=%s, K=%d",
         trainable["parameters"],
         trainable["of"],
-        steps_total,
-        plan["sample_rate"],
-        plan["noise_multiplier"],
-        k,
+        job.plan["steps"],
+        job.plan["sample_rate"],
+        job.plan["noise_multiplier"],
+        job.settings.draws.k,
     )
-    if d.main:
-        _truncate_log(run_dir.train_log, step)
+    seconds = _train_loop(job, state, batches, progress)
+    return _finish(job, state, trainable, seconds)
+
+
+def _prepare_job(recipe: Recipe, images: ImageSet, run_dir: RunDir, device: torch.device, dist: Dist) -> _Job:
+    """The plan (σ calibrated for the composed ε), this rank's device, the step settings and the data."""
+    plan = _planned(recipe, len(images.train_labels), prior_history(run_dir))
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    if dist.enabled and not recipe.dp_sgd:
+        raise ValueError("distributed training runs DP-SGD; train a non-private recipe in one process")
+    k = recipe.privacy.noise_multiplicity if recipe.dp_sgd else 1
+    return _Job(
+        recipe=recipe,
+        images=images,
+        run_dir=run_dir,
+        dist=dist,
+        device=device,
+        plan=plan,
+        settings=_settings(recipe, len(images.class_names), device, k),
+        scheduler=build_noise_scheduler(recipe.model),
+        x_all=torch.from_numpy(images.train_images),
+        y_all=torch.from_numpy(images.train_labels),
+    )
+
+
+def _trainable_model(job: _Job) -> tuple[UNet2DModel, dict]:
+    """The initial UNet on the device with only `training.trainable` parameters trainable, and
+    what is trained (privacy.json's trained_parameters)."""
+    model = initial_model(job.recipe, job.images.image_size, job.n_classes, job.run_dir)
+    names = trainable_names(model, job.recipe.training.trainable)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in names)
+    model.to(job.device)
+    trainable = {
+        "patterns": job.recipe.training.trainable,
+        "parameters": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
+        "of": count_parameters(model),
+    }
+    return model, trainable
+
+
+def _start_or_resume(job: _Job, model: UNet2DModel, saved: dict | None) -> TrainState:
+    """Optimizer, EMA and generators for the model: fresh, or where the checkpoint left them."""
+    optimizer = torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad], lr=job.recipe.training.learning_rate
+    )
+    decay = job.recipe.training.ema_decay
+    ema = EMAModel(model.parameters(), decay=decay) if decay else None
+    dp_seed, dp_seed_source = dp_randomness(job.recipe, saved, job.dist)
+    state = TrainState(
+        model=model,
+        optimizer=optimizer,
+        ema=ema,
+        train_gen=_generator(job.recipe.training.seed + 1),
+        sample_gen=_generator(dp_seed),
+        noise_gen=_generator(dp_seed + 1, job.device),
+        dp_seed=dp_seed,
+        dp_seed_source=dp_seed_source,
+    )
+    if saved:
+        state.restore(saved, job.device)
+        log.info("resuming training at step %d of %d", state.step, job.plan["steps"])
+    return state
+
+
+def _private_stage(job: _Job, state: TrainState, saved: dict | None):
+    """DP-SGD (Opacus) around the model and optimizer for the steps left, in state.private;
+    returns the iterator of its Poisson batches (None for a recipe that opted out of DP)."""
+    if not job.recipe.dp_sgd:
+        return None
+    state.private = make_private(
+        state.model,
+        state.optimizer,
+        n_train=len(job.y_all),
+        expected_batch_size=job.recipe.training.expected_batch_size,
+        steps=job.plan["steps"] - state.step,
+        noise_multiplier=job.plan["noise_multiplier"],
+        max_grad_norm=job.recipe.privacy.max_grad_norm,
+        accountant=job.recipe.privacy.accountant,
+        sample_generator=state.sample_gen,
+        noise_generator=state.noise_gen,
+        mode=job.recipe.privacy.per_example_gradients,
+        world=job.dist.world,
+    )
+    # The accountant goes on from the checkpoint's history, or starts from the composed prior run's.
+    start = saved["accountant_history"] if saved else job.plan["prior_history"]
+    state.private.accountant.history = [tuple(h) for h in start]
+    return iter(state.private.sampler)
+
+
+def _train_loop(job: _Job, state: TrainState, batches, progress: bool) -> float:
+    """Step until the planned total, one train_log.jsonl line per step, a checkpoint every
+    `training.checkpoint_every` steps and at the end. Returns the training seconds, earlier
+    attempts included."""
+    started = time.perf_counter()
+    steps_total, every = job.plan["steps"], job.recipe.training.checkpoint_every
+    main = job.dist.main
+    if main:
+        _truncate_log(job.run_dir.train_log, state.step)
     with (
-        open(run_dir.train_log if d.main else os.devnull, "a") as logfile,
-        progress_bar(steps_total, "train", "step", progress and d.main, initial=step) as bar,
+        open(job.run_dir.train_log if main else os.devnull, "a") as logfile,
+        progress_bar(steps_total, "train", "step", progress and main, initial=state.step) as bar,
     ):
-        while step < steps_total:
-            if private is not None:
-                idx = torch.as_tensor(next(batches), dtype=torch.long)  # the whole logical batch
-                part = d if d.enabled else None
-                loss = dp_step(private, scheduler, x_all[idx], y_all[idx], train_gen, settings, part)
-            else:
-                idx = torch.randperm(n_train, generator=train_gen)[: recipe.training.expected_batch_size]
-                loss = plain_step(model, optimizer, scheduler, x_all[idx], y_all[idx], train_gen, settings)
-            if ema is not None:
-                ema.step(model.parameters())
-            step += 1
-            logfile.write(log_line(step, int(len(idx)), loss) + "\n")
+        while state.step < steps_total:
+            batch, loss = _one_step(job, state, batches)
+            state.step += 1
+            logfile.write(log_line(state.step, batch, loss) + "\n")
             bar.update(1)
-            bar.set_postfix(batch=len(idx), loss=f"{loss:.4f}")
-            if step % recipe.training.checkpoint_every == 0 or step == steps_total:
+            bar.set_postfix(batch=batch, loss=f"{loss:.4f}")
+            if state.step % every == 0 or state.step == steps_total:
                 logfile.flush()
-                checkpoint()
-    seconds = time.perf_counter() - started + previous_seconds
+                if main:
+                    state.save(job, time.perf_counter() - started + state.seconds)
+    return time.perf_counter() - started + state.seconds
 
-    history = [tuple(h) for h in private.accountant.history] if private else []
-    record = privacy_record(recipe, images, plan, history, step, dp_seed_source, trainable, pretrained)
-    record["train_seconds"] = round(seconds, 1)
-    record["device"] = str(device)
-    record["ema_decay"] = decay
-    record["label_dropout"] = recipe.training.label_dropout
-    record["timesteps"] = recipe.training.timesteps.model_dump()
-    if recipe.dp_sgd and record["epsilon"] > recipe.privacy.target_epsilon + 1e-9:
-        raise RuntimeError(f"accountant ε {record['epsilon']:.4f} exceeds the target; refusing to go on")
 
-    if d.enabled:
-        record["distributed"] = {
-            "world_size": d.world,
-            "backend": torch.distributed.get_backend(),
-            "max_parameter_spread_across_ranks": max_parameter_spread(model, d),
-            "noise": "added once per step, on rank 0 (Opacus DistributedDPOptimizer)",
-        }
+def _one_step(job: _Job, state: TrainState, batches) -> tuple[int, float]:
+    """One step on the next batch (Poisson under DP-SGD), then the EMA. Returns (batch size, loss)."""
+    if state.private is not None:
+        idx = torch.as_tensor(next(batches), dtype=torch.long)  # the whole logical batch
+        dist = job.dist if job.dist.enabled else None
+        x0, labels = job.x_all[idx], job.y_all[idx]
+        loss = dp_step(state.private, job.scheduler, x0, labels, state.train_gen, job.settings, dist)
+    else:
+        n_train, batch = len(job.y_all), job.recipe.training.expected_batch_size
+        idx = torch.randperm(n_train, generator=state.train_gen)[:batch]
+        x0, labels = job.x_all[idx], job.y_all[idx]
+        loss = plain_step(
+            state.model, state.optimizer, job.scheduler, x0, labels, state.train_gen, job.settings
+        )
+    if state.ema is not None:
+        state.ema.step(state.model.parameters())
+    return int(len(idx)), loss
+
+
+def _finish(job: _Job, state: TrainState, trainable: dict, seconds: float) -> TrainResult:
+    """Write the privacy record and the final checkpoint, then delete the resumable state: the
+    DP secret (rank 0; every rank waits for it)."""
+    record = _final_record(job, state, trainable, seconds)
+    model, run_dir = state.model, job.run_dir
     model.to("cpu").eval()
     info = {
-        "class_names": images.class_names,
-        "null_class": null_class(recipe, n_classes),
-        "use_ema": recipe.sampling.use_ema and ema is not None,
-        "ema_decay": decay,
-        "steps": step,
+        "class_names": job.images.class_names,
+        "null_class": null_class(job.recipe, job.n_classes),
+        "use_ema": job.recipe.sampling.use_ema and state.ema is not None,
+        "ema_decay": job.recipe.training.ema_decay,
+        "steps": state.step,
     }
-    if d.main:
-        origin = trained_origin(run_dir.run_id, images.manifest_sha256(), record)
-        save_final(model, ema, scheduler, run_dir.final_checkpoint, info, origin)
+    if job.dist.main:
+        origin = trained_origin(run_dir.run_id, job.images.manifest_sha256(), record)
+        save_final(model, state.ema, job.scheduler, run_dir.final_checkpoint, info, origin)
         write_json_atomic(run_dir.privacy, record)
         run_dir.train_state.unlink(missing_ok=True)  # the DP secret: a finished run needs no resume
-    barrier(d)
+    barrier(job.dist)
     return TrainResult(
-        steps=step,
+        steps=state.step,
         epsilon=record["epsilon"],
         checkpoint=run_dir.final_checkpoint,
         privacy=record,
         seconds=seconds,
     )
+
+
+def _final_record(job: _Job, state: TrainState, trainable: dict, seconds: float) -> dict:
+    """privacy.json: the accountant's record and how the model was trained; refuses an ε over
+    the target."""
+    recipe, pretrain_json = job.recipe, job.run_dir.pretrained / "pretrain.json"
+    pretrained = read_json(pretrain_json) if pretrain_json.exists() else None
+    record = privacy_record(
+        recipe,
+        job.images,
+        job.plan,
+        state.accountant_history(),
+        state.step,
+        state.dp_seed_source,
+        trainable,
+        pretrained,
+    )
+    record["train_seconds"] = round(seconds, 1)
+    record["device"] = str(job.device)
+    record["ema_decay"] = recipe.training.ema_decay
+    record["label_dropout"] = recipe.training.label_dropout
+    record["timesteps"] = recipe.training.timesteps.model_dump()
+    if recipe.dp_sgd and record["epsilon"] > recipe.privacy.target_epsilon + 1e-9:
+        raise RuntimeError(f"accountant ε {record['epsilon']:.4f} exceeds the target; refusing to go on")
+    if job.dist.enabled:
+        record["distributed"] = {
+            "world_size": job.dist.world,
+            "backend": torch.distributed.get_backend(),
+            "max_parameter_spread_across_ranks": max_parameter_spread(state.model, job.dist),
+            "noise": "added once per step, on rank 0 (Opacus DistributedDPOptimizer)",
+        }
+    return record

@@ -39,6 +39,14 @@ class Request:
     status: int = 0
 
 
+class _Rejected(Exception):
+    """A commit the Hub would refuse; carries the error response to send."""
+
+    def __init__(self, response) -> None:
+        super().__init__()
+        self.response = response
+
+
 class StandInHub:
     def __init__(self, fail_commits_after: int | None = None) -> None:
         self.repos: dict[str, Repo] = {}
@@ -257,12 +265,8 @@ class StandInHub:
             return self._not_found()
         return self._json([{"type": "directory", "path": d, "oid": "0" * 40} for d in sorted(dirs)] + out)
 
-    def _commit(self, repo_id: str, rev: str, body: bytes, base: str):
-        repo = self.repos[repo_id]
-        if self.fail_commits_after is not None and len(repo.commits) >= self.fail_commits_after:
-            return self._json({"error": "stand-in network failure"}, 503)
-        if rev not in repo.branches:
-            return self._not_found("RevisionNotFound")
+    def _parse_commit(self, body: bytes):
+        """The NDJSON commit body -> (header, added files, deleted paths); _Rejected on a bad entry."""
         header, adds, deletes = {}, {}, []
         for line in body.decode().splitlines():
             if not line.strip():
@@ -275,12 +279,26 @@ class StandInHub:
                 adds[value["path"]] = base64.b64decode(value["content"])
             elif key == "lfsFile":
                 if value["oid"] not in self.lfs:
-                    return self._json({"error": f"LFS object {value['oid']} was never uploaded"}, 400)
+                    raise _Rejected(
+                        self._json({"error": f"LFS object {value['oid']} was never uploaded"}, 400)
+                    )
                 adds[value["path"]] = self.lfs[value["oid"]]
             elif key in ("deletedFile", "deletedFolder"):
                 deletes.append(value["path"])
             else:
-                return self._json({"error": f"unsupported commit entry {key}"}, 400)
+                raise _Rejected(self._json({"error": f"unsupported commit entry {key}"}, 400))
+        return header, adds, deletes
+
+    def _commit(self, repo_id: str, rev: str, body: bytes, base: str):
+        repo = self.repos[repo_id]
+        if self.fail_commits_after is not None and len(repo.commits) >= self.fail_commits_after:
+            return self._json({"error": "stand-in network failure"}, 503)
+        if rev not in repo.branches:
+            return self._not_found("RevisionNotFound")
+        try:
+            header, adds, deletes = self._parse_commit(body)
+        except _Rejected as rejected:
+            return rejected.response
         parent = header.get("parentCommit")
         if parent and parent != repo.heads[rev]:
             return self._json({"error": "parent commit is not the head"}, 412)

@@ -182,8 +182,8 @@ MUTATIONS = [
         "train.py",
         (
             (
-                '        start = state["accountant_history"] if state else plan["prior_history"]',
-                '        start = plan["prior_history"]',
+                '    start = saved["accountant_history"] if saved else job.plan["prior_history"]',
+                '    start = job.plan["prior_history"]',
             ),
         ),
         ("tests/test_train.py",),
@@ -194,8 +194,8 @@ MUTATIONS = [
         "train.py",
         (
             (
-                '        start = state["accountant_history"] if state else plan["prior_history"]',
-                '        start = state["accountant_history"] if state else []',
+                '    start = saved["accountant_history"] if saved else job.plan["prior_history"]',
+                '    start = saved["accountant_history"] if saved else []',
             ),
         ),
         ("tests/test_train.py",),
@@ -223,7 +223,7 @@ MUTATIONS = [
         "dp-seed-not-secret",
         "the DP noise and sampling seeded with a constant instead of an OS secret",
         "train.py",
-        (("broadcast_int(secrets.randbits(62), d)", "broadcast_int(12345, d)"),),
+        (("broadcast_int(secrets.randbits(62), dist)", "broadcast_int(12345, dist)"),),
         ("tests/test_train.py",),
     ),
     Mutation(
@@ -244,7 +244,7 @@ MUTATIONS = [
         "resume-state-per-rank",
         "under torchrun, each rank resumes from its own copy of the state, not rank 0's",
         "train.py",
-        (("    state = broadcast_object(own, d)", "    state = own"),),
+        (("    saved = broadcast_object(own_copy, dist)", "    saved = own_copy"),),
         ("tests/test_distributed.py::test_resume_where_one_rank_has_no_state_file_takes_rank_0s",),
     ),
     Mutation(
@@ -257,8 +257,8 @@ MUTATIONS = [
                 '            "sample_index": datasets.Value("int64"),\n            "audit_verdict": datasets.Value("string"),\n',
             ),
             (
-                '            "sample_index": int(rs.sample_index[i]),\n',
-                '            "sample_index": int(rs.sample_index[i]),\n            "audit_verdict": "passed",\n',
+                '            "sample_index": int(released.sample_index[i]),\n',
+                '            "sample_index": int(released.sample_index[i]),\n            "audit_verdict": "passed",\n',
             ),
         ),
         ("tests/test_export.py",),

@@ -14,17 +14,10 @@ from conftest import REPO
 from torch.func import functional_call, grad, vmap
 
 from synthfactory.model import build_noise_scheduler, build_unet
+from synthfactory.objective import Draws, denoising_loss, draw_diffusion_noise, make_row_loss, make_rows
 from synthfactory.privacy import calibrate_noise, epsilon_of, make_private
 from synthfactory.recipe import ModelConfig, load_recipe
-from synthfactory.train import (
-    Draws,
-    StepSettings,
-    denoising_loss,
-    dp_step,
-    draw_diffusion_noise,
-    make_row_loss,
-    make_rows,
-)
+from synthfactory.train import StepSettings, dp_step
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 TINY = ModelConfig(

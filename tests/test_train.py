@@ -230,8 +230,8 @@ def test_ema_weights_are_saved_and_differ_from_the_last(tiny_run) -> None:
 
 def test_lognormal_timesteps_follow_the_noise_level_distribution() -> None:
     from synthfactory.model import build_noise_scheduler
+    from synthfactory.objective import sample_timesteps
     from synthfactory.recipe import ModelConfig, TimestepSampling
-    from synthfactory.train import sample_timesteps
 
     sched = build_noise_scheduler(ModelConfig())
     gen = torch.Generator().manual_seed(0)

@@ -196,17 +196,17 @@ def gate_scaled(
     heldout_y: np.ndarray,
     synth_f: np.ndarray,
     synth_y: np.ndarray,
-    d: Dist | None = None,
+    dist: Dist | None = None,
 ) -> GateResult:
     """`gate` for images already on the [-1, 1] scale of the 8-bit grid, [N, H, W]. Under
-    torchrun (`d`), every search splits the training images across the ranks and reduces the
+    torchrun (`dist`), every search splits the training images across the ranks and reduces the
     per-query best; every rank returns the same result."""
     h, w = train_f.shape[-2:]
-    d = d or Dist()
+    dist = dist or Dist()
 
     def find(space: str, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         args = (cfg.block_size, cfg.shift, cfg.shift_candidates, cfg.search, cfg.warp_shift)
-        return search_sharded(space, queries, train_f, d, *args)
+        return search_sharded(space, queries, train_f, dist, *args)
 
     # Held-out images that are near-exact copies of a training image: the split leaks there.
     _, h_dist = find("pixel_l2", heldout_f)
@@ -285,7 +285,7 @@ def run_audit(
     (data-copying test, membership inference) and writes everything; the other ranks return
     None."""
     started = time.perf_counter()
-    d = from_env(resolve_device(recipe.training.device).type)
+    dist = from_env(resolve_device(recipe.training.device).type)
     samples = Samples.load(run_dir.samples)
     privacy = read_json(run_dir.privacy)
     cfg = recipe.audit
@@ -297,22 +297,23 @@ def run_audit(
     heldout_u8 = quantize(images.heldout_images[pick])
     heldout_y = images.heldout_labels[pick]
     train_f, heldout_f, synth_f = (uint8_to_model_range(x) for x in (train_u8, heldout_u8, samples.images))
-    g = gate_scaled(cfg, train_f, heldout_f, heldout_y, synth_f, samples.labels, d)
-    bg, dup, h_dist = g.background_mask, ~g.background_mask, g.heldout_distance
-    background, synth, cal, flags, flagged = g.background, g.synth, g.calibration, g.flags, g.flagged
-    timings = g.seconds
+    gated = gate_scaled(cfg, train_f, heldout_f, heldout_y, synth_f, samples.labels, dist)
+    bg, dup, h_dist = gated.background_mask, ~gated.background_mask, gated.heldout_distance
+    background, synth, cal = gated.background, gated.synth, gated.calibration
+    flags, flagged = gated.flags, gated.flagged
+    timings = gated.seconds
     decision = decide(flagged, cfg.action)
     n_dropped = int(flagged.sum()) if decision == "release" else 0
     released = 0 if decision == "block" else int(len(flagged) - n_dropped)
 
-    nn_idx, nn_dist = g.pixel_nearest
+    nn_idx, nn_dist = gated.pixel_nearest
     ratios = neighbour_ratios(
-        knn_distances_sharded(synth_f, train_f, cfg.neighbours, d, cfg.block_size), cfg.neighbours
+        knn_distances_sharded(synth_f, train_f, cfg.neighbours, dist, cfg.block_size), cfg.neighbours
     )
     bg_ratios = neighbour_ratios(
-        knn_distances_sharded(heldout_f[bg], train_f, cfg.neighbours, d, cfg.block_size), cfg.neighbours
+        knn_distances_sharded(heldout_f[bg], train_f, cfg.neighbours, dist, cfg.block_size), cfg.neighbours
     )
-    if not d.main:
+    if not dist.main:
         return None  # rank 0 finishes the audit and writes it
     copying = None
     if cfg.copying_test.enabled:
@@ -418,7 +419,7 @@ def run_audit(
             "n_samples": int(len(flagged)),
             "n_flagged": int(flagged.sum()),
             "n_flagged_by_space": {n: int(f.sum()) for n, f in flags.items()},
-            "n_exact_copies": int(g.exact_copies.sum()),
+            "n_exact_copies": int(gated.exact_copies.sum()),
             "n_dropped": n_dropped,
             "n_released": released,
             "nn_distance_min": float(nn_dist.min()),
@@ -436,16 +437,16 @@ def run_audit(
                 "carlini_ratio": float(ratios["carlini"][i]),
                 "flagged": bool(flagged[i]),
                 "flagged_by": [n for n in cfg.spaces if flags[n][i]]
-                + (["exact_copy"] if g.exact_copies[i] else []),
+                + (["exact_copy"] if gated.exact_copies[i] else []),
             }
             for i in range(len(flagged))
         ],
         "limits": [coverage(cfg.spaces, cfg.shift, cfg.warp_shift), *LIMITS],
         "distributed": {
-            "world_size": d.world,
+            "world_size": dist.world,
             "split": "the training images of every nearest-neighbour search, one contiguous share per rank",
         }
-        if d.enabled
+        if dist.enabled
         else None,
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -15,7 +15,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from ..metrics import auc_one_vs_rest, roc_points
-from ..train import diffusion_loss
+from ..objective import diffusion_loss
 
 
 @torch.no_grad()

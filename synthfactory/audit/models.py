@@ -147,7 +147,7 @@ def wants_nonprivate_reference(recipe: Recipe) -> bool:
     return recipe.audit.membership.enabled and recipe.audit.membership.nonprivate_reference
 
 
-def wanted(recipe: Recipe) -> bool:
+def wants_audit_models(recipe: Recipe) -> bool:
     """Whether the recipe asks for any audit model (else the stage is skipped)."""
     return recipe.audit.canary.enabled or wants_nonprivate_reference(recipe)
 
@@ -180,4 +180,4 @@ def has_nonprivate_reference(run_dir: RunDir) -> bool:
     return (run_dir.nonprivate_run.final_checkpoint / "unet").is_dir()
 
 
-__all__ = ["train_audit_models", "canary_result", "has_nonprivate_reference", "wanted"]
+__all__ = ["train_audit_models", "canary_result", "has_nonprivate_reference", "wants_audit_models"]

@@ -14,6 +14,7 @@ re-zoomed to full size, and an 80/20 blend of two training images.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -80,47 +81,62 @@ def _combined(x: np.ndarray, i: int, rng: np.random.Generator) -> np.ndarray:
     return _noised(y, rng)
 
 
+def _shift(x: np.ndarray, i: int, rng: np.random.Generator, other: np.ndarray | None) -> np.ndarray:
+    dy, dx = _DIRECTIONS[(i // 4) % 4]
+    s = 1 + i % 4
+    return _shifted(x, s * dy, s * dx, x.min())
+
+
+def _shift_far(x: np.ndarray, i: int, rng: np.random.Generator, other: np.ndarray | None) -> np.ndarray:
+    dy, dx = _DIRECTIONS[(i // 4) % 4]
+    s = 6 + i % 3
+    return _shifted(x, s * dy, s * dx, None)
+
+
+def _crop(x: np.ndarray, i: int, rng: np.random.Generator, other: np.ndarray | None) -> np.ndarray:
+    """Keep 85-90 % of each side at a corner, re-zoomed to full size."""
+    f = 1 / (0.85 + 0.05 * (i % 2))
+    h, w = x.shape
+    corner = ((0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1))[(i // 2) % 4]
+    return _zoomed(x, f, corner)
+
+
+def _blend(x: np.ndarray, i: int, rng: np.random.Generator, other: np.ndarray | None) -> np.ndarray:
+    if other is None:
+        raise ValueError("blend: needs a second training image")
+    return 0.8 * x + 0.2 * _from_u8(other)
+
+
+# kind -> the edit: (x on the [-1, 1] scale, copy index i, rng, other image) -> disguised x
+_EDITS: dict[str, Callable[[np.ndarray, int, np.random.Generator, np.ndarray | None], np.ndarray]] = {
+    "exact": lambda x, i, rng, other: x,
+    "shift": _shift,
+    "flip": lambda x, i, rng, other: x[:, ::-1],
+    "scale": lambda x, i, rng, other: _scaled(x, 1.1 if i % 2 else 0.9),
+    "gamma": lambda x, i, rng, other: _gamma(x, 0.7 if i % 2 else 1.4),
+    "noise": lambda x, i, rng, other: _noised(x, rng),
+    "combined": lambda x, i, rng, other: _combined(x, i, rng),
+    "blur": lambda x, i, rng, other: ndimage.gaussian_filter(x, 0.6 + 0.1 * (i % 5), mode="nearest"),
+    "jpeg": lambda x, i, rng, other: _jpeg(x, 50 + 5 * (i % 6)),
+    "rotate": lambda x, i, rng, other: ndimage.rotate(
+        x, (5.0, -5.0, 10.0, -10.0)[i % 4], reshape=False, order=1, mode="nearest"
+    ),
+    "zoom": lambda x, i, rng, other: _zoomed(x, (1.1, 0.9, 1.05, 0.95)[i % 4]),
+    "shift_far": _shift_far,
+    "crop": _crop,
+    "blend": _blend,
+}
+
+
 def disguise(
     img: np.ndarray, kind: str, i: int, rng: np.random.Generator, other: np.ndarray | None = None
 ) -> np.ndarray:
     """One disguised copy of a uint8 image, on the [-1, 1] scale (`other`: the second training
     image of a blend)."""
     x = _from_u8(img)
-    if kind in ("shift", "shift_far"):
-        s = (1 + i % 4) if kind == "shift" else (6 + i % 3)
-        dy, dx = _DIRECTIONS[(i // 4) % 4]
-        return _shifted(x, s * dy, s * dx, x.min() if kind == "shift" else None)
-    if kind == "flip":
-        return x[:, ::-1]
-    if kind == "scale":
-        return _scaled(x, 1.1 if i % 2 else 0.9)
-    if kind == "gamma":
-        return _gamma(x, 0.7 if i % 2 else 1.4)
-    if kind == "noise":
-        return _noised(x, rng)
-    if kind == "combined":
-        return _combined(x, i, rng)
-    if kind == "blur":
-        return ndimage.gaussian_filter(x, 0.6 + 0.1 * (i % 5), mode="nearest")
-    if kind == "jpeg":
-        return _jpeg(x, 50 + 5 * (i % 6))
-    if kind == "rotate":
-        angle = (5.0, -5.0, 10.0, -10.0)[i % 4]
-        return ndimage.rotate(x, angle, reshape=False, order=1, mode="nearest")
-    if kind == "zoom":
-        return _zoomed(x, (1.1, 0.9, 1.05, 0.95)[i % 4])
-    if kind == "crop":  # keep 85-90 % of each side at a corner, re-zoomed to full size
-        f = 1 / (0.85 + 0.05 * (i % 2))
-        h, w = x.shape
-        corner = ((0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1))[(i // 2) % 4]
-        return _zoomed(x, f, corner)
-    if kind == "blend":
-        if other is None:
-            raise ValueError("blend: needs a second training image")
-        return 0.8 * x + 0.2 * _from_u8(other)
-    if kind != "exact":
+    if kind not in _EDITS:
         raise ValueError(f"unknown disguise {kind!r}")
-    return x
+    return _EDITS[kind](x, i, rng, other)
 
 
 def planted_copies(
