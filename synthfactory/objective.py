@@ -70,13 +70,6 @@ def draw_rows(
     return RowDraws(t=t, labels=y, noise=noise)
 
 
-def make_rows(
-    x0: torch.Tensor, labels: torch.Tensor, scheduler: DDPMScheduler, draws: Draws, gen: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(noisy, timesteps, labels, noise) for len(x0)·k rows, each example's k rows together."""
-    return draw_rows(x0, labels, scheduler, draws, gen).rows(x0, scheduler, 0, len(x0), draws.k)
-
-
 def make_row_loss(device: torch.device, bf16: bool) -> Callable[..., torch.Tensor]:
     """Per-row epsilon-prediction loss; the forward pass in bf16 autocast if asked (CUDA or CPU).
     Per-example gradients are cast to fp32 before clipping (privacy.as_parameter_precision)."""
@@ -95,9 +88,3 @@ denoising_loss = make_row_loss(torch.device("cpu"), False)
 def diffusion_loss(model, scheduler: DDPMScheduler, x0, labels, timesteps, noise) -> torch.Tensor:
     """Per-example epsilon-prediction loss [B] at given timesteps and noise."""
     return denoising_loss(model, scheduler.add_noise(x0, noise, timesteps), timesteps, labels, noise)
-
-
-def draw_diffusion_noise(x0: torch.Tensor, num_train_timesteps: int, generator: torch.Generator):
-    """Uniform DDPM timesteps and Gaussian noise for a batch."""
-    t = torch.randint(0, num_train_timesteps, (x0.shape[0],), generator=generator)
-    return t, torch.randn(x0.shape, generator=generator)

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from synthfactory.data import DataError, ImageSet, load_images
-from synthfactory.data.dicom import read_dicom_frames
+from synthfactory.data.dicom import dataset_frames, load_dicom
 from synthfactory.data.phantom import CLASSES, phantom_images
 from synthfactory.recipe import DataConfig
 
@@ -330,10 +330,10 @@ def test_dicom_ct_window_applies_rescale(shared_data: Path) -> None:
     path = shared_data / "dicom_samples" / "CT_small.dcm"
     ds = pydicom.dcmread(path)
     hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-    (img,) = read_dicom_frames(path, "CT", window=(40.0, 400.0), percentiles=(0.5, 99.5))
+    (img,) = dataset_frames(load_dicom(path), "CT", window=(40.0, 400.0), percentiles=(0.5, 99.5))
     expected = np.clip((hu - (40 - 200)) / 400.0, 0, 1) * 2 - 1
     np.testing.assert_allclose(img, expected, atol=1e-6)
-    (narrow,) = read_dicom_frames(path, "CT", window=(40.0, 80.0), percentiles=(0.5, 99.5))
+    (narrow,) = dataset_frames(load_dicom(path), "CT", window=(40.0, 80.0), percentiles=(0.5, 99.5))
     assert (narrow == 1.0).mean() > (img == 1.0).mean()  # a narrower window saturates more
 
 
@@ -343,7 +343,7 @@ def test_dicom_enhanced_ct_uses_functional_group_rescale(shared_data: Path) -> N
     assert "RescaleIntercept" not in ds  # only in the functional groups
     pvt = ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0]
     hu = ds.pixel_array[0].astype(np.float64) * float(pvt.RescaleSlope) + float(pvt.RescaleIntercept)
-    frames = read_dicom_frames(path, "CT", window=(40.0, 400.0), percentiles=(0.5, 99.5))
+    frames = dataset_frames(load_dicom(path), "CT", window=(40.0, 400.0), percentiles=(0.5, 99.5))
     assert len(frames) == 2
     np.testing.assert_allclose(frames[0], np.clip((hu + 160) / 400, 0, 1) * 2 - 1, atol=1e-6)
 
@@ -354,14 +354,16 @@ def test_dicom_monochrome1_is_inverted(shared_data: Path, tmp_path: Path) -> Non
     ds.PhotometricInterpretation = "MONOCHROME1"
     inverted = tmp_path / "mono1.dcm"
     ds.save_as(inverted)
-    (a,) = read_dicom_frames(src, "MR", (40, 400), (0.5, 99.5))
-    (b,) = read_dicom_frames(inverted, "MR", (40, 400), (0.5, 99.5))
+    (a,) = dataset_frames(load_dicom(src), "MR", (40, 400), (0.5, 99.5))
+    (b,) = dataset_frames(load_dicom(inverted), "MR", (40, 400), (0.5, 99.5))
     np.testing.assert_allclose(b, -a)
 
 
 def test_dicom_colour_and_palette_become_grayscale(shared_data: Path) -> None:
     for name in ("US1_UNCR.dcm", "gdcm-US-ALOKA-16.dcm"):
-        (img,) = read_dicom_frames(shared_data / "dicom_samples" / name, "US", (40, 400), (0.5, 99.5))
+        (img,) = dataset_frames(
+            load_dicom(shared_data / "dicom_samples" / name), "US", (40, 400), (0.5, 99.5)
+        )
         assert img.shape == (480, 640) and img.dtype == np.float32
         assert img.min() == -1.0 and img.max() == 1.0  # per-image percentile scaling
 
@@ -438,6 +440,6 @@ def test_dicom_per_frame_rescale_overrides_shared(shared_data: Path, tmp_path: P
     path = tmp_path / "perframe.dcm"
     ds.save_as(path)
     raw = ds.pixel_array.astype(np.float64)
-    f0, f1 = read_dicom_frames(path, "CT", window=(40.0, 400.0), percentiles=(0.5, 99.5))
+    f0, f1 = dataset_frames(load_dicom(path), "CT", window=(40.0, 400.0), percentiles=(0.5, 99.5))
     np.testing.assert_allclose(f0, np.clip((raw[0] - 1024 + 160) / 400, 0, 1) * 2 - 1, atol=1e-6)
     np.testing.assert_allclose(f1, np.clip((raw[1] * 2 - 2048 + 160) / 400, 0, 1) * 2 - 1, atol=1e-6)

@@ -14,7 +14,7 @@ from conftest import REPO
 from torch.func import functional_call, grad, vmap
 
 from synthfactory.model import build_noise_scheduler, build_unet
-from synthfactory.objective import Draws, denoising_loss, draw_diffusion_noise, make_row_loss, make_rows
+from synthfactory.objective import Draws, denoising_loss, draw_rows, make_row_loss
 from synthfactory.privacy import calibrate_noise, epsilon_of, make_private
 from synthfactory.recipe import ModelConfig, load_recipe
 from synthfactory.train import StepSettings, dp_step
@@ -23,6 +23,17 @@ RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 TINY = ModelConfig(
     block_out_channels=[16, 32], layers_per_block=1, attention=True, norm_num_groups=4, attention_head_dim=8
 )
+
+
+def make_rows(x0, labels, scheduler, draws, gen):
+    """(noisy, timesteps, labels, noise) for len(x0)·k rows through training's own draws."""
+    return draw_rows(x0, labels, scheduler, draws, gen).rows(x0, scheduler, 0, len(x0), draws.k)
+
+
+def draw_diffusion_noise(x0: torch.Tensor, num_train_timesteps: int, generator: torch.Generator):
+    """Uniform DDPM timesteps and Gaussian noise for a batch."""
+    t = torch.randint(0, num_train_timesteps, (x0.shape[0],), generator=generator)
+    return t, torch.randn(x0.shape, generator=generator)
 
 
 def reference_per_example_grads(model, scheduler, x0, labels, t, noise) -> dict[str, torch.Tensor]:

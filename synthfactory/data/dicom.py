@@ -52,16 +52,6 @@ def _modality_values(ds: pydicom.Dataset, frame_pixels: np.ndarray, frame: int) 
     return apply_modality_lut(frame_pixels, ds).astype(np.float64)
 
 
-def read_dicom_frames(
-    path: str | Path,
-    fallback_modality: str,
-    window: tuple[float, float],
-    percentiles: tuple[float, float],
-) -> list[np.ndarray]:
-    """All frames of one DICOM file as float32 [H, W] images in [-1, 1]."""
-    return dataset_frames(load_dicom(path), fallback_modality, window, percentiles)
-
-
 def load_dicom(path: str | Path) -> pydicom.Dataset:
     """The whole DICOM dataset of a file; UnreadableDicom when it is not one."""
     try:
