@@ -26,6 +26,7 @@ from .export import release
 from .model import load_unet, resolve_device, uses_ema
 from .origin import CheckpointRefused, CheckpointUse, checkpoint_use
 from .recipe import Recipe, RecipeError, check_against_data, load_recipe
+from .records import AuditRecord, EvaluationRecord, PrivacyRecord
 from .rundir import STAGES, RunDir, new_run_id, read_json, write_json_atomic
 from .sample import generate, merge_shards
 from .train import (
@@ -338,37 +339,36 @@ def summary(run_dir: RunDir) -> dict:
         "stages": list(info.get("stages", {})),
     }
     if run_dir.privacy.exists():
-        out["privacy"] = read_json(run_dir.privacy)
+        out["privacy"] = PrivacyRecord.read(run_dir.privacy)
     if run_dir.audit_json.exists():
-        audit = read_json(run_dir.audit_json)
+        audit = AuditRecord.read(run_dir.audit_json)
+        mia, canary = audit.membership_inference or {}, audit.canary_audit or {}
         out["audit"] = {
-            "decision": audit["decision"],
-            "spaces": list(audit["spaces"]),
-            "false_alarm_percent": audit["calibration"]["false_alarm_target_percent"],
-            "heldout_near_duplicates": audit["calibration"]["heldout_near_duplicates"],
-            "c_t": (audit.get("data_copying") or {}).get("c_t"),
-            "mia_auc": (audit.get("membership_inference") or {}).get("auc"),
-            "mia_auc_nonprivate": (
-                (audit.get("membership_inference") or {}).get("nonprivate_reference") or {}
-            ).get("auc"),
-            "canary_epsilon_lower_bound": (audit.get("canary_audit") or {}).get("epsilon_lower_bound"),
-            "canary_accountant_epsilon": (audit.get("canary_audit") or {}).get("accountant_epsilon"),
-            **audit["summary"],
+            "decision": audit.decision,
+            "spaces": list(audit.spaces),
+            "false_alarm_percent": audit.calibration["false_alarm_target_percent"],
+            "heldout_near_duplicates": audit.calibration["heldout_near_duplicates"],
+            "c_t": (audit.data_copying or {}).get("c_t"),
+            "mia_auc": mia.get("auc"),
+            "mia_auc_nonprivate": (mia.get("nonprivate_reference") or {}).get("auc"),
+            "canary_epsilon_lower_bound": canary.get("epsilon_lower_bound"),
+            "canary_accountant_epsilon": canary.get("accountant_epsilon"),
+            **audit.summary,
         }
         out["report"] = info.get("stages", {}).get("audit", {}).get("report")
     rel = info.get("stages", {}).get("release")
     if rel:
         out["release"] = rel["folder"]
     if run_dir.evaluation.exists():
-        ev = read_json(run_dir.evaluation)
+        ev = EvaluationRecord.read(run_dir.evaluation)
         out["evaluation"] = {
-            "tstr": ev["tstr"]["accuracy"],
-            "trtr": ev["trtr"]["accuracy"],
-            "ratio": ev["tstr_over_trtr_accuracy"],
-            "above_chance": ev.get("tstr_over_trtr_above_chance"),
-            "chance": ev["tstr"]["chance_accuracy"],
-            "fd": ev["fidelity"]["frechet_distance"],
-            "fd_real": ev["fidelity"]["frechet_distance_real_train_vs_heldout"],
+            "tstr": ev.tstr["accuracy"],
+            "trtr": ev.trtr["accuracy"],
+            "ratio": ev.tstr_over_trtr_accuracy,
+            "above_chance": ev.tstr_over_trtr_above_chance,
+            "chance": ev.tstr["chance_accuracy"],
+            "fd": ev.fidelity["frechet_distance"],
+            "fd_real": ev.fidelity["frechet_distance_real_train_vs_heldout"],
         }
     return out
 

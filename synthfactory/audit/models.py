@@ -22,6 +22,7 @@ import numpy as np
 from ..data import ImageSet
 from ..model import load_generator, load_unet, uses_ema
 from ..recipe import PrivacyConfig, Recipe
+from ..records import PrivacyRecord
 from ..rundir import RunDir, atomic_path, read_json, write_json_atomic
 from ..train import initial_model, train
 from .canary import audit_scores, canary_scores, draw_inclusion, make_canaries, with_canaries
@@ -99,7 +100,7 @@ def run_canary_audit(recipe: Recipe, run_dir: RunDir, images: ImageSet, progress
         **bound,
         "accountant_epsilon": privacy["epsilon"],
         "accountant": privacy.get("accountant"),
-        "released_model_epsilon": read_json(run_dir.privacy).get("epsilon"),
+        "released_model_epsilon": PrivacyRecord.read(run_dir.privacy).epsilon,
         "canary_run": {
             "n_train": privacy["n_train"],
             "sample_rate": privacy["sample_rate"],
