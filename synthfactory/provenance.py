@@ -4,19 +4,16 @@ recomputed except the hashes of files on disk."""
 
 from __future__ import annotations
 
-from .records import AuditRecord, PrivacyRecord, ReleaseRecord
+from .records import PrivacyRecord, RunRecords
 from .rundir import RunDir, folder_sha256, read_json
 
 
-def _maybe(path) -> dict | None:
-    return read_json(path) if path.exists() else None
-
-
 def lineage(run_dir: RunDir) -> dict:
-    info = run_dir.info()
+    run = RunRecords.read(run_dir)
+    info = run.info
     if not info:
         raise FileNotFoundError(f"{run_dir.root}: not a run directory (no run.json)")
-    stages = info.get("stages", {})
+    stages = run.stages
     out: dict = {
         "run_id": run_dir.run_id,
         "created": info.get("created"),
@@ -28,7 +25,7 @@ def lineage(run_dir: RunDir) -> dict:
             "file": str(run_dir.recipe),
         },
     }
-    data = _maybe(run_dir.data_report)
+    data = read_json(run_dir.data_report) if run_dir.data_report.exists() else None
     if data:
         out["data"] = {
             "manifest_sha256": data["manifest_sha256"],
@@ -45,7 +42,7 @@ def lineage(run_dir: RunDir) -> dict:
             for name in ("unet", "unet_ema", "scheduler")
             if (final / name).is_dir()
         }
-    privacy = PrivacyRecord.read(run_dir.privacy) if run_dir.privacy.exists() else None
+    privacy = run.privacy
     out["dp_secret"] = dp_secret(run_dir, privacy)
     if privacy:
         out["privacy"] = {
@@ -60,7 +57,7 @@ def lineage(run_dir: RunDir) -> dict:
             "data_manifest_sha256": privacy.data_manifest_sha256,
             "recipe_sha256": privacy.recipe_sha256,
         }
-    audit = AuditRecord.read(run_dir.audit_json) if run_dir.audit_json.exists() else None
+    audit = run.audit
     if audit:
         out["audit"] = {
             "decision": audit.decision,
@@ -70,21 +67,21 @@ def lineage(run_dir: RunDir) -> dict:
             "n_flagged": audit.summary["n_flagged"],
             "n_released": audit.summary["n_released"],
             "report": stages.get("audit", {}).get("report"),
-            "mia_auc": (audit.membership_inference or {}).get("auc"),
-            "canary_epsilon_lower_bound": (audit.canary_audit or {}).get("epsilon_lower_bound"),
+            "mia_auc": audit.mia_auc,
+            "canary_epsilon_lower_bound": audit.canary_epsilon_lower_bound,
         }
     release = stages.get("release")
     if release:
-        rel_json = run_dir.release_dir(bool(privacy and privacy.private)) / "release.json"
-        rel = ReleaseRecord.read(rel_json) if rel_json.exists() else None
+        rel = run.release
         out["release"] = {
             "folder": release.get("folder"),
             "n_released": rel.n_released if rel else None,
             "formats": rel.formats if rel else None,
         }
-    publish = _maybe(run_dir.root / "publish.json")
-    if publish:
-        out["published"] = publish
+    publish = run_dir.root / "publish.json"
+    published = read_json(publish) if publish.exists() else None
+    if published:
+        out["published"] = published
     return out
 
 

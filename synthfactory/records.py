@@ -12,12 +12,13 @@ read as the first version. `read` validates a file; `write` writes it atomically
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from .rundir import write_json_atomic
+from .rundir import RunDir, write_json_atomic
 
 # int stays int and float stays float (a plain `float` field would write 8 back as 8.0)
 Number = int | float
@@ -185,6 +186,26 @@ class AuditRecord(Record):
     limits: list[str] = []
     """What the audit cannot show (its first entry: what it reads)."""
 
+    @property
+    def mia_auc(self) -> float | None:
+        """The membership-inference attack's AUC, if it ran."""
+        return (self.membership_inference or {}).get("auc")
+
+    @property
+    def mia_auc_nonprivate(self) -> float | None:
+        """The same attack's AUC on the non-private reference model, if it ran."""
+        return ((self.membership_inference or {}).get("nonprivate_reference") or {}).get("auc")
+
+    @property
+    def canary_epsilon_lower_bound(self) -> float | None:
+        """The canary audit's empirical ε lower bound, if it ran."""
+        return (self.canary_audit or {}).get("epsilon_lower_bound")
+
+    @property
+    def canary_accountant_epsilon(self) -> float | None:
+        """The accountant's ε of the canary audit's model, if it ran."""
+        return (self.canary_audit or {}).get("accountant_epsilon")
+
 
 class ReleaseRecord(Record):
     """release/release.json: what was released and why (release stage)."""
@@ -238,6 +259,41 @@ class EvaluationRecord(Record):
     """Fréchet distances: synthetic vs real, real train vs held-out."""
 
 
+@dataclass(frozen=True)
+class RunRecords:
+    """A run read back from its run directory, never recomputed: run.json and each record that is
+    there (None where its stage has not written it). `run.summary` (what the CLI prints at the
+    end) and `provenance.lineage` (`synthfactory inspect`) are both views of this."""
+
+    info: dict = field(default_factory=dict)
+    """run.json ({} before the run exists)."""
+    privacy: PrivacyRecord | None = None
+    """privacy.json (train stage)."""
+    audit: AuditRecord | None = None
+    """audit/audit.json (audit stage)."""
+    release: ReleaseRecord | None = None
+    """release.json in the run's release folder (release stage)."""
+    evaluation: EvaluationRecord | None = None
+    """evaluation.json (evaluate stage)."""
+
+    @property
+    def stages(self) -> dict:
+        """The stages done, by name, with what each recorded (run.json)."""
+        return self.info.get("stages", {})
+
+    @classmethod
+    def read(cls, run_dir: RunDir) -> RunRecords:
+        privacy = PrivacyRecord.read(run_dir.privacy) if run_dir.privacy.exists() else None
+        release = run_dir.release_dir(bool(privacy and privacy.private)) / "release.json"
+        return cls(
+            info=run_dir.info(),
+            privacy=privacy,
+            audit=AuditRecord.read(run_dir.audit_json) if run_dir.audit_json.exists() else None,
+            release=ReleaseRecord.read(release) if release.exists() else None,
+            evaluation=EvaluationRecord.read(run_dir.evaluation) if run_dir.evaluation.exists() else None,
+        )
+
+
 __all__ = [
     "AUDIT_SCHEMA",
     "EVALUATION_SCHEMA",
@@ -248,4 +304,5 @@ __all__ = [
     "PrivacyRecord",
     "RecordError",
     "ReleaseRecord",
+    "RunRecords",
 ]

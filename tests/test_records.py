@@ -14,6 +14,7 @@ from synthfactory.records import (
     PrivacyRecord,
     RecordError,
     ReleaseRecord,
+    RunRecords,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,3 +204,23 @@ def test_committed_reports_read_and_round_trip(model, pattern: str) -> None:
         record = model.read(path)
         assert record.to_dict() == json.loads(path.read_text()), path
         assert list(record.to_dict()) == list(json.loads(path.read_text())), path
+
+
+def test_run_records_read_back_what_is_there(tmp_path: Path) -> None:
+    from synthfactory.rundir import RunDir
+
+    run_dir = RunDir(tmp_path / "run")
+    empty = RunRecords.read(run_dir)
+    assert empty.info == {} and empty.privacy is None and empty.audit is None and empty.stages == {}
+    run_dir.root.mkdir()
+    _write(run_dir.privacy, {**PRIVACY, "private": False})
+    _write(run_dir.evaluation, EVALUATION)
+    run_dir.audit_json.parent.mkdir()
+    _write(run_dir.audit_json, AUDIT)
+    folder = run_dir.release_dir(False)
+    folder.mkdir()
+    _write(folder / "release.json", RELEASE)
+    run = RunRecords.read(run_dir)
+    assert run.privacy.private is False and run.release.n_released == 1
+    assert run.audit.mia_auc == 0.5 and run.audit.canary_epsilon_lower_bound is None
+    assert run.evaluation.tstr_over_trtr_accuracy == 0.5
