@@ -14,6 +14,7 @@ import typer
 
 from .export import ReleaseRefused
 from .recipe import RecipeError, parse_override
+from .records import PrivacyRecord
 from .run import StageOptions, check, create_run, open_run, run_remaining, run_stage, summary
 from .rundir import is_rank_zero
 
@@ -83,17 +84,17 @@ def _print_summary(run_path: Path) -> None:
         )
 
 
-def _print_privacy(privacy: dict) -> None:
+def _print_privacy(privacy: PrivacyRecord) -> None:
     """ε spent and how, or the NOT PRIVATE warning in red."""
-    if not privacy["private"]:
-        typer.secho(f"privacy    {privacy.get('warning', 'NOT PRIVATE')}", fg=typer.colors.RED)
+    if not privacy.private:
+        typer.secho(f"privacy    {privacy.warning or 'NOT PRIVATE'}", fg=typer.colors.RED)
         return
-    other = ", ".join(f"{k} {v:.3f}" for k, v in privacy["epsilon_other_accountant"].items())
+    other = ", ".join(f"{k} {v:.3f}" for k, v in privacy.epsilon_other_accountant.items())
     typer.echo(
-        f"privacy    ε = {privacy['epsilon']:.3f} spent of target {privacy['target_epsilon']:g} "
-        f"at δ = {privacy['delta']:g} ({privacy['accountant']}; {other}); "
-        f"σ = {privacy['noise_multiplier']:.4f}, q = {privacy['sample_rate']:.4g}, "
-        f"{privacy['steps_taken']} steps, C = {privacy['max_grad_norm']:g}"
+        f"privacy    ε = {privacy.epsilon:.3f} spent of target {privacy.target_epsilon:g} "
+        f"at δ = {privacy.delta:g} ({privacy.accountant}; {other}); "
+        f"σ = {privacy.noise_multiplier:.4f}, q = {privacy.sample_rate:.4g}, "
+        f"{privacy.steps_taken} steps, C = {privacy.max_grad_norm:g}"
     )
 
 

@@ -41,11 +41,12 @@ from .data.common import random_subset
 from .export import audited_set
 from .metrics import auc_one_vs_rest
 from .recipe import ClassifierConfig, EvaluationConfig, Recipe
-from .rundir import RunDir, read_json, write_json_atomic
+from .records import EVALUATION_SCHEMA, AuditRecord, EvaluationRecord, PrivacyRecord
+from .rundir import RunDir
 from .sample import uint8_to_model_range
 
 log = logging.getLogger(__name__)
-SCHEMA = "synthfactory.evaluation/v1"
+SCHEMA = EVALUATION_SCHEMA
 
 
 # --- the classifier -------------------------------------------------------------------------------
@@ -301,12 +302,12 @@ def evaluate_arrays(
     }
 
 
-def _diversity_threshold(audit: dict, near_duplicate_rms: float) -> float:
+def _diversity_threshold(audit: AuditRecord, near_duplicate_rms: float) -> float:
     """The gate's global pixel-L2 threshold; without that space, the audit's near-duplicate rule."""
-    t = audit.get("threshold", {}).get("value")
+    t = audit.threshold.get("value")
     if t is not None:
         return float(t)
-    h, w = audit["data"]["image_size"]
+    h, w = audit.data["image_size"]
     return near_duplicate_rms * float(np.sqrt(h * w))
 
 
@@ -323,16 +324,16 @@ def evaluate(
         recipe.evaluation,
         _diversity_threshold(audit, recipe.audit.threshold.near_duplicate_rms),
     )
-    privacy = read_json(run_dir.privacy)
+    privacy = PrivacyRecord.read(run_dir.privacy)
     evaluation = {
         "schema": SCHEMA,
         "synthfactory_version": __version__,
         "run_id": run_dir.run_id,
         "recipe_name": recipe.name,
         "recipe_sha256": recipe.sha256(),
-        "epsilon": privacy.get("epsilon"),
-        "delta": privacy.get("delta"),
-        "private": privacy.get("private"),
+        "epsilon": privacy.epsilon,
+        "delta": privacy.delta,
+        "private": privacy.private,
         **numbers,
         "seconds": round(time.perf_counter() - started, 1),
         "rules": [
@@ -341,9 +342,10 @@ def evaluate(
             "all images on the 8-bit grid of the release",
         ],
     }
-    write_json_atomic(run_dir.evaluation, evaluation)
+    record = EvaluationRecord.model_validate(evaluation)
+    record.write(run_dir.evaluation)
     if report_dir is not None and report_dir.is_dir():
-        write_json_atomic(report_dir / "evaluation.json", evaluation)
+        record.write(report_dir / "evaluation.json")
         (report_dir / "evaluation.md").write_text(evaluation_markdown(evaluation))
     return EvaluationResult(evaluation, run_dir.evaluation)
 

@@ -27,7 +27,8 @@ import yaml
 from PIL import Image
 
 from . import __version__
-from .rundir import RunDir, atomic_path, read_json, write_json_atomic
+from .records import RELEASE_SCHEMA, AuditRecord, PrivacyRecord, ReleaseRecord
+from .rundir import RunDir, atomic_path
 from .sample import Samples, StoreImages
 
 
@@ -66,22 +67,22 @@ class ReleasedSet:
         return out
 
 
-def audited_set(run_dir: RunDir, allow_blocked: bool = False) -> tuple[ReleasedSet, dict]:
+def audited_set(run_dir: RunDir, allow_blocked: bool = False) -> tuple[ReleasedSet, AuditRecord]:
     """The releasable samples and the audit they passed. Raises ReleaseRefused. With
     `allow_blocked` (a forced publish only), a blocked audit still yields the samples it did not
     flag: never a flagged or unaudited one."""
     if not run_dir.audit_json.exists():
         raise ReleaseRefused(f"{run_dir.root}: no audit/audit.json; run the audit stage first")
-    audit = read_json(run_dir.audit_json)
+    audit = AuditRecord.read(run_dir.audit_json)
     samples = Samples.load(run_dir.samples)
-    if audit["decision"] == "block" and not allow_blocked:
+    if audit.decision == "block" and not allow_blocked:
         raise ReleaseRefused(
-            f"the memorization audit blocked the release: {audit['summary']['n_flagged']} of "
-            f"{audit['summary']['n_samples']} samples look copied (see {run_dir.audit_json})"
+            f"the memorization audit blocked the release: {audit.summary['n_flagged']} of "
+            f"{audit.summary['n_samples']} samples look copied (see {run_dir.audit_json})"
         )
-    if audit.get("samples_sha256") != samples.sha256() or audit["run_id"] != run_dir.run_id:
+    if audit.samples_sha256 != samples.sha256() or audit.run_id != run_dir.run_id:
         raise ReleaseRefused("the samples changed after the audit; run the audit again before releasing")
-    passed = np.array([s["index"] for s in audit["samples"] if not s["flagged"]], dtype=np.int64)
+    passed = np.array([s["index"] for s in audit.samples or [] if not s["flagged"]], dtype=np.int64)
     data = (yaml.safe_load(run_dir.recipe.read_text()) or {}).get("data", {})
     window = data.get("ct_window") or {}
     released = ReleasedSet(
@@ -89,16 +90,16 @@ def audited_set(run_dir: RunDir, allow_blocked: bool = False) -> tuple[ReleasedS
         labels=samples.labels[passed],
         seeds=samples.seeds[passed],
         sample_index=passed,
-        class_names=list(audit["data"]["class_names"]),
-        private=bool(read_json(run_dir.privacy)["private"]),
-        run_id=audit["run_id"],
-        recipe_name=audit["recipe_name"],
-        recipe_sha256=audit["recipe_sha256"],
-        modality=audit["modality"],
+        class_names=list(audit.data["class_names"]),
+        private=PrivacyRecord.read(run_dir.privacy).private,
+        run_id=audit.run_id,
+        recipe_name=audit.recipe_name,
+        recipe_sha256=audit.recipe_sha256,
+        modality=audit.modality,
         source=data.get("source", ""),
         ct_window=(float(window["center"]), float(window["width"])) if window else None,
-        epsilon=audit["privacy"].get("epsilon"),
-        delta=audit["privacy"].get("delta"),
+        epsilon=audit.privacy.get("epsilon"),
+        delta=audit.privacy.get("delta"),
     )
     return released, audit
 
@@ -267,7 +268,7 @@ def release(run_dir: RunDir, formats: list[str], report_dir: Path | None = None)
     audit report folder); returns the release folder and release.json. A run without the DP
     guarantee goes to release-NOT-PRIVATE/."""
     released, audit = audited_set(run_dir)
-    privacy = read_json(run_dir.privacy)
+    privacy = PrivacyRecord.read(run_dir.privacy)
     final = run_dir.release_dir(released.private)
     tmp = atomic_path(final)
     tmp.mkdir(parents=True)
@@ -277,21 +278,22 @@ def release(run_dir: RunDir, formats: list[str], report_dir: Path | None = None)
         write_grid(released, tmp / "sample_grid.png")
         if report_dir is not None and report_dir.is_dir():
             shutil.copy(tmp / "sample_grid.png", report_dir / "sample_grid.png")
-        counts = audit["summary"]
+        counts = audit.summary
         info = {
+            "schema": RELEASE_SCHEMA,
             "synthfactory_version": __version__,
             "run_id": run_dir.run_id,
             "private": released.private,
-            "recipe_sha256": audit["recipe_sha256"],
-            "privacy": audit["privacy"],
-            "covered_by_epsilon": privacy.get("covered_by_epsilon", []),
-            "not_covered_by_epsilon": privacy.get("not_covered_by_epsilon", []),
+            "recipe_sha256": audit.recipe_sha256,
+            "privacy": audit.privacy,
+            "covered_by_epsilon": privacy.covered_by_epsilon,
+            "not_covered_by_epsilon": privacy.not_covered_by_epsilon,
             "columns": list(hf_features(released.class_names)),
             "audit": {
-                "schema": audit["schema"],
-                "decision": audit["decision"],
-                "spaces": list(audit["spaces"]),
-                "false_alarm_percent": audit["calibration"]["false_alarm_target_percent"],
+                "schema": audit.schema_version,
+                "decision": audit.decision,
+                "spaces": list(audit.spaces),
+                "false_alarm_percent": audit.calibration["false_alarm_target_percent"],
                 **{k: counts[k] for k in ("n_samples", "n_flagged", "n_dropped", "n_released")},
                 "privacy_of_these_figures": "computed from the private images: not covered by ε",
             },
@@ -303,8 +305,8 @@ def release(run_dir: RunDir, formats: list[str], report_dir: Path | None = None)
             "n_released": int(len(released.labels)),
         }
         if not released.private:
-            info["warning"] = privacy.get("warning", "NOT PRIVATE")
-        write_json_atomic(tmp / "release.json", info)
+            info["warning"] = privacy.warning or "NOT PRIVATE"
+        ReleaseRecord.model_validate(info).write(tmp / "release.json")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

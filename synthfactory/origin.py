@@ -24,6 +24,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .records import PrivacyRecord
 from .rundir import RunDir, read_json, write_json_atomic
 
 ORIGIN_FILE = "synthfactory_origin.json"
@@ -78,8 +79,8 @@ def read_origin(checkpoint: Path) -> dict | None:
             f"{checkpoint} lies in the run directory {run.root}, which has not finished training; "
             "what it was trained on cannot be told"
         )
-    privacy = read_json(run.privacy)
-    return trained_origin(run.run_id, privacy["data_manifest_sha256"], privacy)
+    privacy = PrivacyRecord.read(run.privacy)
+    return trained_origin(run.run_id, privacy.data_manifest_sha256, privacy.to_dict())
 
 
 def _training_hashes(run: RunDir) -> set[str] | None:

@@ -4,18 +4,16 @@ recomputed except the hashes of files on disk."""
 
 from __future__ import annotations
 
+from .records import PrivacyRecord, RunRecords
 from .rundir import RunDir, folder_sha256, read_json
 
 
-def _maybe(path) -> dict | None:
-    return read_json(path) if path.exists() else None
-
-
 def lineage(run_dir: RunDir) -> dict:
-    info = run_dir.info()
+    run = RunRecords.read(run_dir)
+    info = run.info
     if not info:
         raise FileNotFoundError(f"{run_dir.root}: not a run directory (no run.json)")
-    stages = info.get("stages", {})
+    stages = run.stages
     out: dict = {
         "run_id": run_dir.run_id,
         "created": info.get("created"),
@@ -27,7 +25,7 @@ def lineage(run_dir: RunDir) -> dict:
             "file": str(run_dir.recipe),
         },
     }
-    data = _maybe(run_dir.data_report)
+    data = read_json(run_dir.data_report) if run_dir.data_report.exists() else None
     if data:
         out["data"] = {
             "manifest_sha256": data["manifest_sha256"],
@@ -44,42 +42,50 @@ def lineage(run_dir: RunDir) -> dict:
             for name in ("unet", "unet_ema", "scheduler")
             if (final / name).is_dir()
         }
-    privacy = _maybe(run_dir.privacy)
+    privacy = run.privacy
     out["dp_secret"] = dp_secret(run_dir, privacy)
     if privacy:
         out["privacy"] = {
-            k: privacy.get(k)
-            for k in ("private", "epsilon", "delta", "accountant", "noise_multiplier", "sample_rate", "steps_taken",
-                      "max_grad_norm", "data_manifest_sha256", "recipe_sha256")
-        }  # fmt: skip
-    audit = _maybe(run_dir.audit_json)
+            "private": privacy.private,
+            "epsilon": privacy.epsilon,
+            "delta": privacy.delta,
+            "accountant": privacy.accountant,
+            "noise_multiplier": privacy.noise_multiplier,
+            "sample_rate": privacy.sample_rate,
+            "steps_taken": privacy.steps_taken,
+            "max_grad_norm": privacy.max_grad_norm,
+            "data_manifest_sha256": privacy.data_manifest_sha256,
+            "recipe_sha256": privacy.recipe_sha256,
+        }
+    audit = run.audit
     if audit:
         out["audit"] = {
-            "decision": audit["decision"],
-            "samples_sha256": audit["samples_sha256"],
-            "spaces": list(audit["spaces"]),
-            "n_samples": audit["summary"]["n_samples"],
-            "n_flagged": audit["summary"]["n_flagged"],
-            "n_released": audit["summary"]["n_released"],
+            "decision": audit.decision,
+            "samples_sha256": audit.samples_sha256,
+            "spaces": list(audit.spaces),
+            "n_samples": audit.summary["n_samples"],
+            "n_flagged": audit.summary["n_flagged"],
+            "n_released": audit.summary["n_released"],
             "report": stages.get("audit", {}).get("report"),
-            "mia_auc": (audit.get("membership_inference") or {}).get("auc"),
-            "canary_epsilon_lower_bound": (audit.get("canary_audit") or {}).get("epsilon_lower_bound"),
+            "mia_auc": audit.mia_auc,
+            "canary_epsilon_lower_bound": audit.canary_epsilon_lower_bound,
         }
     release = stages.get("release")
     if release:
-        rel = _maybe(run_dir.release_dir(bool((privacy or {}).get("private"))) / "release.json") or {}
+        rel = run.release
         out["release"] = {
             "folder": release.get("folder"),
-            "n_released": rel.get("n_released"),
-            "formats": rel.get("formats"),
+            "n_released": rel.n_released if rel else None,
+            "formats": rel.formats if rel else None,
         }
-    publish = _maybe(run_dir.root / "publish.json")
-    if publish:
-        out["published"] = publish
+    publish = run_dir.root / "publish.json"
+    published = read_json(publish) if publish.exists() else None
+    if published:
+        out["published"] = published
     return out
 
 
-def dp_secret(run_dir: RunDir, privacy: dict | None) -> str:
+def dp_secret(run_dir: RunDir, privacy: PrivacyRecord | None) -> str:
     """Whether the run directory still holds the seed and generator states of the DP noise and
     sampling (checkpoints/train_state.pt, its own or an audit model's): only while training runs."""
     held = sorted(str(p.relative_to(run_dir.root)) for p in run_dir.root.rglob("train_state.pt"))
@@ -90,8 +96,8 @@ def dp_secret(run_dir: RunDir, privacy: dict | None) -> str:
         )
     if privacy is None:
         return "none: not trained yet"
-    if privacy.get("mechanism", "").startswith("DP-SGD") and not privacy["private"]:
+    if privacy.mechanism.startswith("DP-SGD") and not privacy.private:
         return "none to keep: the DP noise was seeded from the recipe (privacy.noise_seed): NOT PRIVATE"
-    if not privacy["private"]:
+    if not privacy.private:
         return "none: trained without DP"
     return "gone: deleted when training finished (checkpoints/train_state.pt removed)"

@@ -25,7 +25,8 @@ from pathlib import Path
 import yaml
 
 from . import __version__
-from .rundir import RunDir, read_json, write_json_atomic
+from .records import AuditRecord, PrivacyRecord
+from .rundir import RunDir, write_json_atomic
 
 
 class PublishRefused(RuntimeError):
@@ -48,24 +49,24 @@ def check_publishable(
     PublishRefused when the run may not be published."""
     if not run_dir.privacy.exists() or not run_dir.audit_json.exists():
         raise PublishRefused(f"{run_dir.root}: not trained and audited yet; nothing to publish")
-    privacy, audit = read_json(run_dir.privacy), read_json(run_dir.audit_json)
+    privacy, audit = PrivacyRecord.read(run_dir.privacy), AuditRecord.read(run_dir.audit_json)
     warnings = []
-    if not privacy["private"]:
-        why = privacy.get("warning", "NOT PRIVATE: this run was trained WITHOUT differential privacy")
+    if not privacy.private:
+        why = privacy.warning or "NOT PRIVATE: this run was trained WITHOUT differential privacy"
         if not force_not_private:
             raise PublishRefused(
                 f"{why}. Publishing it could leak the private images. Pass --force-not-private to "
                 "publish anyway (the card will say so)"
             )
         warnings.append(f"{why}.")
-    if audit["decision"] == "block":
+    if audit.decision == "block":
         if not force_blocked:
             raise PublishRefused(
-                f"the memorization audit blocked this release ({audit['summary']['n_flagged']} suspected "
+                f"the memorization audit blocked this release ({audit.summary['n_flagged']} suspected "
                 "copies). Pass --force-blocked to publish the samples that passed anyway (the card will say so)"
             )
         warnings.append(
-            f"AUDIT BLOCKED: the memorization audit flagged {audit['summary']['n_flagged']} samples "
+            f"AUDIT BLOCKED: the memorization audit flagged {audit.summary['n_flagged']} samples "
             "and decided to block this release; it was published anyway, without those samples."
         )
     return warnings
@@ -75,14 +76,14 @@ def _fmt(x, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def _guarantee_lines(privacy: dict, audit: dict, n_released: int) -> list[str]:
+def _guarantee_lines(privacy: PrivacyRecord, summary: dict, n_released: int) -> list[str]:
     """The DP statement of a private run: the mechanism in numbers, what ε covers and what not."""
-    s = audit["summary"]
-    composed, warm = privacy.get("composed_with"), privacy.get("warm_start")
+    s = summary
+    composed, warm = privacy.composed_with, privacy.warm_start
     lines = [
         f"The generator was trained with DP-SGD (Opacus): each example's gradient clipped to norm "
-        f"{privacy['max_grad_norm']:g}, Gaussian noise with multiplier σ = {privacy['noise_multiplier']:.4f}, "
-        f"Poisson sampling at rate q = {privacy['sample_rate']:.4g}, {privacy['steps_taken']} steps"
+        f"{privacy.max_grad_norm:g}, Gaussian noise with multiplier σ = {privacy.noise_multiplier:.4f}, "
+        f"Poisson sampling at rate q = {privacy.sample_rate:.4g}, {privacy.steps_taken} steps"
         + (
             f", starting from the weights of an earlier DP run on the same data (its ε "
             f"{composed['epsilon_alone']:.3f} alone; the figure below is the composed one)"
@@ -96,16 +97,16 @@ def _guarantee_lines(privacy: dict, audit: dict, n_released: int) -> list[str]:
             if warm
             else ""
         )
-        + f". The {privacy['accountant'].upper()} accountant gives **(ε = {privacy['epsilon']:.3f}, "
-        f"δ = {privacy['delta']:g})**-differential privacy at the level of one training image "
-        f"(target ε {privacy['target_epsilon']:g}; the other accountant: "
-        + ", ".join(f"{k} {v:.3f}" for k, v in privacy.get("epsilon_other_accountant", {}).items())
+        + f". The {privacy.accountant.upper()} accountant gives **(ε = {privacy.epsilon:.3f}, "
+        f"δ = {privacy.delta:g})**-differential privacy at the level of one training image "
+        f"(target ε {privacy.target_epsilon:g}; the other accountant: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in privacy.epsilon_other_accountant.items())
         + ").",
         "",
         "**What ε covers.** The generator's weights, and every image it drew: all "
         f"{s['n_samples']} samples, generated from public seeds before the audit. Whether or not any "
         "single patient image was in the training set changes the probability of any such outcome by "
-        f"at most a factor e^{privacy['epsilon']:.2f}, except with probability δ. Each column of this "
+        f"at most a factor e^{privacy.epsilon:.2f}, except with probability δ. Each column of this "
         "dataset (image, label, run id, sample seed, sample index) is such an outcome.",
         "",
         f"**What ε does not cover.** Which samples were released: the memorization audit compared "
@@ -113,10 +114,10 @@ def _guarantee_lines(privacy: dict, audit: dict, n_released: int) -> list[str]:
         f"them ({n_released} released), so the selection depends on those images beyond ε; and the "
         "audit statistics below (thresholds, distance percentiles, counts, the data-copying test, the "
         "membership attack), computed from the private images. In full: "
-        + "; ".join(privacy.get("not_covered_by_epsilon", []))
+        + "; ".join(privacy.not_covered_by_epsilon)
         + ".",
         "",
-        "Treated as public: " + "; ".join(privacy.get("public_inputs", [])) + ".",
+        "Treated as public: " + "; ".join(privacy.public_inputs) + ".",
         "",
     ]
     return lines
@@ -128,7 +129,7 @@ def dataset_card(run_dir: RunDir, counts: dict[str, int], warnings: list[str] | 
     from huggingface_hub import DatasetCard, DatasetCardData
 
     recipe = yaml.safe_load(run_dir.recipe.read_text())
-    privacy, audit = read_json(run_dir.privacy), read_json(run_dir.audit_json)
+    privacy, audit = PrivacyRecord.read(run_dir.privacy), AuditRecord.read(run_dir.audit_json)
     info = run_dir.info()
     modality = recipe["modality"]
     model = recipe.get("model", {})
@@ -146,14 +147,14 @@ def dataset_card(run_dir: RunDir, counts: dict[str, int], warnings: list[str] | 
     for w in warnings or []:
         lines.append(f"**WARNING: {w}**")
         lines.append("")
-    s = audit["summary"]
+    s = audit.summary
     lines += [
         f"# Synthetic {MODALITY_WORDS[modality]} images: {recipe['name']}",
         "",
-        f"{n} **synthetic** {MODALITY_WORDS[modality]} images ({audit['data']['image_size'][0]}×"
-        f"{audit['data']['image_size'][1]}, 8-bit grayscale) in {len(counts)} classes, generated by "
+        f"{n} **synthetic** {MODALITY_WORDS[modality]} images ({audit.data['image_size'][0]}×"
+        f"{audit.data['image_size'][1]}, 8-bit grayscale) in {len(counts)} classes, generated by "
         "synthfactory from a class-conditional diffusion model trained "
-        + ("with differentially private SGD" if privacy["private"] else "**without a privacy guarantee**")
+        + ("with differentially private SGD" if privacy.private else "**without a privacy guarantee**")
         + " on "
         + (
             "synthfactory's built-in phantom images (a demonstration; no patient data)"
@@ -171,12 +172,12 @@ def dataset_card(run_dir: RunDir, counts: dict[str, int], warnings: list[str] | 
         f"- model: diffusers `UNet2DModel`, block channels {model.get('block_out_channels')}, "
         f"{model.get('num_train_timesteps', 1000)} training timesteps, `{model.get('beta_schedule', 'squaredcos_cap_v2')}` "
         "schedule, ε-prediction, class-conditional",
-        f"- training: {privacy['steps_taken']} steps, expected batch {privacy['expected_batch_size']}, "
-        f"{privacy['n_train']} private training images"
+        f"- training: {privacy.steps_taken} steps, expected batch {privacy.expected_batch_size}, "
+        f"{privacy.n_train} private training images"
         + (
-            f", after {privacy['warm_start']['steps']} pre-training steps on the DP warm start's "
+            f", after {privacy.warm_start['steps']} pre-training steps on the DP warm start's "
             "class-mean images"
-            if privacy.get("warm_start")
+            if privacy.warm_start
             else ""
         ),
         f"- sampler: DDIM, {sampling.get('ddim_steps')} steps, guidance scale {sampling.get('guidance_scale', 1.0)}, "
@@ -185,29 +186,29 @@ def dataset_card(run_dir: RunDir, counts: dict[str, int], warnings: list[str] | 
         "## Privacy guarantee",
         "",
     ]
-    if privacy["private"]:
-        lines += _guarantee_lines(privacy, audit, n)
+    if privacy.private:
+        lines += _guarantee_lines(privacy, audit.summary, n)
     else:
-        lines += [f"**None.** {privacy.get('warning', 'NOT PRIVATE')}.", ""]
-    c = audit["calibration"]
-    mia = audit.get("membership_inference") or {}
-    dc = audit.get("data_copying") or {}
-    ca = audit.get("canary_audit") or {}
+        lines += [f"**None.** {privacy.warning or 'NOT PRIVATE'}.", ""]
+    c = audit.calibration
+    mia = audit.membership_inference or {}
+    dc = audit.data_copying or {}
+    ca = audit.canary_audit or {}
     lines += [
         "## Memorization audit",
         "",
         "The figures in this section are computed from the private images and are not covered by ε.",
         "",
         f"Every generated sample was compared with its nearest real training image in "
-        f"{len(audit['spaces'])} similarity spaces ({', '.join(audit['spaces'])}); a sample closer than "
+        f"{len(audit.spaces)} similarity spaces ({', '.join(audit.spaces)}); a sample closer than "
         f"the {c['false_alarm_target_percent']:g} % most extreme held-out real images in any space is a "
-        f"suspected copy (action `{audit['action']}`). Generated {s['n_samples']}, suspected copies "
-        f"{s['n_flagged']}, dropped {s['n_dropped']}, released {s['n_released']}; decision **{audit['decision']}**.",
+        f"suspected copy (action `{audit.action}`). Generated {s['n_samples']}, suspected copies "
+        f"{s['n_flagged']}, dropped {s['n_dropped']}, released {s['n_released']}; decision **{audit.decision}**.",
         "",
         "Flagged when (global thresholds; per class where a class had enough held-out images): "
         + ", ".join(
             f"{n} {'>' if sp['closer_is'] == 'higher' else '<'} {sp['threshold']:.4g}"
-            for n, sp in audit["spaces"].items()
+            for n, sp in audit.spaces.items()
         )
         + f"; {c['heldout_near_duplicates']} held-out near-copies of training images left out of the calibration.",
         "",
@@ -229,12 +230,12 @@ def dataset_card(run_dir: RunDir, counts: dict[str, int], warnings: list[str] | 
     if mia.get("nonprivate_reference"):
         lines += ["", "The non-private reference's figures come from a model trained without DP on the "
                   "private images (never released): they are not covered by ε."]  # fmt: skip
-    if ca and privacy["private"] and ca.get("accountant_epsilon") is not None:
+    if ca and privacy.private and ca.get("accountant_epsilon") is not None:
         lines += [
             "",
             f"The canary figure comes from a second DP training run on the same private images "
             f"(accountant ε {ca['accountant_epsilon']:.3f}, never released): the dataset and the canary "
-            f"figure together are covered by ε = {privacy['epsilon'] + ca['accountant_epsilon']:.3f} by "
+            f"figure together are covered by ε = {privacy.epsilon + ca['accountant_epsilon']:.3f} by "
             "basic composition; the dataset alone by the released model's ε.",
         ]
     lines += [
@@ -260,15 +261,15 @@ def dataset_card(run_dir: RunDir, counts: dict[str, int], warnings: list[str] | 
         "- Not intended: diagnosis, clinical validation, or estimating disease prevalence.",
         "- Image quality is limited by the privacy budget and the model size; measure utility on your task "
         "(the run's TSTR/TRTR figures are in the synthfactory report).",
-        f"- Memorization audit: {audit['limits'][0]} It reads the private images (see 'Not covered by ε').",
+        f"- Memorization audit: {audit.limits[0]} It reads the private images (see 'Not covered by ε').",
         "",
         "## Reproduce",
         "",
-        f"- recipe: `recipe.yaml` in this repository (sha256 `{privacy['recipe_sha256']}`)",
+        f"- recipe: `recipe.yaml` in this repository (sha256 `{privacy.recipe_sha256}`)",
         f"- synthfactory {__version__}; run `{run_dir.run_id}`; "
         + ", ".join(f"{k} {v}" for k, v in info.get("versions", {}).items() if k != "synthfactory"),
         "- `synthfactory run recipe.yaml` with the same data reproduces the pipeline"
-        + (" (DP noise is drawn from a secret seed, so the images differ)" if privacy["private"] else ""),
+        + (" (DP noise is drawn from a secret seed, so the images differ)" if privacy.private else ""),
         "",
         "```python",
         "from datasets import load_dataset",
@@ -307,10 +308,10 @@ def release_dataset(
 
     from .export import audited_set, write_hf
 
-    privacy = read_json(run_dir.privacy)
-    folder = run_dir.release_dir(privacy["private"]) / "dataset"
+    privacy = PrivacyRecord.read(run_dir.privacy)
+    folder = run_dir.release_dir(privacy.private) / "dataset"
     if not folder.is_dir():
-        if read_json(run_dir.audit_json)["decision"] != "block" or scratch is None:
+        if AuditRecord.read(run_dir.audit_json).decision != "block" or scratch is None:
             raise PublishRefused(f"{folder}: no released dataset; run the release stage first")
         write_hf(audited_set(run_dir, allow_blocked=True)[0], scratch)
         folder = scratch / "dataset"
@@ -455,7 +456,7 @@ def model_card(run_dir: RunDir, warnings: list[str] | None = None) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     recipe = yaml.safe_load(run_dir.recipe.read_text())
-    privacy = read_json(run_dir.privacy)
+    privacy = PrivacyRecord.read(run_dir.privacy)
     index = json.loads((run_dir.final_checkpoint / "model_index.json").read_text())
     modality, data = recipe["modality"], recipe["data"]
     words = MODALITY_WORDS[modality]
@@ -489,24 +490,24 @@ def model_card(run_dir: RunDir, warnings: list[str] | None = None) -> str:
         "## Privacy guarantee",
         "",
     ]
-    if privacy["private"]:
+    if privacy.private:
         lines += [
-            f"Trained with DP-SGD (Opacus): per-example gradients clipped to norm {privacy['max_grad_norm']:g}, "
-            f"Gaussian noise multiplier σ = {privacy['noise_multiplier']:.4f}, Poisson sampling at rate "
-            f"q = {privacy['sample_rate']:.4g}, {privacy['steps_taken']} steps. The "
-            f"{privacy['accountant'].upper()} accountant gives **(ε = {privacy['epsilon']:.3f}, "
-            f"δ = {privacy['delta']:g})**-differential privacy at the level of one training image, "
+            f"Trained with DP-SGD (Opacus): per-example gradients clipped to norm {privacy.max_grad_norm:g}, "
+            f"Gaussian noise multiplier σ = {privacy.noise_multiplier:.4f}, Poisson sampling at rate "
+            f"q = {privacy.sample_rate:.4g}, {privacy.steps_taken} steps. The "
+            f"{privacy.accountant.upper()} accountant gives **(ε = {privacy.epsilon:.3f}, "
+            f"δ = {privacy.delta:g})**-differential privacy at the level of one training image, "
             "with everything else the run learned from the private images composed into it.",
             "",
             "**In words:** whether or not any single patient image was in the training set changes the "
             f"probability of these weights, and of anything generated from them, by at most a factor "
-            f"e^{privacy['epsilon']:.2f}, except with probability δ. This repository holds nothing else "
+            f"e^{privacy.epsilon:.2f}, except with probability δ. This repository holds nothing else "
             "computed from the private images: no audit figure, no count, no data hash.",
             "",
-            "Treated as public: " + "; ".join(privacy.get("public_inputs", [])) + ".",
+            "Treated as public: " + "; ".join(privacy.public_inputs) + ".",
         ]
     else:
-        lines += [f"**None.** {privacy.get('warning', 'NOT PRIVATE')}."]
+        lines += [f"**None.** {privacy.warning or 'NOT PRIVATE'}."]
     use_ema = "its EMA weights (`unet_ema`)" if index.get("use_ema") else "its last weights (`unet`)"
     lines += [
         "",

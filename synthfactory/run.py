@@ -26,6 +26,7 @@ from .export import release
 from .model import load_unet, resolve_device, uses_ema
 from .origin import CheckpointRefused, CheckpointUse, checkpoint_use
 from .recipe import Recipe, RecipeError, check_against_data, load_recipe
+from .records import RunRecords
 from .rundir import STAGES, RunDir, new_run_id, read_json, write_json_atomic
 from .sample import generate, merge_shards
 from .train import (
@@ -331,44 +332,42 @@ def run_remaining(checked: CheckedRecipe, run_dir: RunDir, opts: StageOptions) -
 
 def summary(run_dir: RunDir) -> dict:
     """What the CLI prints at the end: read back from the run directory, never recomputed."""
-    info = run_dir.info()
+    run = RunRecords.read(run_dir)
     out: dict = {
         "run_dir": str(run_dir.root),
         "run_id": run_dir.run_id,
-        "stages": list(info.get("stages", {})),
+        "stages": list(run.stages),
     }
-    if run_dir.privacy.exists():
-        out["privacy"] = read_json(run_dir.privacy)
-    if run_dir.audit_json.exists():
-        audit = read_json(run_dir.audit_json)
+    if run.privacy:
+        out["privacy"] = run.privacy
+    audit = run.audit
+    if audit:
         out["audit"] = {
-            "decision": audit["decision"],
-            "spaces": list(audit["spaces"]),
-            "false_alarm_percent": audit["calibration"]["false_alarm_target_percent"],
-            "heldout_near_duplicates": audit["calibration"]["heldout_near_duplicates"],
-            "c_t": (audit.get("data_copying") or {}).get("c_t"),
-            "mia_auc": (audit.get("membership_inference") or {}).get("auc"),
-            "mia_auc_nonprivate": (
-                (audit.get("membership_inference") or {}).get("nonprivate_reference") or {}
-            ).get("auc"),
-            "canary_epsilon_lower_bound": (audit.get("canary_audit") or {}).get("epsilon_lower_bound"),
-            "canary_accountant_epsilon": (audit.get("canary_audit") or {}).get("accountant_epsilon"),
-            **audit["summary"],
+            "decision": audit.decision,
+            "spaces": list(audit.spaces),
+            "false_alarm_percent": audit.calibration["false_alarm_target_percent"],
+            "heldout_near_duplicates": audit.calibration["heldout_near_duplicates"],
+            "c_t": (audit.data_copying or {}).get("c_t"),
+            "mia_auc": audit.mia_auc,
+            "mia_auc_nonprivate": audit.mia_auc_nonprivate,
+            "canary_epsilon_lower_bound": audit.canary_epsilon_lower_bound,
+            "canary_accountant_epsilon": audit.canary_accountant_epsilon,
+            **audit.summary,
         }
-        out["report"] = info.get("stages", {}).get("audit", {}).get("report")
-    rel = info.get("stages", {}).get("release")
+        out["report"] = run.stages.get("audit", {}).get("report")
+    rel = run.stages.get("release")
     if rel:
         out["release"] = rel["folder"]
-    if run_dir.evaluation.exists():
-        ev = read_json(run_dir.evaluation)
+    ev = run.evaluation
+    if ev:
         out["evaluation"] = {
-            "tstr": ev["tstr"]["accuracy"],
-            "trtr": ev["trtr"]["accuracy"],
-            "ratio": ev["tstr_over_trtr_accuracy"],
-            "above_chance": ev.get("tstr_over_trtr_above_chance"),
-            "chance": ev["tstr"]["chance_accuracy"],
-            "fd": ev["fidelity"]["frechet_distance"],
-            "fd_real": ev["fidelity"]["frechet_distance_real_train_vs_heldout"],
+            "tstr": ev.tstr["accuracy"],
+            "trtr": ev.trtr["accuracy"],
+            "ratio": ev.tstr_over_trtr_accuracy,
+            "above_chance": ev.tstr_over_trtr_above_chance,
+            "chance": ev.tstr["chance_accuracy"],
+            "fd": ev.fidelity["frechet_distance"],
+            "fd_real": ev.fidelity["frechet_distance_real_train_vs_heldout"],
         }
     return out
 

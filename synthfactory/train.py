@@ -60,6 +60,7 @@ from .pipeline import ClassConditionalPipeline
 from .privacy import PrivateTraining, calibrate_noise, epsilon_of, make_private, opacus_version
 from .progress import progress_bar
 from .recipe import Recipe, RecipeError
+from .records import PRIVACY_SCHEMA, PrivacyRecord
 from .rundir import RunDir, atomic_path, folder_sha256, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -283,6 +284,7 @@ def privacy_record(
         if not recipe.private:
             mechanism += "; noise and sampling SEEDED from the recipe (privacy.noise_seed): NOT PRIVATE"
     rec = {
+        "schema": PRIVACY_SCHEMA,
         "private": recipe.private,
         "mechanism": mechanism,
         "n_train": int(len(images.train_labels)),
@@ -571,15 +573,15 @@ def _check_same_run(path: Path, recipe_sha256: str, manifest_sha256: str, recipe
 
 def _finished_result(recipe: Recipe, images: ImageSet, run_dir: RunDir) -> TrainResult:
     """The recorded result of a finished run (nothing is trained again)."""
-    record = read_json(run_dir.privacy)
-    _check_same_run(run_dir.privacy, record["recipe_sha256"], record["data_manifest_sha256"], recipe, images)
+    record = PrivacyRecord.read(run_dir.privacy)
+    _check_same_run(run_dir.privacy, record.recipe_sha256, record.data_manifest_sha256, recipe, images)
     log.info("training of %s finished earlier; not training again", run_dir.root)
     return TrainResult(
-        steps=record["steps_taken"],
-        epsilon=record["epsilon"],
+        steps=record.steps_taken,
+        epsilon=record.epsilon,
         checkpoint=run_dir.final_checkpoint,
-        privacy=record,
-        seconds=record.get("train_seconds", 0.0),
+        privacy=record.to_dict(),
+        seconds=record.train_seconds,
     )
 
 
@@ -886,7 +888,7 @@ def _finish(job: _Job, state: TrainState, trainable: dict, seconds: float) -> Tr
     if job.dist.main:
         origin = trained_origin(run_dir.run_id, job.images.manifest_sha256(), record)
         save_final(model, state.ema, job.scheduler, run_dir.final_checkpoint, info, origin)
-        write_json_atomic(run_dir.privacy, record)
+        PrivacyRecord.model_validate(record).write(run_dir.privacy)
         run_dir.train_state.unlink(missing_ok=True)  # the DP secret: a finished run needs no resume
     barrier(job.dist)
     return TrainResult(

@@ -25,7 +25,8 @@ from ..data.common import random_subset
 from ..distributed import Dist, from_env
 from ..model import load_generator, resolve_device, uses_ema
 from ..recipe import AuditConfig, Recipe
-from ..rundir import RunDir, read_json, write_json_atomic
+from ..records import AUDIT_SCHEMA, AuditRecord, PrivacyRecord
+from ..rundir import RunDir
 from ..sample import Samples, uint8_to_model_range
 from .copying import data_copying_test, neighbour_ratios
 from .gate import Calibration, calibrate, decide, ordinal
@@ -35,7 +36,7 @@ from .nearest import knn_distances_sharded, nearest_neighbours
 from .report import write_reports
 from .spaces import SPACES, describe, search, search_sharded
 
-SCHEMA = "synthfactory.audit/v2"
+SCHEMA = AUDIT_SCHEMA
 
 __all__ = ["AuditResult", "run_audit", "nearest_neighbours", "near_copies", "calibrate", "quantize", "SPACES"]
 
@@ -287,7 +288,7 @@ def run_audit(
     started = time.perf_counter()
     dist = from_env(resolve_device(recipe.training.device).type)
     samples = Samples.load(run_dir.samples)
-    privacy = read_json(run_dir.privacy)
+    privacy = PrivacyRecord.read(run_dir.privacy)
     cfg = recipe.audit
     train_u8 = quantize(images.train_images)
     if samples.images.shape[1:] != train_u8.shape[1:]:
@@ -357,7 +358,7 @@ def run_audit(
         "recipe_sha256": recipe.sha256(),
         "modality": recipe.modality,
         "samples_sha256": samples.sha256(),
-        "privacy": {k: privacy[k] for k in PRIVACY_KEYS if k in privacy},
+        "privacy": privacy.pick(PRIVACY_KEYS),
         "data": {
             "n_train": int(len(train_u8)),
             "n_heldout": int(len(images.heldout_labels)),
@@ -463,7 +464,7 @@ def run_audit(
         **{f"{n}_score": synth[n][1] for n in cfg.spaces},
         **{f"{n}_background": background[n] for n in cfg.spaces},
     )
-    write_json_atomic(run_dir.audit_json, audit)
+    AuditRecord.model_validate(audit).write(run_dir.audit_json)
     report_dir = (audit_root or recipe.outputs.audit_dir) / recipe.name / run_dir.run_id
     write_reports(
         report_dir,

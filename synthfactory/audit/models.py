@@ -22,6 +22,7 @@ import numpy as np
 from ..data import ImageSet
 from ..model import load_generator, load_unet, uses_ema
 from ..recipe import PrivacyConfig, Recipe
+from ..records import PrivacyRecord
 from ..rundir import RunDir, atomic_path, read_json, write_json_atomic
 from ..train import initial_model, train
 from .canary import audit_scores, canary_scores, draw_inclusion, make_canaries, with_canaries
@@ -91,22 +92,22 @@ def run_canary_audit(recipe: Recipe, run_dir: RunDir, images: ImageSet, progress
     own_loss = denoising_losses(model, scheduler, canaries, own, ts, cfg.seed)
     base_loss = denoising_losses(model, scheduler, canaries, np.full(cfg.m, baseline_label), ts, cfg.seed)
     scores = canary_scores(own_loss, base_loss)
-    privacy = result.privacy
+    privacy = PrivacyRecord.model_validate(result.privacy)  # the canary run's privacy.json
     # Without DP there is no δ to honour: the bound is then for pure ε-DP (δ = 0), what the
     # canaries show the non-private training leaks.
-    bound = audit_scores(scores, included, privacy["delta"] or 0.0, cfg.confidence)
+    bound = audit_scores(scores, included, privacy.delta or 0.0, cfg.confidence)
     out = {
         **bound,
-        "accountant_epsilon": privacy["epsilon"],
-        "accountant": privacy.get("accountant"),
-        "released_model_epsilon": read_json(run_dir.privacy).get("epsilon"),
+        "accountant_epsilon": privacy.epsilon,
+        "accountant": privacy.accountant,
+        "released_model_epsilon": PrivacyRecord.read(run_dir.privacy).epsilon,
         "canary_run": {
-            "n_train": privacy["n_train"],
-            "sample_rate": privacy["sample_rate"],
-            "noise_multiplier": privacy.get("noise_multiplier"),
-            "steps": privacy["steps_taken"],
-            "max_grad_norm": privacy.get("max_grad_norm"),
-            "train_seconds": privacy.get("train_seconds"),
+            "n_train": privacy.n_train,
+            "sample_rate": privacy.sample_rate,
+            "noise_multiplier": privacy.noise_multiplier,
+            "steps": privacy.steps_taken,
+            "max_grad_norm": privacy.max_grad_norm,
+            "train_seconds": privacy.train_seconds,
         },
         "canaries": (
             f"{cfg.m} generated 8×8-cell black/white block patterns (seed {cfg.seed}), each with a "
@@ -128,9 +129,9 @@ def run_canary_audit(recipe: Recipe, run_dir: RunDir, images: ImageSet, progress
         ),
         "privacy_of_this_result": (
             "the canary model is a second DP training run on the same private images at the "
-            f"accountant ε above (δ {privacy['delta']:g}); publishing these figures with the "
+            f"accountant ε above (δ {privacy.delta:g}); publishing these figures with the "
             "dataset composes with the released model's guarantee (basic composition: the ε add up)"
-            if privacy["private"]
+            if privacy.private
             else "NOT PRIVATE: the canary model was trained without DP on the private images; "
             "these figures are not covered by any ε"
         ),

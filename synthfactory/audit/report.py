@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..rundir import write_json_atomic  # noqa: E402
+from ..records import AuditRecord  # noqa: E402
 from .gate import ordinal  # noqa: E402
 
 INTERNAL_BANNER = "INTERNAL: SHOWS REAL TRAINING IMAGES. NEVER RELEASE."
@@ -286,7 +286,7 @@ def write_reports(
     """Everything under privacy_audits/<recipe>/<run id>/."""
     internal = out_dir / "internal"
     internal.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "audit.json", public_audit(audit))
+    AuditRecord.model_validate(public_audit(audit)).write(out_dir / "audit.json")
     figures = {"distances": _save(space_histograms(audit, background, synth), out_dir / "distances.png")}
     if audit.get("membership_inference"):
         figures["membership_roc"] = _save(
