@@ -12,11 +12,11 @@ from typing import Annotated
 
 import typer
 
+from .distributed import launched
 from .export import ReleaseRefused
 from .recipe import RecipeError, parse_override
 from .records import PrivacyRecord
 from .run import StageOptions, check, create_run, open_run, run_remaining, run_stage, summary
-from .rundir import is_rank_zero
 
 app = typer.Typer(
     add_completion=False,
@@ -59,7 +59,7 @@ def _guard(fn, *args, **kwargs):
 
 
 def _print_summary(run_path: Path) -> None:
-    if not is_rank_zero():  # torchrun: rank 0 speaks for the job
+    if not launched().main:  # torchrun: rank 0 speaks for the job
         return
     from .rundir import RunDir
 

@@ -46,6 +46,17 @@ class Dist:
         return a, a + base + (1 if r < extra else 0)
 
 
+def launched() -> Dist:
+    """This process's place in a torchrun job from its environment alone, without joining the
+    process group: for code that runs before the group exists or never needs it (run.json
+    writes, printing). `Dist.main` is the one notion of rank 0 either way."""
+    return Dist(
+        rank=int(os.environ.get("RANK", "0")),
+        world=int(os.environ.get("WORLD_SIZE", "1")),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )
+
+
 def from_env(device_type: str = "cpu") -> Dist:
     """Join the process group torchrun describes (if any). Idempotent."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

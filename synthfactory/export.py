@@ -15,7 +15,6 @@ guarantee (no DP-SGD, or seeded DP noise) is released under release-NOT-PRIVATE/
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from PIL import Image
 
 from . import __version__
 from .records import RELEASE_SCHEMA, AuditRecord, PrivacyRecord, ReleaseRecord
-from .rundir import RunDir, atomic_path
+from .rundir import RunDir, atomic_directory
 from .sample import Samples, StoreImages
 
 
@@ -270,9 +269,8 @@ def release(run_dir: RunDir, formats: list[str], report_dir: Path | None = None)
     released, audit = audited_set(run_dir)
     privacy = PrivacyRecord.read(run_dir.privacy)
     final = run_dir.release_dir(released.private)
-    tmp = atomic_path(final)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(final) as tmp:
+        tmp.mkdir(parents=True)
         for fmt in formats:
             WRITERS[fmt](released, tmp)
         write_grid(released, tmp / "sample_grid.png")
@@ -307,10 +305,4 @@ def release(run_dir: RunDir, formats: list[str], report_dir: Path | None = None)
         if not released.private:
             info["warning"] = privacy.warning or "NOT PRIVATE"
         ReleaseRecord.model_validate(info).write(tmp / "release.json")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final, info

@@ -47,21 +47,21 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .distributed import launched
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 STAGES = ("data", "pretrain", "train", "sample", "audit_models", "audit", "release", "evaluate")
-
-
-def is_rank_zero() -> bool:
-    """True outside torchrun and on its rank 0: only that process writes run.json and prints."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -86,6 +86,22 @@ def atomic_path(path: Path) -> Path:
     """A temporary sibling path to write to before `os.replace(tmp, path)`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+@contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Build a folder under a temporary sibling name and move it into place only when the block
+    ends without an error (replacing any earlier folder); on an error the half-built folder is
+    removed. Readers see the old folder or the complete new one, never a partial one."""
+    tmp = atomic_path(final)
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def folder_sha256(folder: Path) -> str:
@@ -193,7 +209,7 @@ class RunDir:
         return read_json(self.run_json) if self.run_json.exists() else {}
 
     def mark_done(self, stage: str, **details: Any) -> None:
-        if not is_rank_zero():
+        if not launched().main:
             return
         info = self.info()
         info.setdefault("stages", {})[stage] = {
@@ -207,7 +223,7 @@ class RunDir:
 
     def invalidate_from(self, stage: str) -> None:
         """Forget `stage` and every later stage (they rest on its outputs)."""
-        if not is_rank_zero():
+        if not launched().main:
             return
         info = self.info()
         later = STAGES[STAGES.index(stage) :]

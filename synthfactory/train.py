@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -61,7 +60,7 @@ from .privacy import PrivateTraining, calibrate_noise, epsilon_of, make_private,
 from .progress import progress_bar
 from .recipe import Recipe, RecipeError
 from .records import PRIVACY_SCHEMA, PrivacyRecord
-from .rundir import RunDir, atomic_path, folder_sha256, read_json, write_json_atomic
+from .rundir import RunDir, atomic_directory, atomic_path, folder_sha256, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -388,19 +387,16 @@ def save_final(
     """checkpoints/final/{model_index.json, unet, unet_ema, scheduler, synthfactory.json}: a
     `ClassConditionalPipeline` folder, moved in atomically; each UNet folder carries its origin
     (what it was trained on, and how privately)."""
-    tmp = atomic_path(folder)
     ema_model = None
     if ema is not None:
         ema_model = UNet2DModel.from_config(model.config)
         ema.copy_to(ema_model.parameters())
     pipe = ClassConditionalPipeline(model, scheduler, ema_model, info["use_ema"], info["null_class"])
-    pipe.save_pretrained(tmp)  # model_index.json, unet/, unet_ema/, scheduler/ (safetensors)
-    for name in ("unet", "unet_ema") if ema is not None else ("unet",):
-        write_origin(tmp / name, origin)
-    write_json_atomic(tmp / "synthfactory.json", info)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    with atomic_directory(folder) as tmp:
+        pipe.save_pretrained(tmp)  # model_index.json, unet/, unet_ema/, scheduler/ (safetensors)
+        for name in ("unet", "unet_ema") if ema is not None else ("unet",):
+            write_origin(tmp / name, origin)
+        write_json_atomic(tmp / "synthfactory.json", info)
 
 
 @dataclass
@@ -437,13 +433,10 @@ def pretrain(
             {"private": recipe.private, "accountant_history": history, "delta": recipe.privacy.delta},
         )
     model.to("cpu").eval()
-    tmp = atomic_path(run_dir.pretrained)
-    model.save_pretrained(tmp / "unet")
-    write_origin(tmp / "unet", origin)
-    write_json_atomic(tmp / "pretrain.json", record)
-    if run_dir.pretrained.exists():
-        shutil.rmtree(run_dir.pretrained)
-    os.replace(tmp, run_dir.pretrained)
+    with atomic_directory(run_dir.pretrained) as tmp:
+        model.save_pretrained(tmp / "unet")
+        write_origin(tmp / "unet", origin)
+        write_json_atomic(tmp / "pretrain.json", record)
     return record
 
 

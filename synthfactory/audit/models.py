@@ -13,7 +13,6 @@ Each is an ordinary run directory of its own (checkpoints, privacy.json, train l
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 
@@ -23,7 +22,7 @@ from ..data import ImageSet
 from ..model import load_generator, load_unet, uses_ema
 from ..recipe import PrivacyConfig, Recipe
 from ..records import PrivacyRecord
-from ..rundir import RunDir, atomic_path, read_json, write_json_atomic
+from ..rundir import RunDir, atomic_directory, read_json, write_json_atomic
 from ..train import initial_model, train
 from .canary import audit_scores, canary_scores, draw_inclusion, make_canaries, with_canaries
 from .membership import denoising_losses
@@ -67,10 +66,9 @@ def _canary_pretraining(
         else:
             state[name] = value
     model.load_state_dict(state)
-    tmp = atomic_path(sub.pretrained)
-    model.save_pretrained(tmp / "unet")
-    shutil.copy(run_dir.pretrained / "pretrain.json", tmp / "pretrain.json")
-    os.replace(tmp, sub.pretrained)
+    with atomic_directory(sub.pretrained) as tmp:
+        model.save_pretrained(tmp / "unet")
+        shutil.copy(run_dir.pretrained / "pretrain.json", tmp / "pretrain.json")
 
 
 def run_canary_audit(recipe: Recipe, run_dir: RunDir, images: ImageSet, progress: bool) -> dict:
