@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,9 @@ from .report import write_reports
 from .spaces import SPACES, describe, search_sharded
 
 SCHEMA = AUDIT_SCHEMA
+
+# one space's search against the training images: (space, queries) → (nearest index, score)
+Find = Callable[[str, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def quantize(images: np.ndarray) -> np.ndarray:
@@ -204,7 +208,9 @@ def gate_scaled(
     return GateResult(bg, h_dist, background, synth, s_pixel, exact, cal, flags, flagged, seconds)
 
 
-def _calibration_background(find, heldout_f: np.ndarray, shape: tuple[int, int], rms: float):
+def _calibration_background(
+    find: Find, heldout_f: np.ndarray, shape: tuple[int, int], rms: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Which held-out images may calibrate the gate (bool), and every held-out image's pixel-L2
     distance to its nearest training image: those that are near-exact copies of a training image
     are left out (the split leaks there)."""
@@ -219,8 +225,13 @@ def _calibration_background(find, heldout_f: np.ndarray, shape: tuple[int, int],
 
 
 def _search_spaces(
-    find, spaces: list[str], heldout_f: np.ndarray, bg: np.ndarray, h_dist: np.ndarray, synth_f
-):
+    find: Find,
+    spaces: list[str],
+    heldout_f: np.ndarray,
+    bg: np.ndarray,
+    h_dist: np.ndarray,
+    synth_f: np.ndarray,
+) -> tuple[dict, dict, tuple[np.ndarray, np.ndarray], dict[str, float]]:
     """The nearest training image in each space: the background's scores, and each synthetic
     image's (nearest index, score); the synthetic images' pixel-L2 search (searched first, whether
     or not pixel_l2 is among the spaces), and the seconds each space took."""
