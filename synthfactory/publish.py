@@ -16,7 +16,6 @@ places (`HF_TOKEN`, `hf auth login`); synthfactory never prints or stores it.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from datetime import datetime, timezone
@@ -25,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from . import __version__
+from .model import uses_ema
 from .records import AuditRecord, PrivacyRecord
 from .rundir import RunDir, write_json_atomic
 
@@ -181,7 +181,7 @@ def dataset_card(run_dir: RunDir, counts: dict[str, int], warnings: list[str] | 
             else ""
         ),
         f"- sampler: DDIM, {sampling.get('ddim_steps')} steps, guidance scale {sampling.get('guidance_scale', 1.0)}, "
-        + ("EMA weights" if sampling.get("use_ema", True) else "last weights"),
+        + ("EMA weights" if uses_ema(run_dir.final_checkpoint) else "last weights"),
         "",
         "## Privacy guarantee",
         "",
@@ -457,7 +457,6 @@ def model_card(run_dir: RunDir, warnings: list[str] | None = None) -> str:
 
     recipe = yaml.safe_load(run_dir.recipe.read_text())
     privacy = PrivacyRecord.read(run_dir.privacy)
-    index = json.loads((run_dir.final_checkpoint / "model_index.json").read_text())
     modality, data = recipe["modality"], recipe["data"]
     words = MODALITY_WORDS[modality]
     meta = ModelCardData(
@@ -508,7 +507,9 @@ def model_card(run_dir: RunDir, warnings: list[str] | None = None) -> str:
         ]
     else:
         lines += [f"**None.** {privacy.warning or 'NOT PRIVATE'}."]
-    use_ema = "its EMA weights (`unet_ema`)" if index.get("use_ema") else "its last weights (`unet`)"
+    use_ema = (
+        "its EMA weights (`unet_ema`)" if uses_ema(run_dir.final_checkpoint) else "its last weights (`unet`)"
+    )
     lines += [
         "",
         "## Use",

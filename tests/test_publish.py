@@ -103,6 +103,25 @@ def test_card_renders_the_runs_own_numbers(released) -> None:
     assert privacy["data_manifest_sha256"] not in card  # a hash of the exact private set stays inside
 
 
+def test_cards_name_the_weights_the_checkpoint_samples_with(released) -> None:
+    """Both cards follow model_index.json's `use_ema` (what sampling used), not the recipe."""
+    import json
+
+    from synthfactory.publish import model_card
+
+    _, run_dir = released
+    index_path = run_dir.final_checkpoint / "model_index.json"
+    for use_ema, dataset_words, model_words in (
+        (True, "EMA weights", "its EMA weights"),
+        (False, "last weights", "its last weights"),
+    ):
+        index = json.loads(index_path.read_text())
+        index["use_ema"] = use_ema
+        index_path.write_text(json.dumps(index))
+        assert dataset_words in dataset_card(run_dir, {"lesion": 1}).split("## Generator")[1]
+        assert model_words in model_card(run_dir)
+
+
 def test_public_reports_hold_no_per_sample_figure(released) -> None:
     """The report folder (which may be committed or published) keeps every statistic but no
     sample's nearest training image, distance or score; the run directory keeps them."""
