@@ -59,8 +59,8 @@ def launched() -> Dist:
 
 def from_env(device_type: str = "cpu") -> Dist:
     """Join the process group torchrun describes (if any). Idempotent."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    env = launched()
+    if not env.enabled:
         return Dist()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
@@ -68,10 +68,9 @@ def from_env(device_type: str = "cpu") -> Dist:
         # alive can abort in the backend's threads ("terminate called without an active
         # exception", seen once in CI with gloo) and fail the whole torchrun job.
         atexit.register(_leave)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":
-        torch.cuda.set_device(local)
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local)
+        torch.cuda.set_device(env.local_rank)
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=env.local_rank)
 
 
 def _leave() -> None:

@@ -46,7 +46,6 @@ from .rundir import RunDir
 from .sample import uint8_to_model_range
 
 log = logging.getLogger(__name__)
-SCHEMA = EVALUATION_SCHEMA
 
 
 # --- the classifier -------------------------------------------------------------------------------
@@ -326,7 +325,7 @@ def evaluate(
     )
     privacy = PrivacyRecord.read(run_dir.privacy)
     evaluation = {
-        "schema": SCHEMA,
+        "schema": EVALUATION_SCHEMA,
         "synthfactory_version": __version__,
         "run_id": run_dir.run_id,
         "recipe_name": recipe.name,

@@ -156,7 +156,7 @@ class AuditRecord(Record):
     recipe_sha256: str
     """Hash of the run's validated recipe."""
     modality: str
-    """The images' modality (ct, mri, xray, ...)."""
+    """The images' modality (mri, ct or us)."""
     samples_sha256: str | None = None
     """Hash of the sample store the audit read (the release checks it is unchanged)."""
     privacy: dict[str, Any]

@@ -35,8 +35,6 @@ from .nearest import knn_distances_sharded
 from .report import write_reports
 from .spaces import SPACES, describe, search_sharded
 
-SCHEMA = AUDIT_SCHEMA
-
 # one space's search against the training images: (space, queries) → (nearest index, score)
 Find = Callable[[str, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -452,7 +450,7 @@ def audit_record(
     recipe, cfg = inputs.recipe, inputs.cfg
     spaces_json = _spaces_json(inputs, gated)
     return {
-        "schema": SCHEMA,
+        "schema": AUDIT_SCHEMA,
         "synthfactory_version": __version__,
         "run_id": inputs.run_dir.run_id,
         "recipe_name": recipe.name,
