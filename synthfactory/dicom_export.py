@@ -176,31 +176,31 @@ def read_provenance(ds: Dataset) -> dict:
     return out
 
 
-def write_dicom_files(rs, folder: Path) -> list[Path]:
+def write_dicom_files(released, folder: Path) -> list[Path]:
     """dicom/<class>/<sample index>.dcm for every released image of a ReleasedSet."""
     created = datetime.now(timezone.utc)
-    rescale = hu_rescale(rs.modality, rs.source, rs.ct_window)
-    window = rs.ct_window if rescale[2] == "HU" else None
-    privacy = f"DP eps={rs.epsilon:.4g} delta={rs.delta:g}" if rs.private else "NOT PRIVATE"
+    rescale = hu_rescale(released.modality, released.source, released.ct_window)
+    window = released.ct_window if rescale[2] == "HU" else None
+    privacy = f"DP eps={released.epsilon:.4g} delta={released.delta:g}" if released.private else "NOT PRIVATE"
     paths = []
-    for k in range(len(rs.labels)):
-        label = int(rs.labels[k])
-        name = rs.class_names[label]
+    for k in range(len(released.labels)):
+        label = int(released.labels[k])
+        name = released.class_names[label]
         ds = synthetic_dataset(
-            rs.image(k),
-            run_id=rs.run_id,
-            recipe_name=rs.recipe_name,
-            modality=rs.modality,
+            released.image(k),
+            run_id=released.run_id,
+            recipe_name=released.recipe_name,
+            modality=released.modality,
             class_name=name,
             class_index=label,
-            sample_index=int(rs.sample_index[k]),
-            sample_seed=int(rs.seeds[k]),
+            sample_index=int(released.sample_index[k]),
+            sample_seed=int(released.seeds[k]),
             privacy=privacy,
             rescale=rescale,
             window=window,
             created=created,
         )
-        path = folder / "dicom" / name / f"{int(rs.sample_index[k]):06d}.dcm"
+        path = folder / "dicom" / name / f"{int(released.sample_index[k]):06d}.dcm"
         path.parent.mkdir(parents=True, exist_ok=True)
         pydicom.dcmwrite(path, ds, enforce_file_format=True)
         paths.append(path)
