@@ -10,13 +10,13 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from synthfactory.recipe import Recipe
+from synthfactory.recipe import DATA_SOURCES, Recipe, _DataBase
 
 MARKER = "<!-- recipe-reference -->"
 
 
 def _models(annotation) -> list[type[BaseModel]]:
-    """The pydantic models inside a field's type (`X`, `X | None`, `list[X]`)."""
+    """The pydantic models inside a field's type (`X`, `X | None`, `list[X]`, a union)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
     return [m for arg in typing.get_args(annotation) for m in _models(arg)]
@@ -42,6 +42,48 @@ def _default(field) -> str:
     return f"`{value!r}`".replace("'", "") if value != "" else '`""`'
 
 
+def _meaning(field) -> str:
+    """The field's docstring, and what `--smoke` sets it to."""
+    text = " ".join((field.description or "").split())
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    if isinstance(extra.get("smoke"), dict):
+        text += " `--smoke`: " + ", ".join(f"`{k}` `{v}`" for k, v in extra["smoke"].items()) + "."
+    elif "smoke" in extra:
+        text += f" `--smoke`: `{extra['smoke']}`.".replace("None", "null")
+    if "smoke_at_most" in extra:
+        text += f" `--smoke`: at most `{extra['smoke_at_most']}`."
+    return text
+
+
+def _by_source(values: dict[str, str]) -> str:
+    """One value, or each value with the sources that have it."""
+    distinct = list(dict.fromkeys(values.values()))
+    if len(distinct) == 1:
+        return distinct[0]
+    return "; ".join(f"{v} ({', '.join(k for k in values if values[k] == v)})" for v in distinct)
+
+
+def data_rows(prefix: str) -> list[tuple[str, str, str, str]]:
+    """The `data` block: every source's fields in one table, each saying which sources have it."""
+    fields: dict[str, dict[str, object]] = {}
+    for source, model in DATA_SOURCES.items():
+        for name, field in model.model_fields.items():
+            fields.setdefault(name, {})[source] = field
+    rows = [(prefix + "source", "str", "required", _meaning(_DataBase.model_fields["source"]))]
+    nested = {}
+    for name, per_source in list(fields.items())[1:]:
+        sources = "" if len(per_source) == len(DATA_SOURCES) else f" Sources: {', '.join(per_source)}."
+        kinds = {k: _type_name(f.annotation) for k, f in per_source.items()}
+        defaults = {k: _default(f) for k, f in per_source.items()}
+        text = _by_source({k: _meaning(f) for k, f in per_source.items()}) + sources
+        rows.append((prefix + name, _by_source(kinds), _by_source(defaults), text))
+        for f in per_source.values():
+            nested.update({m: prefix + name + "." for m in _models(f.annotation)})
+    for sub, sub_prefix in nested.items():
+        rows += field_rows(sub, sub_prefix, {})
+    return rows
+
+
 def field_rows(
     model: type[BaseModel], prefix: str = "", shown: dict | None = None
 ) -> list[tuple[str, str, str, str]]:
@@ -50,16 +92,24 @@ def field_rows(
     shown = {} if shown is None else shown
     rows, nested = [], []
     for name, field in model.model_fields.items():
-        text = " ".join((field.description or "").split())
-        for sub in _models(field.annotation):
+        text, subs = _meaning(field), _models(field.annotation)
+        kind = _type_name(field.annotation)
+        if set(subs) & set(DATA_SOURCES.values()):
+            kind, subs = "one of the data sources", []
+            if "data" in shown:
+                text += f" Same sources and fields as `{shown['data']}`."
+            else:
+                shown["data"] = prefix + name
+                nested.append((prefix + name + ".", None))
+        for sub in subs:
             if sub in shown:
                 text += f" Same fields as `{shown[sub]}`."
             else:
                 shown[sub] = prefix + name
                 nested.append((prefix + name + ".", sub))
-        rows.append((prefix + name, _type_name(field.annotation), _default(field), text))
+        rows.append((prefix + name, kind, _default(field), text))
     for sub_prefix, sub in nested:
-        rows += field_rows(sub, sub_prefix, shown)
+        rows += data_rows(sub_prefix) if sub is None else field_rows(sub, sub_prefix, shown)
     return rows
 
 
@@ -77,12 +127,22 @@ def recipe_reference_markdown() -> str:
     blocks = {name: _models(f.annotation) for name, f in Recipe.model_fields.items()}
     top = [r for r in field_rows(Recipe) if "." not in r[0] and not blocks[r[0]]]
     out = ["## Top level", "", *_table(top), ""]
-    shown: dict = {}
+    shown: dict = {"data": "data"}
     for block, models in blocks.items():
         if models:
             text = " ".join((Recipe.model_fields[block].description or "").split())
-            rows = field_rows(models[0], block + ".", shown)
-            shown.setdefault(models[0], block)
+            if block == "data":
+                rows = data_rows("data.")
+                text += (
+                    " Which fields apply depends on `source`; each row names the sources that have it.\n\n"
+                    + "\n".join(
+                        f"- `{name}`: {' '.join((model.__doc__ or '').split())}"
+                        for name, model in DATA_SOURCES.items()
+                    )
+                )
+            else:
+                rows = field_rows(models[0], block + ".", shown)
+                shown.setdefault(models[0], block)
             out += [f"## `{block}`", "", text, "", *_table(rows), ""]
     return "\n".join(out)
 

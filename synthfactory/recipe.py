@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -74,78 +75,84 @@ class NiftiSpec(_Strict):
         return v
 
 
-class DataConfig(_Strict):
-    source: Literal["phantom", "npz", "folder", "dicom", "hf", "nifti"]
-    """`phantom` (built in, no download), `npz`, `folder`, `dicom`, `hf` (a `datasets` folder) or `nifti`."""
-    path: Path | None = None
-    """File or folder of the source (not for `phantom`); relative to the recipe file's folder, `~` and
-    `$VARS` expand."""
+class _DataBase(_Strict):
+    """Fields every data source has."""
+
+    source: str
+    """`phantom` (built in, no download), `npz`, `folder`, `dicom`, `hf` (a `datasets` folder) or `nifti`:
+    selects which of the fields below apply."""
     image_size: int = Field(ge=8, le=1024)
     """Images are padded to a centred square (black) and resized to this size (bilinear, antialiased)."""
     classes: list[str] = Field(min_length=1)
     """Class names to keep, in label order; each must exist in the data."""
+    split_seed: Seed = 0
+    """Seed of the `max_*_images` subsets (and of `heldout_fraction`'s split where the source has one)."""
+    max_train_images: int | None = Field(None, ge=2, json_schema_extra={"smoke": 400})
+    """A random subset (seed `split_seed`) of at most this many training images."""
+    max_heldout_images: int | None = Field(None, ge=2, json_schema_extra={"smoke": 200})
+    """A random subset (seed `split_seed`) of at most this many held-out images."""
+
+    @field_validator("classes")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("class names must be unique")
+        return v
+
+
+class PhantomData(_DataBase):
+    """The built-in procedural set: no download, for demos and tests."""
+
+    source: Literal["phantom"] = "phantom"
+    phantom: PhantomSpec = PhantomSpec()
+    """Size and seed of the built-in set."""
+
+
+class _StoredData(_DataBase):
+    """A source read from a file or folder with a training and a held-out split."""
+
+    path: Path
+    """File or folder of the source; relative to the recipe file's folder, `~` and `$VARS` expand."""
     train_split: str = "train"
-    """npz key prefix, folder name or `datasets` split of the training images."""
+    """npz key prefix, folder name, `datasets` split or split-column value of the training images."""
     heldout_split: str = "test"
     """The held-out split: never trained on; it calibrates the audit and evaluates TSTR/TRTR."""
+
+
+class NpzData(_StoredData):
+    """A MedMNIST-style `.npz`: `<split>_images`, `<split>_labels` (and `<split>_group` for patients)."""
+
+    source: Literal["npz"] = "npz"
+
+
+class HFData(_StoredData):
+    """A Hugging Face `datasets` DatasetDict saved with save_to_disk: an `image` column and a `ClassLabel` `label`."""
+
+    source: Literal["hf"] = "hf"
+
+
+class _SplittableData(_StoredData):
+    """A source of files that may come without splits: split here, by file or by patient."""
+
     heldout_fraction: float | None = Field(None, gt=0, lt=1)
-    """`folder`/`dicom`/`nifti` without split folders or a split column: a stratified random split by file
-    (by group with `group_by`)."""
-    split_seed: Seed = 0
-    """Seed of that split and of the `max_*_images` subsets."""
-    labels_csv: Path | None = None
-    """`dicom`: CSV `file,label[,split]`; `nifti` (required): `file,label[,split][,slice][,mask]`; files
-    relative to `data.path`."""
-    ct_window: CTWindow = CTWindow()
-    """DICOM CT: the window applied before scaling."""
-    percentiles: tuple[float, float] = (0.5, 99.5)
-    """DICOM and NIfTI, not CT: per-image (per-volume) percentile scaling, `[low, high]`."""
-    phantom: PhantomSpec = PhantomSpec()
-    """Size and seed of the built-in set (`source: phantom`)."""
-    nifti: NiftiSpec = NiftiSpec()
-    """How NIfTI volumes become 2D slices (`source: nifti`)."""
-    max_train_images: int | None = Field(None, ge=2)
-    """A random subset (seed `split_seed`) of at most this many training images."""
-    max_heldout_images: int | None = Field(None, ge=2)
-    """A random subset (seed `split_seed`) of at most this many held-out images."""
+    """Without split folders or a split column: a stratified random split by file (by group with
+    `group_by`)."""
     group_by: str | None = None
-    """Images of one patient stay on one side of the split: `patient` (DICOM PatientID, else
-    StudyInstanceUID), `column:NAME` (a `labels_csv` column) or `regex:PATTERN` (first capture group in
-    the file's path under `data.path`; `folder`, `dicom`, `nifti`). With split folders or a split column,
-    a patient on both sides is refused. npz reads `<split>_group` arrays instead. Patients are kept as
-    SHA-256 prefixes."""
+    """Images of one patient stay on one side of the split: `regex:PATTERN` (first capture group in the
+    file's path under `data.path`), and for DICOM `patient` (PatientID, else StudyInstanceUID), for DICOM
+    and NIfTI `column:NAME` (a `labels_csv` column). With split folders or a split column, a patient on
+    both sides is refused. Patients are kept as SHA-256 prefixes."""
 
     @model_validator(mode="after")
-    def _check(self) -> DataConfig:
-        if len(set(self.classes)) != len(self.classes):
-            raise ValueError("classes: class names must be unique")
-        if self.source == "phantom":
-            if self.path is not None:
-                raise ValueError("path: the phantom source takes no path")
-        elif self.path is None:
-            raise ValueError(f"path: required for source '{self.source}'")
-        lo, hi = self.percentiles
-        if not 0 <= lo < hi <= 100:
-            raise ValueError("percentiles: need 0 <= low < high <= 100")
-        if self.labels_csv is not None and self.source not in ("dicom", "nifti"):
-            raise ValueError("labels_csv: only the dicom and nifti sources read a label CSV")
-        if self.source == "nifti" and self.labels_csv is None:
-            raise ValueError("labels_csv: the nifti source needs a CSV file,label[,split][,slice][,mask]")
-        if self.group_by is not None:
-            self._check_group_by(self.group_by)
-        return self
-
-    def _check_group_by(self, spec: str) -> None:
-        kind, _, arg = spec.partition(":")
-        if self.source not in ("folder", "dicom", "nifti"):
-            raise ValueError(
-                f"group_by: the {self.source} source takes no group_by (npz: '<split>_group' arrays)"
-            )
-        if spec == "patient":
+    def _check_group_by(self) -> _SplittableData:
+        if self.group_by is None:
+            return self
+        kind, _, arg = self.group_by.partition(":")
+        if self.group_by == "patient":
             if self.source != "dicom":
                 raise ValueError("group_by: 'patient' reads DICOM headers (source: dicom)")
         elif kind == "column" and arg:
-            if self.labels_csv is None:
+            if getattr(self, "labels_csv", None) is None:
                 raise ValueError("group_by: 'column:NAME' reads data.labels_csv, which is not set")
         elif kind == "regex" and arg:
             try:
@@ -154,22 +161,81 @@ class DataConfig(_Strict):
                 raise ValueError(f"group_by: not a valid regular expression ({e})") from None
         else:
             raise ValueError("group_by: 'patient', 'column:NAME' or 'regex:PATTERN'")
+        return self
+
+
+class FolderData(_SplittableData):
+    """PNG/JPEG files in one folder per class, under split folders or split by `heldout_fraction`."""
+
+    source: Literal["folder"] = "folder"
+
+
+class _ScannerData(_SplittableData):
+    """Scanner files: intensities scaled by a CT window or by per-image percentiles."""
+
+    ct_window: CTWindow = CTWindow()
+    """CT: the window applied before scaling."""
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    """Not CT: per-image (NIfTI: per-slice) percentile scaling, `[low, high]`."""
+
+    @field_validator("percentiles")
+    @classmethod
+    def _percentiles(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] < v[1] <= 100:
+            raise ValueError("need 0 <= low < high <= 100")
+        return v
+
+
+class DicomData(_ScannerData):
+    """DICOM files: labelled by class folders or by `labels_csv`."""
+
+    source: Literal["dicom"] = "dicom"
+    labels_csv: Path | None = None
+    """CSV `file,label[,split]` (files relative to `data.path`); else one folder per class."""
+
+
+class NiftiData(_ScannerData):
+    """NIfTI volumes cut into 2D slices (nibabel), listed with their labels in `labels_csv`."""
+
+    source: Literal["nifti"] = "nifti"
+    labels_csv: Path
+    """CSV `file,label[,split][,slice][,mask]`; files relative to `data.path`."""
+    nifti: NiftiSpec = NiftiSpec()
+    """How NIfTI volumes become 2D slices."""
+
+
+DATA_SOURCES: dict[str, type[_DataBase]] = {
+    "phantom": PhantomData,
+    "npz": NpzData,
+    "folder": FolderData,
+    "dicom": DicomData,
+    "hf": HFData,
+    "nifti": NiftiData,
+}
+"""The data sources by the `source` value that selects them."""
+
+DataConfig = Annotated[
+    PhantomData | NpzData | FolderData | DicomData | HFData | NiftiData, Field(discriminator="source")
+]
+"""A recipe's `data` block: one source's model, chosen by `source`."""
 
 
 class ModelConfig(_Strict):
     """A class-conditional diffusers UNet2DModel and its DDPM noise schedule."""
 
-    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64], min_length=1, max_length=6)
+    block_out_channels: list[int] = Field(
+        default_factory=lambda: [32, 64], min_length=1, max_length=6, json_schema_extra={"smoke": [16, 32]}
+    )
     """UNet widths per level; the image size must be divisible by 2^(levels−1)."""
-    layers_per_block: int = Field(1, ge=1, le=4)
+    layers_per_block: int = Field(1, ge=1, le=4, json_schema_extra={"smoke": 1})
     """ResNet layers per level."""
-    attention: bool = True
+    attention: bool = Field(True, json_schema_extra={"smoke": True})
     """Self-attention at the lowest-resolution level and in the middle block (costs more CPU than it gives at
     32 px)."""
-    norm_num_groups: int = Field(8, ge=1)
+    norm_num_groups: int = Field(8, ge=1, json_schema_extra={"smoke": 4})
     """GroupNorm groups: must divide every width and leave ≥ 2 channels per group (else GroupNorm erases the
     time and class conditioning)."""
-    attention_head_dim: int = Field(8, ge=1)
+    attention_head_dim: int = Field(8, ge=1, json_schema_extra={"smoke": 8})
     """Must divide the attention level's width."""
     num_train_timesteps: int = Field(1000, ge=10)
     """DDPM steps of the noise schedule."""
@@ -222,14 +288,14 @@ class TimestepSampling(_Strict):
 
 
 class TrainingConfig(_Strict):
-    steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS, json_schema_extra={"smoke": 2})
     """Optimizer steps (give exactly one of `steps` and `epochs`); at most 10,000,000."""
-    epochs: float | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0, json_schema_extra={"smoke": None})
     """Passes at sampling rate q: steps = ⌈epochs·N/B⌉."""
-    expected_batch_size: int = Field(ge=1)
+    expected_batch_size: int = Field(ge=1, json_schema_extra={"smoke_at_most": 16})
     """B: Poisson sampling with q = B/N, so batches vary and may be empty; the loss is normalised by B, not
     by the batch drawn."""
-    max_physical_batch_size: int = Field(32, ge=1)
+    max_physical_batch_size: int = Field(32, ge=1, json_schema_extra={"smoke": 16})
     """Examples per forward/backward pass (× K rows); memory only: clipped gradients accumulate across chunks
     and the noise is added once per logical batch."""
     learning_rate: float = Field(gt=0, le=1)
@@ -237,7 +303,7 @@ class TrainingConfig(_Strict):
     seed: Seed = 0
     """Model initialisation, noise levels and diffusion noise (not the DP noise, which is seeded from the
     OS)."""
-    checkpoint_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(50, ge=1, json_schema_extra={"smoke": 1})
     """Steps between atomic checkpoints (an interrupted run resumes from the last)."""
     timesteps: TimestepSampling = TimestepSampling()
     """Which noise levels a training example is drawn at."""
@@ -286,7 +352,7 @@ class PrivacyConfig(_Strict):
     """Per-example clipping norm C."""
     accountant: Literal["rdp", "prv"] = "rdp"
     """`rdp` or `prv` (Opacus); the other is reported for reference."""
-    noise_multiplicity: int = Field(4, ge=1, le=64)
+    noise_multiplicity: int = Field(4, ge=1, le=64, json_schema_extra={"smoke": 2})
     """K noise draws per example, averaged inside the example before clipping: one clipped gradient per
     example, ε unchanged."""
     per_example_gradients: Literal["hooks", "functorch", "vmap"] = "vmap"
@@ -315,9 +381,9 @@ class PrivacyConfig(_Strict):
 
 
 class SamplingConfig(_Strict):
-    images_per_class: int = Field(ge=1)
+    images_per_class: int = Field(ge=1, json_schema_extra={"smoke": 4})
     """Samples generated per class, before the audit."""
-    ddim_steps: int = Field(50, ge=1, le=1000)
+    ddim_steps: int = Field(50, ge=1, le=1000, json_schema_extra={"smoke": 2})
     """DDIM steps."""
     seed: Seed = 0
     """Base seed; each image has its own derived seed."""
@@ -342,8 +408,10 @@ class PretrainConfig(_Strict):
     private set may be in it: exact duplicates of private images are refused.
     """
 
-    data: DataConfig | None = None
-    """A data source (same fields as `data`) the recipe declares public: trained without DP before the
+    data: DataConfig | None = Field(
+        None, json_schema_extra={"smoke": {"max_train_images": 200, "max_heldout_images": 20}}
+    )
+    """A data source the recipe declares public: trained without DP before the
     private stage. Images that are exact copies of private images, or near-copies of private training
     images, are refused. Other class names than the private ones: class-agnostic pre-training with the
     null label."""
@@ -352,7 +420,7 @@ class PretrainConfig(_Strict):
     synthfactory model is recognised by its `synthfactory_origin.json`: trained on other data → public; a
     DP run on this data → composed into this run's ε; trained on this data without DP or with seeded noise
     → refused. Anything else is declared public by the recipe."""
-    steps: int = Field(500, ge=1)
+    steps: int = Field(500, ge=1, json_schema_extra={"smoke": 2})
     """Steps of the public stage."""
     expected_batch_size: int = Field(64, ge=1)
     """Batch size of the public stage."""
@@ -382,7 +450,7 @@ class WarmStartConfig(_Strict):
     clip_norm: float | None = Field(None, gt=0)
     """C on images in [0, 1]; null: `image_size`, the largest norm such an image can have (no clipping).
     Choose it on public data, never on the private images."""
-    steps: int = Field(300, ge=1)
+    steps: int = Field(300, ge=1, json_schema_extra={"smoke": 2})
     """Pre-training steps on the noisy class means (after `pretrain`, if any); post-processing of the DP
     answer, no further ε."""
     expected_batch_size: int = Field(64, ge=1)
@@ -402,7 +470,7 @@ class ClassifierConfig(_Strict):
 
     # Long enough for the classifier to fit real data (training accuracy > 0.9 on the MRI set at
     # 32 px needs ~50 epochs; with patience 5 it stopped at 10 epochs and 0.78).
-    epochs: int = Field(60, ge=1)
+    epochs: int = Field(60, ge=1, json_schema_extra={"smoke": 1})
     """Maximum epochs."""
     patience: int = Field(15, ge=1)
     """Early stopping on a validation split of the classifier's own training data."""
@@ -423,7 +491,7 @@ class EvaluationConfig(_Strict):
     """The classifier's validation split."""
     max_real_train: int | None = Field(None, ge=10)
     """Cap on the real training images for TRTR (CPU time)."""
-    max_real_features: int = Field(5000, ge=10)
+    max_real_features: int = Field(5000, ge=10, json_schema_extra={"smoke": 200})
     """Real images in the fidelity metrics (random subset)."""
     prdc_k: int = Field(5, ge=1)
     """k of precision/recall/density/coverage."""
@@ -436,7 +504,7 @@ class ThresholdRule(_Strict):
     """How the gate is calibrated."""
     percentile: float = Field(1.0, gt=0, le=50)
     """The gate's false-alarm rate: at most this percent of held-out images flagged by any space."""
-    min_per_class: int = Field(200, ge=1)
+    min_per_class: int = Field(200, ge=1, json_schema_extra={"smoke": 50})
     """Per-class thresholds for classes with this many held-out images."""
     near_duplicate_rms: float = Field(0.02, ge=0)
     """Held-out images this close (RMS pixel difference on [-1, 1]) to a training image are left out of the
@@ -462,7 +530,7 @@ class CopyingTestConfig(_Strict):
 class MembershipConfig(_Strict):
     enabled: bool = True
     """Run the loss-based membership-inference attack."""
-    max_examples: int = Field(500, ge=10)
+    max_examples: int = Field(500, ge=10, json_schema_extra={"smoke": 50})
     """Members and non-members each."""
     timesteps: list[int] = Field(default_factory=lambda: [10, 50, 100, 200, 400], min_length=1)
     """Timesteps of the denoising loss."""
@@ -480,7 +548,7 @@ class CanaryConfig(_Strict):
     enabled: bool = False
     """Run the canary audit: one more training run with m canaries, each included with probability ½; reports
     an empirical ε lower bound."""
-    m: int = Field(1000, ge=10)
+    m: int = Field(1000, ge=10, json_schema_extra={"smoke": 40})
     """Number of canaries."""
     seed: Seed = 0
     """Canary patterns, labels and which canaries go in (the auditor's randomness)."""
@@ -647,8 +715,10 @@ class Recipe(_Strict):
 
 
 def _field_name(loc: tuple[Any, ...], msg: str) -> tuple[str, str]:
-    """Dotted field path of a pydantic error; validator messages may name a sub-field first."""
+    """Dotted field path of a pydantic error; validator messages may name a sub-field first. The
+    source tag pydantic puts after `data` (`data.npz.path`) is left out: users wrote `data.path`."""
     parts = [str(p) for p in loc if not str(p).startswith("function-")]
+    parts = [p for i, p in enumerate(parts) if not (i and parts[i - 1] == "data" and p in DATA_SOURCES)]
     prefix, sep, rest = msg.partition(": ")
     if sep and prefix.replace("_", "").replace(".", "").isalnum() and " " not in prefix:
         parts.append(prefix)
@@ -662,12 +732,29 @@ def _format_errors(path: Path, err: ValidationError) -> str:
     for e in err.errors():
         msg = str(e["msg"]).removeprefix("Value error, ")
         field, msg = _field_name(tuple(e["loc"]), msg)
+        source = _source_of(tuple(e["loc"]))
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling and level)"
+            if source:
+                msg = f"unknown key for the {source} source (its fields: {', '.join(DATA_SOURCES[source].model_fields)})"
+        elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            field += ".source"
+            got = e["ctx"].get("tag") if e["type"] == "union_tag_invalid" else None
+            msg = f"one of {', '.join(DATA_SOURCES)}" + (
+                f" (got {got!r})" if got is not None else " is required"
+            )
         elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
             msg = f"{msg} (got {e['input']!r})"
         lines.append(f"{field}: {msg}")
     return f"{path}: " + "; ".join(" ".join(line.split()) for line in lines)
+
+
+def _source_of(loc: tuple[Any, ...]) -> str | None:
+    """The data source an error lies in (the tag after `data` in its location), if any."""
+    for i in range(1, len(loc)):
+        if loc[i - 1] == "data" and loc[i] in DATA_SOURCES:
+            return str(loc[i])
+    return None
 
 
 def _resolve(base: Path, p: Path | None) -> Path | None:
@@ -706,39 +793,49 @@ def apply_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
 
 def smoke_overrides(raw: dict) -> dict[str, Any]:
     """Shrink a recipe to seconds on the same real data: a tiny model, a few steps, a few
-    hundred images. For CI and for checking a recipe end to end; the numbers mean nothing."""
-    training = raw.get("training", {}) if isinstance(raw.get("training"), dict) else {}
-    out: dict[str, Any] = {
-        "name": f"{raw.get('name', 'recipe')}-smoke",
-        "model.block_out_channels": [16, 32],
-        "model.layers_per_block": 1,
-        "model.attention": True,
-        "model.norm_num_groups": 4,
-        "model.attention_head_dim": 8,
-        "training.steps": 2,
-        "training.epochs": None,
-        "training.expected_batch_size": min(16, int(training.get("expected_batch_size", 16))),
-        "training.max_physical_batch_size": 16,
-        "training.checkpoint_every": 1,
-        "privacy.noise_multiplicity": 2,
-        "sampling.images_per_class": 4,
-        "sampling.ddim_steps": 2,
-        "data.max_train_images": 400,
-        "data.max_heldout_images": 200,
-        "evaluation.classifier.epochs": 1,
-        "evaluation.max_real_features": 200,
-        "audit.membership.max_examples": 50,
-        "audit.canary.m": 40,
-        "audit.threshold.min_per_class": 50,
-    }
-    if isinstance(raw.get("pretrain"), dict):
-        out["pretrain.steps"] = 2
-        if isinstance(raw["pretrain"].get("data"), dict):
-            out["pretrain.data.max_train_images"] = 200
-            out["pretrain.data.max_heldout_images"] = 20
-    if isinstance(raw.get("warm_start"), dict):
-        out["warm_start.steps"] = 2
+    hundred images. For CI and for checking a recipe end to end; the numbers mean nothing.
+    The sizes are the models' own: each field's `smoke` (set to) or `smoke_at_most` (capped at)."""
+    return {"name": f"{raw.get('name', 'recipe')}-smoke", **_smoke_sizes(Recipe, raw, "")}
+
+
+def _smoke_sizes(model: type[BaseModel], raw: dict, prefix: str) -> dict[str, Any]:
+    """The smoke values of `model`'s fields, and of the blocks under it that the recipe has (or
+    that exist by default); a block's own `smoke` mapping overrides those of its fields."""
+    out: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        smoke, value = extra.get("smoke"), raw.get(name)
+        if "smoke_at_most" in extra:
+            current = value if isinstance(value, int) else field.get_default(call_default_factory=True)
+            out[prefix + name] = min(extra["smoke_at_most"], current or extra["smoke_at_most"])
+        block = _block_model(field, value)
+        if block is None:
+            if "smoke" in extra:
+                out[prefix + name] = smoke
+            continue
+        out.update(_smoke_sizes(block, value if isinstance(value, dict) else {}, f"{prefix}{name}."))
+        out.update({f"{prefix}{name}.{k}": v for k, v in (smoke or {}).items()})
     return out
+
+
+def _block_model(field: Any, value: Any) -> type[BaseModel] | None:
+    """The model of a nested block the recipe has (a mapping) or gets by default; for `data`, the
+    model of the source it names."""
+    if value is None and not field.is_required() and field.get_default(call_default_factory=True) is None:
+        return None  # an optional block the recipe leaves out
+    if value is not None and not isinstance(value, dict):
+        return None
+    return _block_model_of(field.annotation, value or {})
+
+
+def _block_model_of(annotation: Any, value: dict) -> type[BaseModel] | None:
+    if isinstance(annotation, type):
+        return annotation if issubclass(annotation, BaseModel) else None
+    args = typing.get_args(annotation)
+    if any(a in DATA_SOURCES.values() for a in args):
+        return DATA_SOURCES.get(value.get("source"))
+    models = [m for a in args if (m := _block_model_of(a, value)) is not None]
+    return models[0] if models else None
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None, smoke: bool = False) -> Recipe:
@@ -750,6 +847,24 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None, smoke
         raw = apply_overrides(raw, smoke_overrides(raw))
     if overrides:
         raw = apply_overrides(raw, overrides)
+    return _validated(raw, path)
+
+
+def load_run_recipe(path: str | Path) -> Recipe:
+    """A run directory's recipe.yaml. Runs started before the data block was split by source
+    recorded every source's fields; those another source has were never read, and are dropped."""
+    path = Path(path)
+    raw = _read_mapping(path)
+    pretrain = raw.get("pretrain") if isinstance(raw.get("pretrain"), dict) else {}
+    for block in (raw.get("data"), pretrain.get("data")):
+        if isinstance(block, dict) and block.get("source") in DATA_SOURCES:
+            for key in set(block) - set(DATA_SOURCES[block["source"]].model_fields):
+                del block[key]
+    return _validated(raw, path)
+
+
+def _validated(raw: dict, path: Path) -> Recipe:
+    """The recipe mapping validated, its input paths made absolute and checked to exist."""
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
@@ -806,6 +921,7 @@ def _existing_data_paths(data: DataConfig, prefix: str, recipe_path: Path, base:
     paths = {
         k: _existing_path(getattr(data, k), f"{prefix}.{k}", recipe_path, base)
         for k in ("path", "labels_csv")
+        if k in type(data).model_fields
     }
     return data.model_copy(update=paths)
 

@@ -25,7 +25,7 @@ from .evaluate import evaluate
 from .export import release
 from .model import load_unet, resolve_device, uses_ema
 from .origin import CheckpointRefused, CheckpointUse, checkpoint_use
-from .recipe import Recipe, RecipeError, check_against_data, load_recipe
+from .recipe import Recipe, RecipeError, check_against_data, load_recipe, load_run_recipe
 from .records import RunRecords
 from .rundir import STAGES, RunDir, new_run_id, read_json, write_json_atomic
 from .sample import generate, merge_shards
@@ -199,7 +199,7 @@ def open_run(path: str | Path) -> tuple[CheckedRecipe, RunDir]:
     run_dir = RunDir(Path(path))
     if not run_dir.run_json.exists():
         raise RecipeError(f"{path}: not a run directory (no run.json)")
-    recipe = load_recipe(run_dir.recipe)
+    recipe = load_run_recipe(run_dir.recipe)
     images, public = _load(recipe, run_dir.recipe)
     expected = read_json(run_dir.data_report)["manifest_sha256"]
     if images.manifest_sha256() != expected:

@@ -298,7 +298,7 @@ def privacy_record(
         "preprocessing": images.preprocessing,
         "public_inputs": public,
         "private_inputs": {
-            "data": f"the '{recipe.data.train_split}' split of the {recipe.data.source} source "
+            "data": f"the '{getattr(recipe.data, 'train_split', 'train')}' split of the {recipe.data.source} source "
             f"({len(images.train_labels)} images, classes {images.class_names})",
             "trained_parameters": trainable,
             **(
@@ -487,7 +487,7 @@ def _public_stage(
     record = {
         "kind": "data",
         "source": cfg.data.source,
-        "path": str(cfg.data.path) if cfg.data.path else None,
+        "path": str(cfg.data.path) if getattr(cfg.data, "path", None) else None,
         "n_images": n,
         "classes": public.class_names,
         "class_conditional": conditional,

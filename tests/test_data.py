@@ -12,11 +12,12 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from pydantic import TypeAdapter
 
 from synthfactory.data import DataError, ImageSet, load_images
 from synthfactory.data.dicom import dataset_frames, load_dicom
 from synthfactory.data.phantom import CLASSES, phantom_images
-from synthfactory.recipe import DataConfig
+from synthfactory.recipe import DataConfig, DicomData, FolderData, HFData, NpzData, PhantomData
 
 
 def assert_image_set(s: ImageSet, size: int, classes: list[str]) -> None:
@@ -37,9 +38,7 @@ def assert_image_set(s: ImageSet, size: int, classes: list[str]) -> None:
 @pytest.mark.parametrize("modality", ["mri", "ct", "us"])
 def test_phantom_each_modality(modality: str) -> None:
     classes = CLASSES[modality]
-    cfg = DataConfig(
-        source="phantom", image_size=32, classes=classes, phantom={"n_train": 30, "n_heldout": 9}
-    )
+    cfg = PhantomData(image_size=32, classes=classes, phantom={"n_train": 30, "n_heldout": 9})
     s = load_images(cfg, modality)
     assert_image_set(s, 32, classes)
     assert len(s.train_labels) == 30 and len(s.heldout_labels) == 9
@@ -60,9 +59,7 @@ def test_phantom_train_and_heldout_differ() -> None:
 
 
 def test_class_subset_in_recipe_order() -> None:
-    cfg = DataConfig(
-        source="phantom", image_size=16, classes=["pelvis", "chest"], phantom={"n_train": 30, "n_heldout": 9}
-    )
+    cfg = PhantomData(image_size=16, classes=["pelvis", "chest"], phantom={"n_train": 30, "n_heldout": 9})
     s = load_images(cfg, "ct")
     assert s.class_names == ["pelvis", "chest"]
     assert len(s.train_labels) == 20  # abdomen dropped
@@ -70,7 +67,7 @@ def test_class_subset_in_recipe_order() -> None:
 
 
 def test_unknown_class_is_a_data_error() -> None:
-    cfg = DataConfig(source="phantom", image_size=16, classes=["chest", "brain"])
+    cfg = PhantomData(image_size=16, classes=["chest", "brain"])
     with pytest.raises(DataError) as e:
         load_images(cfg, "ct")
     assert e.value.field == "classes" and "brain" in str(e.value)
@@ -82,7 +79,7 @@ def test_unknown_class_is_a_data_error() -> None:
 def test_npz_real_mri_group_split(shared_data: Path) -> None:
     path = shared_data / "mri_brain_tumor" / "brain_tumor_mri_64_groupsplit.npz"
     classes = ["glioma_tumor", "meningioma_tumor", "no_tumor", "pituitary_tumor"]
-    s = load_images(DataConfig(source="npz", path=path, image_size=32, classes=classes), "mri")
+    s = load_images(NpzData(path=path, image_size=32, classes=classes), "mri")
     assert_image_set(s, 32, classes)
     assert (len(s.train_labels), len(s.heldout_labels)) == (2283, 583)  # as the set's README says
     assert np.bincount(s.train_labels).tolist() == [647, 656, 350, 630]
@@ -98,7 +95,7 @@ def test_npz_real_mri_group_split(shared_data: Path) -> None:
 def test_npz_real_ct_native_size(shared_data: Path) -> None:
     path = shared_data / "ct_organamnist" / "organamnist_28_full.npz"
     s = load_images(
-        DataConfig(source="npz", path=path, image_size=28, classes=["liver", "spleen"], heldout_split="val"),
+        NpzData(path=path, image_size=28, classes=["liver", "spleen"], heldout_split="val"),
         "ct",
     )
     assert_image_set(s, 28, ["liver", "spleen"])
@@ -113,7 +110,7 @@ def test_npz_missing_split_names_the_field(tmp_path: Path) -> None:
     path = tmp_path / "x.npz"
     np.savez(path, train_images=np.zeros((4, 8, 8), np.uint8), train_labels=np.zeros(4, np.int64))
     with pytest.raises(DataError) as e:
-        load_images(DataConfig(source="npz", path=path, image_size=8, classes=["0"]), "mri")
+        load_images(NpzData(path=path, image_size=8, classes=["0"]), "mri")
     assert e.value.field == "heldout_split"
 
 
@@ -122,12 +119,12 @@ def test_npz_groups_mark_heldout_images_of_training_patients(tmp_path: Path) -> 
     img = np.random.default_rng(0).integers(0, 256, (3, 8, 8), dtype=np.uint8)
     np.savez(path, train_images=img[:2], train_labels=[0, 1], train_group=["p1", "p2"],
              test_images=img, test_labels=[0, 1, 1], test_group=["p2", "p3", "p1"])  # fmt: skip
-    s = load_images(DataConfig(source="npz", path=path, image_size=8, classes=["0", "1"]), "ct")
+    s = load_images(NpzData(path=path, image_size=8, classes=["0", "1"]), "ct")
     assert s.heldout_of_training_patients().tolist() == [True, False, True]
     groups = {m["group"] for m in s.manifest}
     assert len(groups) == 3 and "p1" not in groups  # hashed: no patient id in the run directory
     np.savez(path, train_images=img[:2], train_labels=[0, 1], test_images=img, test_labels=[0, 1, 1])
-    s = load_images(DataConfig(source="npz", path=path, image_size=8, classes=["0", "1"]), "ct")
+    s = load_images(NpzData(path=path, image_size=8, classes=["0", "1"]), "ct")
     assert s.heldout_of_training_patients() is None and all("group" not in m for m in s.manifest)
 
 
@@ -141,7 +138,7 @@ def test_npz_without_class_names_and_column_labels(tmp_path: Path) -> None:
         test_images=imgs[:2],
         test_labels=np.array([0, 1]),
     )
-    s = load_images(DataConfig(source="npz", path=path, image_size=8, classes=["0", "1"]), "ct")
+    s = load_images(NpzData(path=path, image_size=8, classes=["0", "1"]), "ct")
     np.testing.assert_allclose(s.train_images[:, 0], imgs / 127.5 - 1.0, atol=1e-6)
     assert s.train_labels.tolist() == [0, 1, 0, 1, 0, 1]
 
@@ -163,7 +160,7 @@ def test_folder_with_split_folders_and_a_corrupt_file(tmp_path: Path) -> None:
     _write_pngs(tmp_path / "imgs", 3)
     (tmp_path / "imgs" / "train" / "lesion" / "broken.png").write_bytes(b"not a png")
     s = load_images(
-        DataConfig(source="folder", path=tmp_path / "imgs", image_size=16, classes=["no_lesion", "lesion"]),
+        FolderData(path=tmp_path / "imgs", image_size=16, classes=["no_lesion", "lesion"]),
         "mri",
     )
     assert_image_set(s, 16, ["no_lesion", "lesion"])
@@ -192,7 +189,7 @@ def _patients_by_split(s: ImageSet) -> dict[str, set[str]]:
 
 def test_folder_split_by_patient_never_crosses(tmp_path: Path) -> None:
     _patient_pngs(tmp_path / "imgs", n_patients=10, slices=4)
-    cfg = DataConfig(source="folder", path=tmp_path / "imgs", image_size=12, classes=["no_lesion", "lesion"],
+    cfg = FolderData(path=tmp_path / "imgs", image_size=12, classes=["no_lesion", "lesion"],
                      heldout_fraction=0.3, group_by=r"regex:/(p\d+)_")  # fmt: skip
     for seed in range(5):
         s = load_images(cfg.model_copy(update={"split_seed": seed}), "mri")
@@ -207,7 +204,7 @@ def test_folder_split_by_patient_never_crosses(tmp_path: Path) -> None:
 def test_folder_split_folders_with_a_crossing_patient_are_refused(tmp_path: Path) -> None:
     _patient_pngs(tmp_path / "imgs" / "train", n_patients=2, slices=2)
     _patient_pngs(tmp_path / "imgs" / "test", n_patients=3, slices=2)  # p0 and p1 again
-    cfg = DataConfig(source="folder", path=tmp_path / "imgs", image_size=12,
+    cfg = FolderData(path=tmp_path / "imgs", image_size=12,
                      classes=["no_lesion", "lesion"], group_by=r"regex:/(p\d+)_")  # fmt: skip
     with pytest.raises(DataError) as e:
         load_images(cfg, "mri")
@@ -220,7 +217,7 @@ def test_folder_split_folders_with_a_crossing_patient_are_refused(tmp_path: Path
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"source": "npz", "group_by": "patient"}, "npz source takes no group_by"),
+        ({"source": "npz", "group_by": "patient"}, "Extra inputs are not permitted"),
         ({"source": "folder", "group_by": "patient"}, "reads DICOM headers"),
         ({"source": "dicom", "group_by": "column:subject"}, "labels_csv"),
         ({"source": "folder", "group_by": "regex:(unclosed"}, "not a valid regular expression"),
@@ -229,7 +226,9 @@ def test_folder_split_folders_with_a_crossing_patient_are_refused(tmp_path: Path
 )
 def test_group_by_is_checked_by_the_recipe(fields: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        DataConfig(path=Path("x"), image_size=8, classes=["a"], **fields)
+        TypeAdapter(DataConfig).validate_python(
+            {"path": Path("x"), "image_size": 8, "classes": ["a"], **fields}
+        )
 
 
 def test_dicom_series_of_one_patient_land_on_one_side(shared_data: Path, tmp_path: Path) -> None:
@@ -243,10 +242,10 @@ def test_dicom_series_of_one_patient_land_on_one_side(shared_data: Path, tmp_pat
         rows.append((f"mr/{k}.dcm", "mr", subject))
     with open(tmp_path / "labels.csv", "w", newline="") as fh:
         csv.writer(fh).writerows([("file", "label", "subject"), *rows])
-    base = {"source": "dicom", "path": tmp_path, "image_size": 16, "classes": ["mr"], "heldout_fraction": 0.4}
+    base = {"path": tmp_path, "image_size": 16, "classes": ["mr"], "heldout_fraction": 0.4}
     for group_by, csv_path in (("patient", None), ("column:subject", tmp_path / "labels.csv")):
         for seed in range(4):
-            cfg = DataConfig(**base, group_by=group_by, labels_csv=csv_path, split_seed=seed)
+            cfg = DicomData(**base, group_by=group_by, labels_csv=csv_path, split_seed=seed)
             s = load_images(cfg, "mri")
             assert s.group_counts()["heldout_images_of_training_patients"] == 0
             sides = {m["group"]: set() for m in s.manifest}
@@ -258,9 +257,7 @@ def test_dicom_series_of_one_patient_land_on_one_side(shared_data: Path, tmp_pat
 def test_folder_split_by_fraction(tmp_path: Path) -> None:
     _write_pngs(tmp_path / "imgs", 5)
     root = tmp_path / "imgs" / "train"  # class folders directly under the root
-    cfg = DataConfig(
-        source="folder", path=root, image_size=24, classes=["no_lesion", "lesion"], heldout_fraction=0.4
-    )
+    cfg = FolderData(path=root, image_size=24, classes=["no_lesion", "lesion"], heldout_fraction=0.4)
     s = load_images(cfg, "mri")
     assert (len(s.train_labels), len(s.heldout_labels)) == (6, 4)
     train_src = {m["source"] for m in s.manifest if m["split"] == "train"}
@@ -303,8 +300,7 @@ def dicom_csv(shared_data: Path, tmp_path: Path) -> Path:
 
 
 def test_dicom_real_files_with_csv_labels(shared_data: Path, dicom_csv: Path) -> None:
-    cfg = DataConfig(
-        source="dicom",
+    cfg = DicomData(
         path=shared_data / "dicom_samples",
         labels_csv=dicom_csv,
         image_size=32,
@@ -379,7 +375,7 @@ def test_dicom_labels_from_subfolders(shared_data: Path, tmp_path: Path) -> None
         (root / label).mkdir(parents=True, exist_ok=True)
         shutil.copy(shared_data / "dicom_samples" / name, root / label / name)
     (root / "mr" / "notes.txt").write_text("not an image")
-    cfg = DataConfig(source="dicom", path=root, image_size=16, classes=["ct", "mr"], heldout_fraction=0.5)
+    cfg = DicomData(path=root, image_size=16, classes=["ct", "mr"], heldout_fraction=0.5)
     s = load_images(cfg, "ct")
     assert_image_set(s, 16, ["ct", "mr"])
     files = {m["split"]: set() for m in s.manifest}
@@ -404,7 +400,7 @@ def test_dicom_patient_ids_mark_heldout_images_of_training_patients(
             ds.PatientID = patient
         (tmp_path / split / "mr").mkdir(parents=True, exist_ok=True)
         ds.save_as(tmp_path / split / "mr" / name)
-    s = load_images(DataConfig(source="dicom", path=tmp_path, image_size=16, classes=["mr"]), "mri")
+    s = load_images(DicomData(path=tmp_path, image_size=16, classes=["mr"]), "mri")
     held = sorted((m["index"], m["source"]) for m in s.manifest if m["split"] == "heldout")
     flags = dict(zip([src for _, src in held], s.heldout_of_training_patients().tolist(), strict=True))
     assert flags == {"test/mr/b.dcm": True, "test/mr/c.dcm": False, "test/mr/d.dcm": False}
@@ -423,7 +419,7 @@ def test_hf_dataset_on_disk(tmp_path: Path) -> None:
         {"image": [Image.fromarray(i) for i in imgs], "label": [0, 1, 0, 1, 0, 1]}, features=feats
     )
     datasets.DatasetDict({"train": split, "test": split.select([0, 1])}).save_to_disk(str(tmp_path / "ds"))
-    s = load_images(DataConfig(source="hf", path=tmp_path / "ds", image_size=12, classes=["b", "a"]), "us")
+    s = load_images(HFData(path=tmp_path / "ds", image_size=12, classes=["b", "a"]), "us")
     assert_image_set(s, 12, ["b", "a"])
     assert s.train_labels.tolist() == [1, 0, 1, 0, 1, 0]
     np.testing.assert_allclose(s.train_images[0, 0], imgs[0] / 127.5 - 1, atol=1e-6)

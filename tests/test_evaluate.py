@@ -10,13 +10,12 @@ from synthfactory.audit import quantize
 from synthfactory.data import load_images
 from synthfactory.evaluate import evaluate_arrays, frechet_distance, prdc
 from synthfactory.metrics import auc_one_vs_rest
-from synthfactory.recipe import ClassifierConfig, DataConfig, EvaluationConfig
+from synthfactory.recipe import ClassifierConfig, EvaluationConfig, PhantomData
 
 
 @pytest.fixture(scope="module")
 def ct_phantoms():
-    cfg = DataConfig(
-        source="phantom",
+    cfg = PhantomData(
         image_size=16,
         classes=["chest", "abdomen", "pelvis"],
         phantom={"n_train": 300, "n_heldout": 150, "seed": 2},

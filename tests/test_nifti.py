@@ -15,7 +15,7 @@ from conftest import tiny_recipe, write_recipe
 
 from synthfactory.data import DataError, load_images
 from synthfactory.data.nifti import read_volume
-from synthfactory.recipe import DataConfig
+from synthfactory.recipe import NiftiData
 
 NIB_DATA = Path(nib.__file__).parent / "tests" / "data"
 
@@ -59,7 +59,7 @@ def test_slices_labels_and_split_from_the_csv(volumes: Path) -> None:
         ("functional.nii", "functional", "test", ""),
         ("broken.nii", "brain", "test", ""),
     ])  # fmt: skip
-    cfg = DataConfig(source="nifti", path=volumes, labels_csv=labels, image_size=32,
+    cfg = NiftiData(path=volumes, labels_csv=labels, image_size=32,
                      classes=["brain", "functional"])  # fmt: skip
     s = load_images(cfg, "mri")
     # anatomical: the 5 masked axial slices; example4d: 24; functional (held out): 3
@@ -86,7 +86,7 @@ def test_per_slice_labels(volumes: Path) -> None:
         ("anatomical.nii", "no_lesion", "train", "4"),
         ("example4d.nii.gz", "no_lesion", "test", "0"),
     ])  # fmt: skip
-    cfg = DataConfig(source="nifti", path=volumes, labels_csv=labels, image_size=16,
+    cfg = NiftiData(path=volumes, labels_csv=labels, image_size=16,
                      classes=["no_lesion", "lesion"])  # fmt: skip
     s = load_images(cfg, "mri")
     got = {m["source"]: m["label"] for m in s.manifest}
@@ -102,7 +102,7 @@ def test_split_by_fraction_keeps_whole_volumes_and_subjects(volumes: Path) -> No
     labels = _write_csv(volumes / "labels.csv", ("file", "label", "subject"), rows)
     for group_by in (None, "column:subject"):
         for seed in range(4):
-            cfg = DataConfig(source="nifti", path=volumes, labels_csv=labels, image_size=16, classes=["a", "b"],
+            cfg = NiftiData(path=volumes, labels_csv=labels, image_size=16, classes=["a", "b"],
                              heldout_fraction=0.3, split_seed=seed, group_by=group_by)  # fmt: skip
             s = load_images(cfg, "mri")
             files = {
@@ -118,12 +118,10 @@ def test_split_by_fraction_keeps_whole_volumes_and_subjects(volumes: Path) -> No
 
 def test_nifti_needs_a_csv_and_checks_its_columns(volumes: Path) -> None:
     with pytest.raises(ValueError, match="labels_csv"):
-        DataConfig(source="nifti", path=volumes, image_size=16, classes=["a"])
+        NiftiData(path=volumes, image_size=16, classes=["a"])
     bad = _write_csv(volumes / "bad.csv", ("path", "label"), [("anatomical.nii", "a")])
     with pytest.raises(DataError) as e:
-        load_images(
-            DataConfig(source="nifti", path=volumes, labels_csv=bad, image_size=16, classes=["a"]), "mri"
-        )
+        load_images(NiftiData(path=volumes, labels_csv=bad, image_size=16, classes=["a"]), "mri")
     assert e.value.field == "labels_csv"
 
 

@@ -19,6 +19,7 @@ and listed with the reason; reading goes on.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pydicom
@@ -27,6 +28,9 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut
 
 from .common import DataError, RawSplit, group_key, read_labels_csv, to_grayscale, window_to_unit_range
 from .groups import group_rule, split_groups, split_items
+
+if TYPE_CHECKING:
+    from ..recipe import DicomData
 
 
 class UnreadableDicom(Exception):
@@ -143,18 +147,13 @@ def _labelled_files(root: Path, labels_csv: Path | None, train_split: str, heldo
 
 
 def read_dicom_folder(
-    root: Path,
-    labels_csv: Path | None,
-    train_split: str,
-    heldout_split: str,
-    heldout_fraction: float | None,
-    seed: int,
-    fallback_modality: str,
-    window: tuple[float, float],
-    percentiles: tuple[float, float],
-    group_by: str | None = None,
+    cfg: DicomData, fallback_modality: str
 ) -> tuple[RawSplit, RawSplit, list[str], list[dict]]:
-    train_items, held_items, rows = _labelled_files(root, labels_csv, train_split, heldout_split)
+    """Both splits of a DICOM data set (cfg: the recipe's `data` block, `source: dicom`)."""
+    root, seed, group_by = Path(cfg.path), cfg.split_seed, cfg.group_by
+    window, percentiles = (cfg.ct_window.center, cfg.ct_window.width), cfg.percentiles
+    train_split, heldout_split, heldout_fraction = cfg.train_split, cfg.heldout_split, cfg.heldout_fraction
+    train_items, held_items, rows = _labelled_files(root, cfg.labels_csv, train_split, heldout_split)
     rule = group_rule(group_by, root)
     if held_items is None:
         train_items, held_items, groups = split_items(train_items, rule, heldout_fraction, seed, rows)

@@ -17,14 +17,18 @@ at the group level k·ε (weaker), as for any slice data.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
-from .common import DataError, RawSplit, group_key, read_labels_csv, window_to_unit_range
+from .common import RawSplit, group_key, read_labels_csv, window_to_unit_range
 from .groups import group_rule, split_groups, split_items
+
+if TYPE_CHECKING:
+    from ..recipe import NiftiData
 
 
 def read_volume(path: str | Path, volume: int) -> np.ndarray:
@@ -54,17 +58,10 @@ def volume_slices(data: np.ndarray, axis: int, keep: range | None, mask: np.ndar
     return idx
 
 
-def _rows(labels_csv: Path | None, root: Path) -> list[dict]:
-    columns = "file,label[,split][,slice][,mask]"
-    if labels_csv is None:
-        raise DataError("labels_csv", f"the nifti source needs a CSV {columns}")
-    return read_labels_csv(labels_csv, root, columns)
-
-
-def read_nifti(cfg, modality: str) -> tuple[RawSplit, RawSplit, list[str], list[dict]]:
-    """Both splits of a NIfTI data set (cfg: the recipe's DataConfig)."""
+def read_nifti(cfg: NiftiData, modality: str) -> tuple[RawSplit, RawSplit, list[str], list[dict]]:
+    """Both splits of a NIfTI data set (cfg: the recipe's `data` block, `source: nifti`)."""
     root, spec = Path(cfg.path), cfg.nifti
-    rows = _rows(cfg.labels_csv, root)
+    rows = read_labels_csv(cfg.labels_csv, root, "file,label[,split][,slice][,mask]")
     per_file: dict[str, list[dict]] = {}
     for r in rows:
         per_file.setdefault(r["file"], []).append(r)
