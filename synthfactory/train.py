@@ -272,20 +272,10 @@ def privacy_record(
     """The privacy ledger written to privacy.json and carried into every report. `history` is
     the accountant's whole history: the composed prior run's (plan["prior_history"]), then this
     run's steps."""
-    public = ["model architecture and hyper-parameters from the recipe (no data)"]
-    if pretrained and pretrained.get("statement"):
-        public.append(pretrained["statement"])
-    mechanism = "NOT PRIVATE: plain SGD (Adam), no clipping or noise"
-    if recipe.dp_sgd:
-        mechanism = (
-            f"DP-SGD (Opacus {opacus_version()}): per-example clipping, Gaussian noise, Poisson sampling"
-        )
-        if not recipe.private:
-            mechanism += "; noise and sampling SEEDED from the recipe (privacy.noise_seed): NOT PRIVATE"
     rec = {
         "schema": PRIVACY_SCHEMA,
         "private": recipe.private,
-        "mechanism": mechanism,
+        "mechanism": _mechanism(recipe),
         "n_train": int(len(images.train_labels)),
         "expected_batch_size": recipe.training.expected_batch_size,
         "sample_rate": plan["sample_rate"],
@@ -296,66 +286,87 @@ def privacy_record(
         "data_manifest_sha256": images.manifest_sha256(),
         "recipe_sha256": recipe.sha256(),
         "preprocessing": images.preprocessing,
-        "public_inputs": public,
-        "private_inputs": {
-            "data": f"the '{getattr(recipe.data, 'train_split', 'train')}' split of the {recipe.data.source} source "
-            f"({len(images.train_labels)} images, classes {images.class_names})",
-            "trained_parameters": trainable,
-            **(
-                {"warm_start": pretrained["warm_start"]["mechanism"]}
-                if (pretrained or {}).get("warm_start")
-                else {}
-            ),
-        },
+        **_inputs(recipe, images, trainable, pretrained),
         "covered_by_epsilon": COVERED_BY_EPSILON if recipe.private else [],
         "not_covered_by_epsilon": NOT_COVERED_BY_EPSILON,
     }
     if pretrained:
         rec["pretraining"] = pretrained
     if not recipe.dp_sgd:
-        rec.update(
-            {
-                "epsilon": None,
-                "delta": None,
-                "warning": "NOT PRIVATE: trained WITHOUT differential privacy (no clipping or noise)",
-            }
-        )
-        return rec
+        warning = "NOT PRIVATE: trained WITHOUT differential privacy (no clipping or noise)"
+        return {**rec, "epsilon": None, "delta": None, "warning": warning}
+    rec.update(_accounting(recipe, plan, history, steps_taken, dp_seed_source))
+    rec.update(_earlier_mechanisms(recipe, pretrained or {}))
+    if not recipe.private:
+        rec["warning"] = SEEDED_WARNING
+    return rec
+
+
+def _mechanism(recipe: Recipe) -> str:
+    if not recipe.dp_sgd:
+        return "NOT PRIVATE: plain SGD (Adam), no clipping or noise"
+    mechanism = f"DP-SGD (Opacus {opacus_version()}): per-example clipping, Gaussian noise, Poisson sampling"
+    if not recipe.private:
+        mechanism += "; noise and sampling SEEDED from the recipe (privacy.noise_seed): NOT PRIVATE"
+    return mechanism
+
+
+def _inputs(recipe: Recipe, images: ImageSet, trainable: dict | None, pretrained: dict | None) -> dict:
+    """What the model learnt from: public inputs, and the private ones ε covers."""
+    pretrained = pretrained or {}
+    public = ["model architecture and hyper-parameters from the recipe (no data)"]
+    if pretrained.get("statement"):
+        public.append(pretrained["statement"])
+    split = getattr(recipe.data, "train_split", "train")
+    private = {
+        "data": f"the '{split}' split of the {recipe.data.source} source "
+        f"({len(images.train_labels)} images, classes {images.class_names})",
+        "trained_parameters": trainable,
+    }
+    if pretrained.get("warm_start"):
+        private["warm_start"] = pretrained["warm_start"]["mechanism"]
+    return {"public_inputs": public, "private_inputs": private}
+
+
+def _accounting(recipe: Recipe, plan: dict, history: list, steps_taken: int, dp_seed_source: str) -> dict:
+    """ε from the accountant for the steps taken (and the other accountant's figure beside it)."""
     delta, acc = recipe.privacy.delta, recipe.privacy.accountant
     other = "prv" if acc == "rdp" else "rdp"
-    rec.update(
-        {
-            "accountant": acc,
-            "target_epsilon": recipe.privacy.target_epsilon,
-            "delta": delta,
-            "epsilon": epsilon_of(history, delta, acc),
-            "epsilon_other_accountant": {other: epsilon_of(history, delta, other)},
-            # σ as the accountant recorded it for this run's steps (the last entry), not the plan's
-            "noise_multiplier": history[-1][0] if steps_taken else plan["noise_multiplier"],
-            "max_grad_norm": recipe.privacy.max_grad_norm,
-            "accountant_history": [list(h) for h in history],
-            "dp_randomness": dp_seed_source,
-        }
-    )
-    warm = (pretrained or {}).get("warm_start")
-    if warm:
-        rec["warm_start"] = {
-            **warm,
+    return {
+        "accountant": acc,
+        "target_epsilon": recipe.privacy.target_epsilon,
+        "delta": delta,
+        "epsilon": epsilon_of(history, delta, acc),
+        "epsilon_other_accountant": {other: epsilon_of(history, delta, other)},
+        # σ as the accountant recorded it for this run's steps (the last entry), not the plan's
+        "noise_multiplier": history[-1][0] if steps_taken else plan["noise_multiplier"],
+        "max_grad_norm": recipe.privacy.max_grad_norm,
+        "accountant_history": [list(h) for h in history],
+        "dp_randomness": dp_seed_source,
+    }
+
+
+def _earlier_mechanisms(recipe: Recipe, pretrained: dict) -> dict:
+    """The DP mechanisms composed before DP-SGD: the warm start's query, a prior DP run."""
+    out = {}
+    if pretrained.get("warm_start"):
+        out["warm_start"] = {
+            **pretrained["warm_start"],
             "reading": "one Gaussian-mechanism query of the per-class mean images before DP-SGD; its "
             "entry (σ, q = 1, 1 step) precedes DP-SGD's in accountant_history, DP-SGD's σ was "
             "calibrated for the composed ε, and epsilon is the composed ε",
         }
-    if (pretrained or {}).get("composed_with"):
-        rec["composed_with"] = {
-            **pretrained["composed_with"],
-            "epsilon_alone": epsilon_of(pretrained["composed_with"]["accountant_history"], delta, acc),
+    if pretrained.get("composed_with"):
+        prior = pretrained["composed_with"]
+        delta, acc = recipe.privacy.delta, recipe.privacy.accountant
+        out["composed_with"] = {
+            **prior,
+            "epsilon_alone": epsilon_of(prior["accountant_history"], delta, acc),
             "reading": "this run started from the weights of a DP run on the same private data; "
             "its accountant history is the first part of accountant_history, and epsilon is the "
             "composed ε of both",
         }
-    if not recipe.private:
-        rec["warning"] = SEEDED_WARNING
-    return rec
+    return out
 
 
 # --- checkpoints ----------------------------------------------------------------------------------
