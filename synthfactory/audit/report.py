@@ -160,7 +160,7 @@ def summary_markdown(audit: dict) -> str:
     """The public summary: statistics only, no real image, no index into the private set. The
     Jinja2 template synthfactory/templates/audit-summary.md.j2."""
     c = audit["calibration"]
-    template = _templates(markdown=True).get_template("audit-summary.md.j2")
+    template = templates(markdown=True).get_template("audit-summary.md.j2")
     return template.render(
         a=audit,
         not_covered=NOT_COVERED_NOTE,
@@ -211,7 +211,7 @@ def internal_html(audit: dict, figures: dict[str, bytes], pairs: dict[str, bytes
     synthfactory/templates/audit.html.j2 (autoescaped), filled with the rows computed here."""
     spaces = audit["spaces"]
     dc, mia, ca = audit.get("data_copying"), audit.get("membership_inference"), audit.get("canary_audit")
-    template = _templates().get_template("audit.html.j2")
+    template = templates().get_template("audit.html.j2")
     return template.render(
         a=audit,
         banner=INTERNAL_BANNER,
@@ -257,7 +257,7 @@ def internal_html(audit: dict, figures: dict[str, bytes], pairs: dict[str, bytes
     )
 
 
-def _templates(markdown: bool = False):
+def templates(markdown: bool = False):
     """The package's Jinja2 templates: HTML autoescaped, Markdown verbatim; filters `fmt` (as
     `_fmt`) and `pct`, and `img` (a PNG inline)."""
     from jinja2 import Environment, PackageLoader
