@@ -350,34 +350,7 @@ def evaluate(
 
 
 def evaluation_markdown(ev: dict) -> str:
-    t, r, f, d = ev["tstr"], ev["trtr"], ev["fidelity"], ev["diversity"]
-    eps = "NOT PRIVATE" if not ev["private"] else f"ε = {ev['epsilon']:.3f}, δ = {ev['delta']:g}"
-    rows = "\n".join(
-        f"| {name} | {t['per_class_recall'][name]:.3f} | {r['per_class_recall'][name]:.3f} |"
-        for name in ev["class_names"]
-    )
-    return f"""# Evaluation: {ev["recipe_name"]} / {ev["run_id"]}
+    """evaluation.md: the record's figures in words and tables (templates/evaluation.md.j2)."""
+    from .audit.report import templates
 
-{eps}; {ev["n_synthetic"]} released synthetic images, {ev["n_real_train"]} real training and
-{ev["n_real_test"]} real held-out images. No real pixels in this file.
-
-| | TSTR (train synthetic) | TRTR (train real) |
-| --- | --- | --- |
-| accuracy on real held-out | {t["accuracy"]:.3f} | {r["accuracy"]:.3f} |
-| macro AUC | {t["macro_auc"]:.3f} | {r["macro_auc"]:.3f} |
-| classifier epochs / best validation accuracy | {t["classifier"]["epochs_run"]} / {t["classifier"]["best_val_accuracy"]:.3f} | {r["classifier"]["epochs_run"]} / {r["classifier"]["best_val_accuracy"]:.3f} |
-
-TSTR/TRTR accuracy ratio: **{ev["tstr_over_trtr_accuracy"]:.3f}**; above chance (majority class,
-accuracy {t["chance_accuracy"]:.3f}): (TSTR − chance)/(TRTR − chance) = **{ev.get("tstr_over_trtr_above_chance", float("nan")):.3f}**.
-
-| class | TSTR recall | TRTR recall |
-| --- | --- | --- |
-{rows}
-
-Fidelity ({f["feature_space"]}): Fréchet distance {f["frechet_distance"]:.2f} (real train vs
-real held-out: {f["frechet_distance_real_train_vs_heldout"]:.2f}); precision {f["precision"]:.3f},
-recall {f["recall"]:.3f}, density {f["density"]:.3f}, coverage {f["coverage"]:.3f} (k = {f["k"]}).
-
-Diversity: {d["share_near_duplicate"]:.1%} of synthetic samples have another synthetic sample within
-{d["threshold"]:.3g} (the audit threshold); median distance to the nearest other sample {d["nn_distance_median"]:.3g}.
-"""
+    return templates(markdown=True).get_template("evaluation.md.j2").render(ev=ev, nan=float("nan"))
