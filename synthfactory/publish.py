@@ -93,28 +93,32 @@ def dataset_card(run_dir: RunDir, counts: dict[str, int], warnings: list[str] | 
         pretty_name=f"synthfactory {recipe['name']} (synthetic {MODALITY_WORDS[modality]})",
         size_categories=[size_category(n)],
     )
-    body = (
-        templates(markdown=True)
-        .get_template("dataset-card.md.j2")
-        .render(
-            p=privacy,
-            a=audit,
-            n=n,
-            counts=counts,
-            warnings=warnings or [],
-            name=recipe["name"],
-            words=MODALITY_WORDS[modality],
-            phantom=recipe["data"]["source"] == "phantom",
-            model=recipe.get("model", {}),
-            sampling=recipe.get("sampling", {}),
-            ema=uses_ema(run_dir.final_checkpoint),
-            fmt=_fmt,
-            version=__version__,
-            run_id=run_dir.run_id,
-            versions=run_dir.info().get("versions", {}),
-        )
+    return _card(
+        DatasetCard,
+        meta,
+        "dataset-card.md.j2",
+        p=privacy,
+        a=audit,
+        n=n,
+        counts=counts,
+        warnings=warnings or [],
+        name=recipe["name"],
+        words=MODALITY_WORDS[modality],
+        phantom=recipe["data"]["source"] == "phantom",
+        model=recipe.get("model", {}),
+        sampling=recipe.get("sampling", {}),
+        ema=uses_ema(run_dir.final_checkpoint),
+        fmt=_fmt,
+        version=__version__,
+        run_id=run_dir.run_id,
+        versions=run_dir.info().get("versions", {}),
     )
-    return str(DatasetCard("---\n" + meta.to_yaml() + "\n---\n\n" + body))
+
+
+def _card(card_class, meta, template: str, **context) -> str:
+    """A huggingface_hub card: `meta` (CardData) as its YAML header, the template's text below."""
+    body = templates(markdown=True).get_template(template).render(**context)
+    return str(card_class("---\n" + meta.to_yaml() + "\n---\n\n" + body))
 
 
 def public_recipe(run_dir: RunDir) -> str:
@@ -310,22 +314,20 @@ def model_card(run_dir: RunDir, warnings: list[str] | None = None) -> str:
             "diffusers:ClassConditionalPipeline",
         ],  # fmt: skip
     )
-    body = (
-        templates(markdown=True)
-        .get_template("model-card.md.j2")
-        .render(
-            p=privacy,
-            data=data,
-            words=words,
-            name=recipe["name"],
-            warnings=warnings or [],
-            ddim_steps=(recipe.get("sampling") or {}).get("ddim_steps", 50),
-            ema=uses_ema(run_dir.final_checkpoint),
-            version=__version__,
-            run_id=run_dir.run_id,
-        )
+    return _card(
+        ModelCard,
+        meta,
+        "model-card.md.j2",
+        p=privacy,
+        data=data,
+        words=words,
+        name=recipe["name"],
+        warnings=warnings or [],
+        ddim_steps=(recipe.get("sampling") or {}).get("ddim_steps", 50),
+        ema=uses_ema(run_dir.final_checkpoint),
+        version=__version__,
+        run_id=run_dir.run_id,
     )
-    return str(ModelCard("---\n" + meta.to_yaml() + "\n---\n\n" + body))
 
 
 def publish_model(
