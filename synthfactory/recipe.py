@@ -153,7 +153,9 @@ class _SplittableData(_StoredData):
                 raise ValueError("group_by: 'patient' reads DICOM headers (source: dicom)")
         elif kind == "column" and arg:
             if getattr(self, "labels_csv", None) is None:
-                raise ValueError("group_by: 'column:NAME' reads data.labels_csv, which is not set")
+                raise ValueError(
+                    "group_by: 'column:NAME' reads a column of data.labels_csv (dicom, nifti), which is not set"
+                )
         elif kind == "regex" and arg:
             try:
                 re.compile(arg)
