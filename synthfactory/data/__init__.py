@@ -54,9 +54,7 @@ def _npz(cfg: NpzData, modality: str):
 
 
 def _folder(cfg: FolderData, modality: str):
-    train, held, names, skipped = read_folder(
-        cfg.path, cfg.train_split, cfg.heldout_split, cfg.heldout_fraction, cfg.split_seed, cfg.group_by
-    )
+    train, held, names, skipped = read_folder(cfg)
     return train, held, names, skipped, "grayscale; fixed scaling by bit depth to [-1, 1]"
 
 

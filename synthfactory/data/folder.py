@@ -8,12 +8,16 @@ scaled to [-1, 1] by their bit depth. A file that cannot be decoded is skipped a
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .common import DataError, RawSplit, uint_to_unit_range
 from .groups import group_rule, split_groups, split_items
+
+if TYPE_CHECKING:
+    from ..recipe import FolderData
 
 SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -36,20 +40,17 @@ def read_image_file(path: str) -> np.ndarray:
         return uint_to_unit_range(np.asarray(im.convert("L"), dtype=np.uint8))
 
 
-def read_folder(
-    path: Path,
-    train_split: str,
-    heldout_split: str,
-    heldout_fraction: float | None,
-    seed: int,
-    group_by: str | None = None,
-) -> tuple[RawSplit, RawSplit, list[str], list[dict]]:
-    rule = group_rule(group_by, path)
-    if (path / train_split).is_dir() and (path / heldout_split).is_dir():
-        train_items, held_items = _class_files(path / train_split), _class_files(path / heldout_split)
+def read_folder(cfg: FolderData) -> tuple[RawSplit, RawSplit, list[str], list[dict]]:
+    """Both splits of a folder data set (cfg: the recipe's `data` block, `source: folder`)."""
+    path = Path(cfg.path)
+    rule = group_rule(cfg.group_by, path)
+    if (path / cfg.train_split).is_dir() and (path / cfg.heldout_split).is_dir():
+        train_items, held_items = _class_files(path / cfg.train_split), _class_files(path / cfg.heldout_split)
         groups = split_groups(train_items, held_items, rule)
     else:
-        train_items, held_items, groups = split_items(_class_files(path), rule, heldout_fraction, seed)
+        train_items, held_items, groups = split_items(
+            _class_files(path), rule, cfg.heldout_fraction, cfg.split_seed
+        )
     if not train_items:
         raise DataError("path", f"no PNG/JPEG files in class subfolders under {path}")
     names = sorted({lab for _, lab in train_items + held_items})
