@@ -61,8 +61,9 @@ def _uid(*parts: object) -> str:
 
 
 def hu_rescale(modality: str, source: str, window: tuple[float, float] | None) -> tuple[float, float, str]:
-    """(slope, intercept, type) from stored 8-bit values back to the modality's units."""
-    if modality == "ct" and source == "dicom" and window is not None:
+    """(slope, intercept, type) from stored 8-bit values back to the modality's units: Hounsfield
+    units for CT read from DICOM or NIfTI (both windowed in HU), none for 8-bit sources."""
+    if modality == "ct" and source in ("dicom", "nifti") and window is not None:
         center, width = window
         return width / 255.0, center - width / 2.0, "HU"
     return 1.0, 0.0, "US"

@@ -167,3 +167,4 @@ def test_ct_rescale_maps_back_to_hounsfield_units(tmp_path) -> None:
     assert hu.min() == pytest.approx(-160.0) and hu.max() == pytest.approx(240.0)  # the recipe's window
     assert back.RescaleType == "HU" and float(back.WindowCenter) == 40.0 and float(back.WindowWidth) == 400.0
     assert hu_rescale("ct", "npz", None)[2] == "US"  # 8-bit sources have no HU to restore
+    assert hu_rescale("ct", "nifti", (40.0, 400.0)) == hu_rescale("ct", "dicom", (40.0, 400.0))
