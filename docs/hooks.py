@@ -5,6 +5,7 @@ tests/test_docs.py fails when the committed page differs from the models."""
 
 from __future__ import annotations
 
+import json
 import typing
 from pathlib import Path
 
@@ -47,9 +48,11 @@ def _meaning(field) -> str:
     text = " ".join((field.description or "").split())
     extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
     if isinstance(extra.get("smoke"), dict):
-        text += " `--smoke`: " + ", ".join(f"`{k}` `{v}`" for k, v in extra["smoke"].items()) + "."
+        text += (
+            " `--smoke`: " + ", ".join(f"`{k}` `{json.dumps(v)}`" for k, v in extra["smoke"].items()) + "."
+        )
     elif "smoke" in extra:
-        text += f" `--smoke`: `{extra['smoke']}`.".replace("None", "null")
+        text += f" `--smoke`: `{json.dumps(extra['smoke'])}`."
     if "smoke_at_most" in extra:
         text += f" `--smoke`: at most `{extra['smoke_at_most']}`."
     return text

@@ -20,7 +20,7 @@ Per file:
   `ImageComments` as text for viewers that hide private tags. Only what the DP generator and
   public seeds determine: no audit figure (0x1006 and 0x1007, which once held the audit verdict
   and the nearest-neighbour scores, are no longer written);
-- pixels: 8-bit MONOCHROME2. For CT read from DICOM through a window, `RescaleSlope` and
+- pixels: 8-bit MONOCHROME2. For CT read from DICOM or NIfTI through a window, `RescaleSlope` and
   `RescaleIntercept` map the stored values back to Hounsfield units (`RescaleType` HU) and the
   window is that of the recipe; otherwise the values are the model's 8-bit output (`RescaleType`
   US, unspecified) with a full-range window.

@@ -353,4 +353,6 @@ def evaluation_markdown(ev: dict) -> str:
     """evaluation.md: the record's figures in words and tables (templates/evaluation.md.j2)."""
     from .audit.report import templates
 
-    return templates(markdown=True).get_template("evaluation.md.j2").render(ev=ev, nan=float("nan"))
+    return (
+        templates(markdown=True, strict=True).get_template("evaluation.md.j2").render(ev=ev, nan=float("nan"))
+    )

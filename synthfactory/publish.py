@@ -26,6 +26,7 @@ import yaml
 from . import __version__
 from .audit.report import templates
 from .model import uses_ema
+from .recipe import drop_fields_the_source_never_read
 from .records import AuditRecord, PrivacyRecord
 from .rundir import RunDir, write_json_atomic
 
@@ -117,7 +118,7 @@ def dataset_card(run_dir: RunDir, counts: dict[str, int], warnings: list[str] | 
 
 def _card(card_class, meta, template: str, **context) -> str:
     """A huggingface_hub card: `meta` (CardData) as its YAML header, the template's text below."""
-    body = templates(markdown=True).get_template(template).render(**context)
+    body = templates(markdown=True, strict=True).get_template(template).render(**context)
     return str(card_class("---\n" + meta.to_yaml() + "\n---\n\n" + body))
 
 
@@ -125,6 +126,7 @@ def public_recipe(run_dir: RunDir) -> str:
     """The run's recipe as published: local paths cut to their last component (a hospital's
     folder layout is nobody's business), everything else as the run used it."""
     recipe = yaml.safe_load(run_dir.recipe.read_text())
+    drop_fields_the_source_never_read(recipe)  # a run recorded in the older layout
     for block in (recipe.get("data"), (recipe.get("pretrain") or {}).get("data"), recipe.get("pretrain")):
         for key in ("path", "labels_csv", "checkpoint"):
             if isinstance(block, dict) and block.get(key):

@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 SCHEMA_VERSION = 1
 
@@ -38,7 +46,7 @@ MAX_STEPS = 10_000_000
 
 
 class CTWindow(_Strict):
-    """CT display window in Hounsfield units, applied to DICOM CT before scaling to [-1, 1]."""
+    """CT display window in Hounsfield units, applied to DICOM and NIfTI CT before scaling to [-1, 1]."""
 
     center: float = 40.0
     """Window centre in Hounsfield units."""
@@ -152,10 +160,12 @@ class _SplittableData(_StoredData):
             if self.source != "dicom":
                 raise ValueError("group_by: 'patient' reads DICOM headers (source: dicom)")
         elif kind == "column" and arg:
-            if getattr(self, "labels_csv", None) is None:
+            if not hasattr(self, "labels_csv"):
                 raise ValueError(
-                    "group_by: 'column:NAME' reads a column of data.labels_csv (dicom, nifti), which is not set"
+                    "group_by: 'column:NAME' reads data.labels_csv, which only dicom and nifti have"
                 )
+            if self.labels_csv is None:
+                raise ValueError("group_by: 'column:NAME' reads data.labels_csv, which is not set")
         elif kind == "regex" and arg:
             try:
                 re.compile(arg)
@@ -710,10 +720,24 @@ class Recipe(_Strict):
         but anyone who reads the recipe can regenerate and subtract the noise: it is not private."""
         return self.privacy.enabled and self.privacy.noise_seed is None
 
+    _sha256_as_recorded: str | None = PrivateAttr(None)
+
+    def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False) -> Recipe:
+        """A copy; a changed copy is another recipe, so it does not keep a recorded hash."""
+        copy = super().model_copy(update=update, deep=deep)
+        if update:
+            copy._sha256_as_recorded = None
+        return copy
+
     def sha256(self) -> str:
-        """Hash of the validated recipe (canonical JSON), recorded in every report."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        """Hash of the validated recipe (canonical JSON), recorded in every report; for a run
+        recorded in the older layout, the hash it was recorded with (`load_run_recipe`)."""
+        return self._sha256_as_recorded or _canonical_sha256(self.model_dump(mode="json"))
+
+
+def _canonical_sha256(mapping: dict) -> str:
+    canonical = json.dumps(mapping, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _field_name(loc: tuple[Any, ...], msg: str) -> tuple[str, str]:
@@ -730,33 +754,47 @@ def _field_name(loc: tuple[Any, ...], msg: str) -> tuple[str, str]:
 
 def _format_errors(path: Path, err: ValidationError) -> str:
     """Every error of a recipe on one line: `<file>: <field>: <why>; <field>: <why> ...`."""
-    lines = []
+    lines, listed = [], set()
     for e in err.errors():
         msg = str(e["msg"]).removeprefix("Value error, ")
         field, msg = _field_name(tuple(e["loc"]), msg)
-        source = _source_of(tuple(e["loc"]))
-        if e["type"] == "extra_forbidden":
+        source = _source_block(tuple(e["loc"]))
+        if e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            field, msg = field + ".source", _source_choice(e.get("input"))
+        elif source and e["type"] in ("extra_forbidden", "missing"):
+            msg = _source_field(e["type"], source, field.rsplit(".", 1)[-1], listed)
+        elif e["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling and level)"
-            if source:
-                msg = f"unknown key for the {source} source (its fields: {', '.join(DATA_SOURCES[source].model_fields)})"
-        elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            field += ".source"
-            got = e["ctx"].get("tag") if e["type"] == "union_tag_invalid" else None
-            msg = f"one of {', '.join(DATA_SOURCES)}" + (
-                f" (got {got!r})" if got is not None else " is required"
-            )
         elif "input" in e and e["type"] not in ("missing",) and not isinstance(e["input"], dict):
             msg = f"{msg} (got {e['input']!r})"
         lines.append(f"{field}: {msg}")
     return f"{path}: " + "; ".join(" ".join(line.split()) for line in lines)
 
 
-def _source_of(loc: tuple[Any, ...]) -> str | None:
-    """The data source an error lies in (the tag after `data` in its location), if any."""
-    for i in range(1, len(loc)):
-        if loc[i - 1] == "data" and loc[i] in DATA_SOURCES:
-            return str(loc[i])
+def _source_block(loc: tuple[Any, ...]) -> str | None:
+    """The source whose data block holds the erring key itself (`data.<tag>.<key>`), if any."""
+    if len(loc) >= 3 and loc[-3] == "data" and loc[-2] in DATA_SOURCES:
+        return str(loc[-2])
     return None
+
+
+def _source_choice(block: Any) -> str:
+    tag = block.get("source") if isinstance(block, dict) else None
+    return f"one of {', '.join(DATA_SOURCES)}" + (" is required" if tag is None else f" (got {tag!r})")
+
+
+_SOURCE_HINTS = {("npz", "group_by"): "; npz reads patients from '<split>_group' arrays"}
+
+
+def _source_field(kind: str, source: str, key: str, listed: set[str]) -> str:
+    """A key the source lacks or needs; the source's fields are listed once per message."""
+    if kind == "missing":
+        return f"required for the {source} source"
+    msg = f"unknown key for the {source} source{_SOURCE_HINTS.get((source, key), '')}"
+    if source not in listed:
+        listed.add(source)
+        msg += f" (its fields: {', '.join(DATA_SOURCES[source].model_fields)})"
+    return msg
 
 
 def _resolve(base: Path, p: Path | None) -> Path | None:
@@ -808,16 +846,26 @@ def _smoke_sizes(model: type[BaseModel], raw: dict, prefix: str) -> dict[str, An
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         smoke, value = extra.get("smoke"), raw.get(name)
         if "smoke_at_most" in extra:
-            current = value if isinstance(value, int) else field.get_default(call_default_factory=True)
-            out[prefix + name] = min(extra["smoke_at_most"], current or extra["smoke_at_most"])
+            out.update(_capped(prefix + name, field, value, extra["smoke_at_most"]))
         block = _block_model(field, value)
         if block is None:
-            if "smoke" in extra:
+            if "smoke" in extra and not isinstance(smoke, dict):  # a dict sizes a block the recipe lacks
                 out[prefix + name] = smoke
             continue
         out.update(_smoke_sizes(block, value if isinstance(value, dict) else {}, f"{prefix}{name}."))
         out.update({f"{prefix}{name}.{k}": v for k, v in (smoke or {}).items()})
     return out
+
+
+def _capped(key: str, field: Any, value: Any, cap: int) -> dict[str, Any]:
+    """`key` capped at `cap`: the recipe's number, else the field's default; a value that is no
+    number (or a required field left out) is left for validation to report."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, type(None))):
+        return {}
+    if value is None and (field.is_required() or field.get_default() is None):
+        return {}
+    current = value if value is not None else field.get_default()
+    return {key: min(cap, current)}
 
 
 def _block_model(field: Any, value: Any) -> type[BaseModel] | None:
@@ -854,15 +902,30 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None, smoke
 
 def load_run_recipe(path: str | Path) -> Recipe:
     """A run directory's recipe.yaml. Runs started before the data block was split by source
-    recorded every source's fields; those another source has were never read, and are dropped."""
+    recorded every source's fields; those its source never read are dropped, and the recipe keeps
+    the hash the run recorded (its checkpoints and records name that hash)."""
     path = Path(path)
     raw = _read_mapping(path)
+    recorded = _canonical_sha256(raw)
+    dropped = drop_fields_the_source_never_read(raw)
+    recipe = _validated(raw, path)
+    if dropped:
+        recipe._sha256_as_recorded = recorded
+    return recipe
+
+
+def drop_fields_the_source_never_read(raw: dict) -> list[str]:
+    """Remove, in place, the keys of `data` and `pretrain.data` that their source has no field
+    for (a run recorded before the data block was split by source holds them all); the dotted
+    keys removed."""
     pretrain = raw.get("pretrain") if isinstance(raw.get("pretrain"), dict) else {}
-    for block in (raw.get("data"), pretrain.get("data")):
+    dropped = []
+    for prefix, block in (("data", raw.get("data")), ("pretrain.data", pretrain.get("data"))):
         if isinstance(block, dict) and block.get("source") in DATA_SOURCES:
-            for key in set(block) - set(DATA_SOURCES[block["source"]].model_fields):
+            for key in sorted(set(block) - set(DATA_SOURCES[block["source"]].model_fields)):
                 del block[key]
-    return _validated(raw, path)
+                dropped.append(f"{prefix}.{key}")
+    return dropped
 
 
 def _validated(raw: dict, path: Path) -> Recipe:

@@ -48,6 +48,14 @@ BAD = [
     ({"data__heldout_fraction": 0.2}, "data.heldout_fraction", "unknown key for the phantom source"),
     ({"data__source": "pet"}, "data.source", "one of phantom, npz"),
     ({"data__phantom": {"n_train": 1}}, "data.phantom.n_train", "greater than or equal to 2"),
+    ({"data__phantom": {"ntrain": 9}}, "data.phantom.ntrain", "unknown key (check its spelling"),
+    ({"data__source": None}, "data.source", "one of phantom, npz, folder, dicom, hf, nifti is required"),
+    ({"data__source": "npz", "data__phantom": DELETE}, "data.path", "required for the npz source"),
+    (
+        {"data__source": "npz", "data__path": ".", "data__phantom": DELETE, "data__group_by": "patient"},
+        "data.group_by",
+        "'<split>_group' arrays",
+    ),
     ({"data__source": "nifti", "data__path": ".", "data__phantom": DELETE}, "data.labels_csv", "required"),
     ({"sampling": DELETE}, "sampling", "required"),
     ({"training__expected_batch_size": 1000}, "training.expected_batch_size", "exceeds"),
@@ -118,6 +126,14 @@ def test_smoke_sizes_come_from_the_models(tmp_path: Path) -> None:
     assert not any(k.startswith("warm_start.") for k in sizes)
     assert sizes["training.expected_batch_size"] == 16
     assert smoke_overrides(tiny_recipe(training__expected_batch_size=8))["training.expected_batch_size"] == 8
+    assert (
+        smoke_overrides(tiny_recipe(training__expected_batch_size=64.0))["training.expected_batch_size"] == 16
+    )
+    assert "training.expected_batch_size" not in smoke_overrides(
+        tiny_recipe(training__expected_batch_size="x")
+    )
+    only_checkpoint = smoke_overrides(tiny_recipe(pretrain={"checkpoint": "unet"}))
+    assert not any(k.startswith("pretrain.data") for k in only_checkpoint)  # no block is made up
     recipe = load_recipe(write_recipe(tmp_path, raw), smoke=True)
     assert recipe.name == "tiny-smoke" and recipe.pretrain.data.max_heldout_images == 20
     assert recipe.model.block_out_channels == [16, 32] and recipe.audit.canary.m == 40

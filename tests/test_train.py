@@ -436,3 +436,45 @@ def test_guidance_needs_label_dropout(tmp_path: Path) -> None:
     path = write_recipe(tmp_path, tiny_recipe(training__label_dropout=0.0, sampling__guidance_scale=3.0))
     with pytest.raises(RecipeError, match="sampling.guidance_scale"):
         load_recipe(path)
+
+
+OLD_DATA_FIELDS = {
+    "path": None, "train_split": "train", "heldout_split": "test", "heldout_fraction": None,
+    "labels_csv": None, "ct_window": {"center": 40.0, "width": 400.0}, "percentiles": [0.5, 99.5],
+    "nifti": {"axis": 2, "volume": 0, "slices": None}, "group_by": None,
+}  # fmt: skip
+
+
+def test_a_run_recorded_with_every_data_field_resumes_and_publishes_a_valid_recipe(tmp_path: Path) -> None:
+    """Runs recorded before each source had its own fields keep their recipe hash: the finished
+    training is recognised as theirs (not refused as another recipe's), and the recipe published
+    with them validates now."""
+    import hashlib
+    import json
+
+    import yaml
+
+    from synthfactory.publish import public_recipe
+    from synthfactory.recipe import load_recipe
+    from synthfactory.run import StageOptions, open_run, run_stage
+    from synthfactory.rundir import write_json_atomic
+
+    checked = check(write_recipe(tmp_path, tiny_recipe()))
+    run_dir = create_run(checked, tmp_path / "runs")
+    for stage in ("data", "pretrain", "train"):
+        run_stage(stage, checked, run_dir, StageOptions(progress=False))
+    raw = yaml.safe_load(run_dir.recipe.read_text())
+    raw["data"].update(OLD_DATA_FIELDS)  # the layout the older version wrote
+    run_dir.recipe.write_text(yaml.safe_dump(raw, sort_keys=False))
+    recorded = hashlib.sha256(json.dumps(raw, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    for record in (run_dir.privacy, run_dir.run_json):
+        write_json_atomic(record, {**read_json(record), "recipe_sha256": recorded})
+
+    reopened, same_dir = open_run(run_dir.root)
+    assert reopened.recipe.sha256() == recorded
+    result = train_module.train(reopened.recipe, reopened.images, same_dir, progress=False)
+    assert result.steps == read_json(run_dir.privacy)["steps_taken"]  # recognised, not retrained
+    published = tmp_path / "published.yaml"
+    published.write_text(public_recipe(same_dir))
+    assert "ct_window" not in published.read_text()
+    assert load_recipe(published).data.source == "phantom"

@@ -101,7 +101,7 @@ def test_reported_epsilon_includes_the_warm_start_and_sigma_is_resolved(tmp_path
     assert priv["noise_multiplier"] == pytest.approx(checked.plan["noise_multiplier"])
     assert priv["warm_start"]["epsilon_alone"] == pytest.approx(epsilon_of([(1.5, 1.0, 1)], delta, "rdp"))
     assert (run_dir.central_images).is_file()
-    privacy_part = templates(markdown=True).get_template("dataset-card-privacy.md.j2")
+    privacy_part = templates(markdown=True, strict=True).get_template("dataset-card-privacy.md.j2")
     card = privacy_part.render(p=PrivacyRecord.read(run_dir.privacy), s={"n_samples": 8}, n=8, fmt=_fmt)
     assert "DP warm start" in card and "σ = 1.5" in card
     origin = read_json(run_dir.pretrained / "unet" / "synthfactory_origin.json")

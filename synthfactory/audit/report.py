@@ -257,16 +257,18 @@ def internal_html(audit: dict, figures: dict[str, bytes], pairs: dict[str, bytes
     )
 
 
-def templates(markdown: bool = False):
+def templates(markdown: bool = False, strict: bool = False):
     """The package's Jinja2 templates: HTML autoescaped, Markdown verbatim; filters `fmt` (as
-    `_fmt`) and `pct`, and `img` (a PNG inline)."""
-    from jinja2 import Environment, PackageLoader
+    `_fmt`) and `pct`, and `img` (a PNG inline). `strict`: a name or key the context lacks is an
+    error, not an empty string (what goes public must not lose a figure silently)."""
+    from jinja2 import Environment, PackageLoader, StrictUndefined, Undefined
     from markupsafe import Markup
 
     env = Environment(
         loader=PackageLoader("synthfactory", "templates"),
         autoescape=not markdown,
         keep_trailing_newline=not markdown,
+        undefined=StrictUndefined if strict else Undefined,
     )
     env.filters["pct"] = lambda x: f"{x:.0%}"
     env.filters["fmt"] = _fmt
