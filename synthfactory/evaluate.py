@@ -44,6 +44,7 @@ from .recipe import ClassifierConfig, EvaluationConfig, Recipe
 from .records import EVALUATION_SCHEMA, AuditRecord, EvaluationRecord, PrivacyRecord
 from .rundir import RunDir
 from .sample import uint8_to_model_range
+from .templating import environment
 
 log = logging.getLogger(__name__)
 
@@ -351,8 +352,5 @@ def evaluate(
 
 def evaluation_markdown(ev: dict) -> str:
     """evaluation.md: the record's figures in words and tables (templates/evaluation.md.j2)."""
-    from .audit.report import templates
-
-    return (
-        templates(markdown=True, strict=True).get_template("evaluation.md.j2").render(ev=ev, nan=float("nan"))
-    )
+    template = environment(markdown=True, strict=True).get_template("evaluation.md.j2")
+    return template.render(ev=ev, nan=float("nan"))

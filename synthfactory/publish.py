@@ -24,11 +24,11 @@ from pathlib import Path
 import yaml
 
 from . import __version__
-from .audit.report import templates
 from .model import uses_ema
 from .recipe import drop_fields_the_source_never_read
 from .records import AuditRecord, PrivacyRecord
 from .rundir import RunDir, write_json_atomic
+from .templating import environment
 
 
 class PublishRefused(RuntimeError):
@@ -118,7 +118,7 @@ def dataset_card(run_dir: RunDir, counts: dict[str, int], warnings: list[str] | 
 
 def _card(card_class, meta, template: str, **context) -> str:
     """A huggingface_hub card: `meta` (CardData) as its YAML header, the template's text below."""
-    body = templates(markdown=True, strict=True).get_template(template).render(**context)
+    body = environment(markdown=True, strict=True).get_template(template).render(**context)
     return str(card_class("---\n" + meta.to_yaml() + "\n---\n\n" + body))
 
 

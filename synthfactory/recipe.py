@@ -197,6 +197,11 @@ class _ScannerData(_SplittableData):
             raise ValueError("need 0 <= low < high <= 100")
         return v
 
+    @property
+    def window(self) -> tuple[float, float]:
+        """`ct_window` as (centre, width) in HU, as the readers take it."""
+        return self.ct_window.center, self.ct_window.width
+
 
 class DicomData(_ScannerData):
     """DICOM files: labelled by class folders or by `labels_csv`."""

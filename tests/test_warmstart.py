@@ -12,13 +12,13 @@ import yaml
 from conftest import tiny_recipe
 
 from synthfactory import warmstart
-from synthfactory.audit.report import templates
 from synthfactory.privacy import calibrate_noise, epsilon_of
 from synthfactory.publish import _fmt
 from synthfactory.recipe import WarmStartConfig
 from synthfactory.records import PrivacyRecord
 from synthfactory.run import StageOptions, check, create_run, run_stage
 from synthfactory.rundir import read_json
+from synthfactory.templating import environment
 
 
 def _images(n: int, size: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -101,7 +101,7 @@ def test_reported_epsilon_includes_the_warm_start_and_sigma_is_resolved(tmp_path
     assert priv["noise_multiplier"] == pytest.approx(checked.plan["noise_multiplier"])
     assert priv["warm_start"]["epsilon_alone"] == pytest.approx(epsilon_of([(1.5, 1.0, 1)], delta, "rdp"))
     assert (run_dir.central_images).is_file()
-    privacy_part = templates(markdown=True, strict=True).get_template("dataset-card-privacy.md.j2")
+    privacy_part = environment(markdown=True, strict=True).get_template("dataset-card-privacy.md.j2")
     card = privacy_part.render(p=PrivacyRecord.read(run_dir.privacy), s={"n_samples": 8}, n=8, fmt=_fmt)
     assert "DP warm start" in card and "σ = 1.5" in card
     origin = read_json(run_dir.pretrained / "unet" / "synthfactory_origin.json")

@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..records import AuditRecord  # noqa: E402
+from ..templating import environment
 from .gate import ordinal  # noqa: E402
 
 INTERNAL_BANNER = "INTERNAL: SHOWS REAL TRAINING IMAGES. NEVER RELEASE."
@@ -160,7 +161,7 @@ def summary_markdown(audit: dict) -> str:
     """The public summary: statistics only, no real image, no index into the private set. The
     Jinja2 template synthfactory/templates/audit-summary.md.j2."""
     c = audit["calibration"]
-    template = templates(markdown=True).get_template("audit-summary.md.j2")
+    template = _templates(markdown=True).get_template("audit-summary.md.j2")
     return template.render(
         a=audit,
         not_covered=NOT_COVERED_NOTE,
@@ -211,7 +212,7 @@ def internal_html(audit: dict, figures: dict[str, bytes], pairs: dict[str, bytes
     synthfactory/templates/audit.html.j2 (autoescaped), filled with the rows computed here."""
     spaces = audit["spaces"]
     dc, mia, ca = audit.get("data_copying"), audit.get("membership_inference"), audit.get("canary_audit")
-    template = templates().get_template("audit.html.j2")
+    template = _templates().get_template("audit.html.j2")
     return template.render(
         a=audit,
         banner=INTERNAL_BANNER,
@@ -257,20 +258,12 @@ def internal_html(audit: dict, figures: dict[str, bytes], pairs: dict[str, bytes
     )
 
 
-def templates(markdown: bool = False, strict: bool = False):
-    """The package's Jinja2 templates: HTML autoescaped, Markdown verbatim; filters `fmt` (as
-    `_fmt`) and `pct`, and `img` (a PNG inline). `strict`: a name or key the context lacks is an
-    error, not an empty string (what goes public must not lose a figure silently)."""
-    from jinja2 import Environment, PackageLoader, StrictUndefined, Undefined
+def _templates(markdown: bool = False):
+    """The package's template environment (templating.environment) with the audit reports'
+    filter `fmt` (as `_fmt`) and `img` (a PNG inline)."""
     from markupsafe import Markup
 
-    env = Environment(
-        loader=PackageLoader("synthfactory", "templates"),
-        autoescape=not markdown,
-        keep_trailing_newline=not markdown,
-        undefined=StrictUndefined if strict else Undefined,
-    )
-    env.filters["pct"] = lambda x: f"{x:.0%}"
+    env = environment(markdown)
     env.filters["fmt"] = _fmt
     env.globals["img"] = lambda data, alt: Markup(_img(data, alt))
     return env

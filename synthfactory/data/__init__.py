@@ -64,8 +64,8 @@ def _hf(cfg: HFData, modality: str):
 
 
 def _dicom(cfg: DicomData, modality: str):
-    window = (cfg.ct_window.center, cfg.ct_window.width)
     train, held, names, skipped = read_dicom_folder(cfg, _DICOM_MODALITY[modality])
+    window = cfg.window
     step = (
         "DICOM modality transform (rescale slope/intercept or LUT); CT window "
         f"centre {window[0]:g} HU, width {window[1]:g} HU; other modalities per-image "

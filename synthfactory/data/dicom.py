@@ -150,13 +150,13 @@ def read_dicom_folder(
     cfg: DicomData, fallback_modality: str
 ) -> tuple[RawSplit, RawSplit, list[str], list[dict]]:
     """Both splits of a DICOM data set (cfg: the recipe's `data` block, `source: dicom`)."""
-    root, seed, group_by = Path(cfg.path), cfg.split_seed, cfg.group_by
-    window, percentiles = (cfg.ct_window.center, cfg.ct_window.width), cfg.percentiles
-    train_split, heldout_split, heldout_fraction = cfg.train_split, cfg.heldout_split, cfg.heldout_fraction
-    train_items, held_items, rows = _labelled_files(root, cfg.labels_csv, train_split, heldout_split)
-    rule = group_rule(group_by, root)
+    root = Path(cfg.path)
+    train_items, held_items, rows = _labelled_files(root, cfg.labels_csv, cfg.train_split, cfg.heldout_split)
+    rule = group_rule(cfg.group_by, root)
     if held_items is None:
-        train_items, held_items, groups = split_items(train_items, rule, heldout_fraction, seed, rows)
+        train_items, held_items, groups = split_items(
+            train_items, rule, cfg.heldout_fraction, cfg.split_seed, rows
+        )
     else:
         groups = split_groups(train_items, held_items, rule, rows)
     if not train_items:
@@ -169,7 +169,7 @@ def read_dicom_folder(
         for f, label in items:
             try:
                 ds = load_dicom(f)
-                frames = dataset_frames(ds, fallback_modality, window, percentiles)
+                frames = dataset_frames(ds, fallback_modality, cfg.window, cfg.percentiles)
             except (UnreadableDicom, OSError) as e:
                 skipped.append({"file": f, "reason": str(e)})
                 continue

@@ -75,7 +75,7 @@ def read_nifti(cfg: NiftiData, modality: str) -> tuple[RawSplit, RawSplit, list[
     else:
         train, held, groups = split_items(items, rule, cfg.heldout_fraction, cfg.split_seed, first)
     keep = None if spec.slices is None else range(*spec.slices)
-    window, dicom_modality = (cfg.ct_window.center, cfg.ct_window.width), {"ct": "CT"}.get(modality, "")
+    dicom_modality = {"ct": "CT"}.get(modality, "")
     skipped: list[dict] = []
     splits = []
     for side in (train, held):
@@ -98,7 +98,7 @@ def read_nifti(cfg: NiftiData, modality: str) -> tuple[RawSplit, RawSplit, list[
                 plane = np.rot90(np.take(data, k, axis=spec.axis))
                 # per slice, not per volume: the DP unit is one image, and a volume-wide
                 # statistic would let one slice change how the others are scaled
-                img = window_to_unit_range(plane, dicom_modality, window, cfg.percentiles)
+                img = window_to_unit_range(plane, dicom_modality, cfg.window, cfg.percentiles)
                 raw.add(
                     np.ascontiguousarray(img),
                     labelled.get(k, first[f]["label"]),
