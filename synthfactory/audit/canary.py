@@ -34,6 +34,8 @@ import scipy.optimize
 import scipy.special
 import scipy.stats
 
+from ..data.common import item_id
+
 # --- the canaries -------------------------------------------------------------------------------
 
 
@@ -148,6 +150,7 @@ def with_canaries(images, canaries: np.ndarray, included: np.ndarray):
             "label": int(n_real + i),
             "sha256": hashlib.sha256(canaries[i].tobytes()).hexdigest(),
             "source": "synthfactory canary (generated)",
+            "item": item_id("canary", hashlib.sha256(canaries[i].tobytes()).hexdigest()),
         }
         for i in idx
     ]

@@ -1,5 +1,10 @@
 """What every data source hands on: an ImageSet of float32 images in [-1, 1], labels, class
-names and a manifest with a SHA-256 per image.
+names and a manifest with, per image, a SHA-256 of its pixels and the identity of its source item.
+
+The source item (`item_id`) names what the image was made from, not its pixels: a file's bytes, a
+DICOM SOP Instance UID and frame, a NIfTI file and volume, an npz array row's raw bytes, a phantom's
+seed and index. It survives re-preprocessing: the same images at another size are the same people,
+and the privacy ledger (ledger.py) compares runs by it.
 
 Preprocessing here is per image only (pad to a square, resize, fixed scaling). Nothing computes
 a statistic over the private set, so preprocessing spends no privacy budget.
@@ -34,12 +39,36 @@ class RawSplit:
     labels: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     groups: list[str | None] = field(default_factory=list)  # patient (see `group_key`), if known
+    items: list[str] = field(default_factory=list)  # source-item identity (see `item_id`)
+    marked: list[str] = field(default_factory=list)  # sources that carry synthfactory's synthetic marker
 
-    def add(self, image: np.ndarray, label: str, source: str, group: str | None = None) -> None:
+    def add(self, image: np.ndarray, label: str, source: str, group: str | None = None, *, item: str) -> None:
         self.images.append(image)
         self.labels.append(label)
         self.sources.append(source)
         self.groups.append(group)
+        self.items.append(item)
+
+
+def item_id(kind: str, *parts: object) -> str:
+    """The identity of one source item, as the manifest and the privacy ledger hold it: a SHA-256
+    prefix (128 bits) of its kind and parts, so that no file name or DICOM UID is written out."""
+    text = "\x1f".join([kind, *(str(p) for p in parts)])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def bytes_sha256(data: bytes | memoryview) -> str:
+    """SHA-256 of raw bytes (a file, an array row as stored), for `item_id`."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def group_key(value: object) -> str:
@@ -57,9 +86,10 @@ class ImageSet:
     heldout_images: np.ndarray
     heldout_labels: np.ndarray
     class_names: list[str]
-    manifest: list[dict]  # one entry per image: split, index, label, sha256, source
+    manifest: list[dict]  # one entry per image: split, index, label, sha256, source, item
     skipped: list[dict] = field(default_factory=list)  # files a source could not read, and why
     preprocessing: list[str] = field(default_factory=list)  # what was done to the pixels
+    synthfactory_marked: list[str] = field(default_factory=list)  # sources marked as synthfactory output
 
     def manifest_sha256(self) -> str:
         """One hash for the whole manifest; it names the data without copying any image."""
@@ -69,6 +99,11 @@ class ImageSet:
     def train_hashes(self) -> set[str]:
         """SHA-256 of every private training image (from the manifest)."""
         return {m["sha256"] for m in self.manifest if m["split"] == "train"}
+
+    def item_ids(self) -> frozenset[str]:
+        """The source items of every image, training and held-out: this data set's identity in
+        the privacy ledger (both splits: held-out images are private too)."""
+        return frozenset(m["item"] for m in self.manifest)
 
     def group_counts(self) -> dict | None:
         """Patients (groups) per split and held-out images of training patients; None without
@@ -215,11 +250,14 @@ def build_image_set(
                 "label": raw.labels[i],
                 "sha256": image_sha256(arrays[split][j]),
                 "source": raw.sources[i],
+                "item": raw.items[i],
             }
             if raw.groups and raw.groups[i] is not None:
                 entry["group"] = raw.groups[i]
             manifest.append(entry)
+    marked = [src for raw in (train, heldout) for src in raw.marked]
     return ImageSet(
+        synthfactory_marked=marked,
         train_images=arrays["train"],
         train_labels=labels["train"],
         heldout_images=arrays["heldout"],

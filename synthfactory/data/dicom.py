@@ -26,7 +26,16 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_color_lut, apply_modality_lut
 
-from .common import DataError, RawSplit, group_key, read_labels_csv, to_grayscale, window_to_unit_range
+from .common import (
+    DataError,
+    RawSplit,
+    file_sha256,
+    group_key,
+    item_id,
+    read_labels_csv,
+    to_grayscale,
+    window_to_unit_range,
+)
 from .groups import group_rule, split_groups, split_items
 
 if TYPE_CHECKING:
@@ -175,7 +184,15 @@ def read_dicom_folder(
                 continue
             rel = Path(f).relative_to(root) if Path(f).is_relative_to(root) else Path(f)
             patient = groups[f] if rule is not None else dataset_patient(ds)
+            if (
+                str(ds.get("Manufacturer", "")) == "synthfactory"
+                and str(ds.get("ConversionType", "")) == "SYN"
+            ):
+                raw.marked.append(str(rel))
+            uid = str(ds.get("SOPInstanceUID", "") or "").strip()
+            instance = ("uid", uid) if uid else ("file", file_sha256(f))
             for k, img in enumerate(frames):
-                raw.add(img, label, f"{rel}#frame{k}" if len(frames) > 1 else str(rel), patient)
+                item = item_id("dicom", *instance, k)
+                raw.add(img, label, f"{rel}#frame{k}" if len(frames) > 1 else str(rel), patient, item=item)
         splits.append(raw)
     return splits[0], splits[1], names, skipped

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .common import DataError, RawSplit, uint_to_unit_range
+from .common import DataError, RawSplit, file_sha256, item_id, uint_to_unit_range
 from .groups import group_rule, split_groups, split_items
 
 if TYPE_CHECKING:
@@ -29,6 +29,15 @@ def _class_files(root: Path) -> list[tuple[str, str]]:
             if f.is_file() and f.suffix.lower() in SUFFIXES:
                 items.append((str(f), class_dir.name))
     return items
+
+
+SYNTHETIC_MARKER = "synthfactory-run"  # the PNG text key synthfactory's releases carry
+
+
+def is_marked(path: str) -> bool:
+    """Whether an image file carries synthfactory's synthetic marker (a PNG text chunk)."""
+    with Image.open(path) as im:
+        return SYNTHETIC_MARKER in getattr(im, "text", {}) or SYNTHETIC_MARKER in im.info
 
 
 def read_image_file(path: str) -> np.ndarray:
@@ -60,7 +69,11 @@ def read_folder(cfg: FolderData) -> tuple[RawSplit, RawSplit, list[str], list[di
         raw = RawSplit()
         for f, label in items:
             try:
-                raw.add(read_image_file(f), label, str(Path(f).relative_to(path)), groups.get(f))
+                image = read_image_file(f)
+                item = item_id("file", file_sha256(f))
+                raw.add(image, label, str(Path(f).relative_to(path)), groups.get(f), item=item)
+                if is_marked(f):
+                    raw.marked.append(str(Path(f).relative_to(path)))
             except (UnidentifiedImageError, OSError, ValueError) as e:
                 skipped.append({"file": f, "reason": f"{type(e).__name__}: {e}"})
         splits.append(raw)

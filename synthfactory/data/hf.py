@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import DataError, RawSplit, to_grayscale, uint_to_unit_range
+from .common import DataError, RawSplit, bytes_sha256, item_id, to_grayscale, uint_to_unit_range
 
 
 def read_hf(path: Path, train_split: str, heldout_split: str) -> tuple[RawSplit, RawSplit, list[str]]:
@@ -32,14 +32,18 @@ def read_hf(path: Path, train_split: str, heldout_split: str) -> tuple[RawSplit,
     if not isinstance(label_feature, datasets.ClassLabel):
         raise DataError("path", "the 'label' column must be a ClassLabel carrying class names")
     names = list(label_feature.names)
+    marked = {"run_id", "sample_seed", "sample_index"} <= set(features)  # a synthfactory release's columns
     splits = []
     for split in (train_split, heldout_split):
         raw = RawSplit()
         for i, row in enumerate(dd[split]):
-            arr = np.asarray(row["image"])
+            arr = np.ascontiguousarray(np.asarray(row["image"]))
+            item = item_id("array-row", arr.dtype.str, arr.shape, bytes_sha256(arr.data))
             arr = to_grayscale(arr) if arr.ndim == 3 else arr
             if arr.dtype not in (np.uint8, np.uint16):
                 arr = np.clip(arr, 0, 255).astype(np.uint8)
-            raw.add(uint_to_unit_range(arr), names[row["label"]], f"{split}[{i}]")
+            raw.add(uint_to_unit_range(arr), names[row["label"]], f"{split}[{i}]", item=item)
+            if marked:
+                raw.marked.append(f"{split}[{i}]")
         splits.append(raw)
     return splits[0], splits[1], names

@@ -24,7 +24,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 
-from .common import RawSplit, group_key, read_labels_csv, window_to_unit_range
+from .common import RawSplit, file_sha256, group_key, item_id, read_labels_csv, window_to_unit_range
 from .groups import group_rule, split_groups, split_items
 
 if TYPE_CHECKING:
@@ -92,6 +92,8 @@ def read_nifti(cfg: NiftiData, modality: str) -> tuple[RawSplit, RawSplit, list[
                 skipped.append({"file": f, "reason": " ".join(f"{type(e).__name__}: {e}".split())[:300]})
                 continue
             rel = Path(f).relative_to(root) if Path(f).is_relative_to(root) else Path(f)
+            # one item per volume: slices along another axis (or resampled) share its voxels
+            item = item_id("nifti", file_sha256(f), spec.volume)
             for k in take:
                 if labelled and k not in labelled:
                     continue
@@ -104,6 +106,7 @@ def read_nifti(cfg: NiftiData, modality: str) -> tuple[RawSplit, RawSplit, list[
                     labelled.get(k, first[f]["label"]),
                     f"{rel}#slice{k}",
                     groups[f],
+                    item=item,
                 )
         splits.append(raw)
     names = sorted({r["label"] for r in rows})

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import DataError, RawSplit, group_key, to_grayscale, uint_to_unit_range
+from .common import DataError, RawSplit, bytes_sha256, group_key, item_id, to_grayscale, uint_to_unit_range
 
 
 def _scale(img: np.ndarray) -> np.ndarray:
@@ -64,6 +64,8 @@ def _read_npz(path: Path, train_split: str, heldout_split: str) -> tuple[RawSpli
             raw = RawSplit()
             for i in range(len(images)):
                 group = None if groups is None else group_key(groups[i])
-                raw.add(_scale(images[i]), names[labels[i]], f"{path.name}:{split}[{i}]", group)
+                row = np.ascontiguousarray(images[i])
+                item = item_id("array-row", row.dtype.str, row.shape, bytes_sha256(row.data))
+                raw.add(_scale(row), names[labels[i]], f"{path.name}:{split}[{i}]", group, item=item)
             splits.append(raw)
     return splits[0], splits[1], names

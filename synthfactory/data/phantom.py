@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import RawSplit
+from .common import RawSplit, item_id
 
 CLASSES: dict[str, list[str]] = {
     "mri": ["no_lesion", "lesion"],
@@ -193,6 +193,9 @@ def read_phantom(
                 continue
             imgs = phantom_images(modality, label, n, size, seed * 2 + offset)
             for i in range(n):
-                raw.add(imgs[i], name, f"phantom:{modality}:{split}:{name}:{i}")
+                # the item is the phantom's seed and place, not its size: the same set at another
+                # image size is the same (procedural) patients
+                item = item_id("phantom", modality, seed, split, name, i)
+                raw.add(imgs[i], name, f"phantom:{modality}:{split}:{name}:{i}", item=item)
         splits.append(raw)
     return splits[0], splits[1], names
