@@ -30,7 +30,7 @@ def run_one(args: argparse.Namespace) -> dict:
     from synthfactory.objective import Draws, make_row_loss
     from synthfactory.privacy import make_conv_inputs_contiguous, make_private
     from synthfactory.recipe import load_recipe
-    from synthfactory.train import StepSettings, dp_step, plain_step
+    from synthfactory.steps import StepSettings, dp_step, plain_step
 
     torch.manual_seed(0)
     recipe = load_recipe(args.recipe)

@@ -1,10 +1,12 @@
-"""`synthfactory plan RECIPE --minutes M`: what a wall-time budget buys on this machine.
+"""The DP-SGD budget planner, `synthfactory plan RECIPE --minutes M`: what a wall-time budget buys
+on this machine.
 
 Before any private image is trained on: a short probe times DP-SGD steps of the recipe's model
 (its per-example gradient path, K, physical chunk size, precision) on *random* images of the
 recipe's size; the accountant then gives, for each logical batch size B, the steps T the budget
-allows, the σ that reaches the target ε (composed with the warm start, if any) and the noise per
-step σ·C/B. The row with the least noise per step among those with at least `min_steps` steps is
+allows, the σ that reaches the target ε (composed with what the run's pre-training stage will
+write to its ledger: the warm start's query, a checkpoint's ledger; pretrain.planned_ledger) and
+the noise per step σ·C/B. The row with the least noise per step among those with at least `min_steps` steps is
 proposed, with the `--set` lines that apply it.
 
 Why σ/B: at a fixed ε, the noise in the averaged gradient is σ·C/B, and DP-SGD's utility tracks
@@ -20,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import build_noise_scheduler, build_unet, resolve_device
+from .model import build_noise_scheduler, build_unet, num_class_embeds, resolve_device
 from .privacy import calibrate_noise, make_private
 from .recipe import Recipe
-from .train import _settings, dp_step, num_class_embeds, recipe_prior
+from .steps import dp_step, step_settings
 
 
 @dataclass
@@ -70,7 +72,7 @@ def probe(recipe: Recipe, n_classes: int, batch: int = 64, steps: int = 3, warmu
         mode=recipe.privacy.per_example_gradients,
     )
     settings, scheduler, gen = (
-        _settings(recipe, n_classes, device, k),
+        step_settings(recipe, n_classes, device, k),
         build_noise_scheduler(recipe.model),
         torch.Generator(),
     )
@@ -85,10 +87,36 @@ def probe(recipe: Recipe, n_classes: int, batch: int = 64, steps: int = 3, warmu
     return Probe(examples_per_s=steps * batch / seconds, seconds=seconds, batch=batch)
 
 
-def options(recipe: Recipe, n_train: int, examples_per_s: float, minutes: float) -> list[Option]:
-    """For B = 64, 128, ... up to N: the steps the budget allows and the σ the accountant gives."""
+def planned_prior(recipe: Recipe, images=None) -> list[tuple[float, float, int]]:
+    """The accountant history DP-SGD will compose with: the planned ledger of the pre-training
+    stage (pretrain.planned_ledger). Without the images (`--n-train`), every mechanism a
+    checkpoint's ledger carries is taken to compose (its data cannot be compared)."""
+    from .ledger import LedgerRefused, read_artifact
+    from .pretrain import checkpoint_verdict, planned_ledger
+    from .recipe import RecipeError
+    from .warmstart import history
+
+    try:
+        if images is not None:
+            brought = [v for v in [checkpoint_verdict(recipe, images)] if v is not None]
+            return planned_ledger(recipe, images, brought).history(images.item_ids())
+        carried = (
+            read_artifact(recipe.pretrain.checkpoint)
+            if recipe.pretrain and recipe.pretrain.checkpoint
+            else None
+        )
+    except LedgerRefused as e:
+        raise RecipeError(f"pretrain.checkpoint: {e}") from None
+    prior = [h for m in (carried.mechanisms if carried else []) for h in m.history]
+    return prior + (history(recipe.warm_start) if recipe.warm_start else [])
+
+
+def options(
+    recipe: Recipe, n_train: int, examples_per_s: float, minutes: float, prior: list | tuple = ()
+) -> list[Option]:
+    """For B = 64, 128, ... up to N: the steps the budget allows and the σ the accountant gives
+    after `prior` (the planned ledger's composed history)."""
     budget = examples_per_s * minutes * 60  # example-gradients
-    prior = recipe_prior(recipe, None)
     out = []
     b = 64
     while b <= n_train:
@@ -118,12 +146,12 @@ def set_lines(option: Option) -> list[str]:
     return [f"--set training.expected_batch_size={option.batch}", f"--set training.steps={option.steps}"]
 
 
-def current(recipe: Recipe, n_train: int) -> Option:
+def current(recipe: Recipe, n_train: int, prior: list | tuple = ()) -> Option:
     """The recipe's own B, steps, σ and noise per step, for comparison."""
     b, steps = recipe.training.expected_batch_size, recipe.training.total_steps(n_train)
     sigma = calibrate_noise(
         recipe.privacy.target_epsilon, recipe.privacy.delta, b / n_train, steps, recipe.privacy.accountant,
-        prior=recipe_prior(recipe, None),
+        prior=prior,
     )  # fmt: skip
     return Option(b, steps, sigma, sigma * recipe.privacy.max_grad_norm / b)
 

@@ -14,6 +14,7 @@ import typer
 
 from .distributed import launched
 from .export import ReleaseRefused
+from .ledger import LedgerRefused
 from .recipe import RecipeError, parse_override
 from .records import PrivacyRecord
 from .run import StageOptions, check, create_run, open_run, run_remaining, run_stage, summary
@@ -56,6 +57,8 @@ def _guard(fn, *args, **kwargs):
         _fail(2, f"error: {e}")
     except ReleaseRefused as e:
         _fail(3, f"release refused: {e}")
+    except LedgerRefused as e:
+        _fail(2, f"refused: {e}")
 
 
 def _print_summary(run_path: Path) -> None:
@@ -163,18 +166,12 @@ def validate(recipe: RecipeArg, set_: Sets = None, smoke: Smoke = False) -> None
         typer.echo(
             f"skipped    {len(imgs.skipped)} unreadable files, e.g. {imgs.skipped[0]['file']}: {imgs.skipped[0]['reason']}"
         )
-    plan = c.plan
-    line = f"training   {plan['steps']} steps, q = {plan['sample_rate']:.4g}"
+    s = c.schedule
+    line = f"training   {s.steps} steps, q = {s.sample_rate:.4g}"
     if c.recipe.dp_sgd:
-        eps = ", ".join(f"{k} {v:.3f}" for k, v in plan["epsilon"].items())
-        line += f", σ = {plan['noise_multiplier']:.4f} → ε {eps} at δ = {c.recipe.privacy.delta:g}"
-        parts = []
-        if (
-            c.recipe.pretrain is not None
-            and c.recipe.pretrain.checkpoint is not None
-            and plan["prior_history"]
-        ):
-            parts.append("the DP run pretrain.checkpoint comes from")
+        eps = ", ".join(f"{k} {v:.3f}" for k, v in s.epsilon(c.recipe.privacy.delta).items())
+        line += f", σ = {s.noise_multiplier:.4f} → ε {eps} at δ = {c.recipe.privacy.delta:g}"
+        parts = [f"the ledger of {v.what}" for v in c.brought if v.kind == "composed"]
         if c.recipe.warm_start is not None:
             parts.append(f"the warm start's query (σ = {c.recipe.warm_start.noise_multiplier:g})")
         if parts:
@@ -197,18 +194,21 @@ def plan(
 ) -> None:
     """Probe this machine's DP-SGD speed on random images, then give, for a wall-time budget,
     batch size, steps, σ and noise per step at the recipe's ε, and the --set lines to apply."""
-    from . import plan as planning
+    from . import budget as planning
     from .data import DataError, load_images
     from .recipe import load_recipe
 
     r = _guard(load_recipe, recipe, _overrides(set_))
     if not r.dp_sgd:
         _fail(2, f"error: {recipe}: privacy.enabled: plan is for DP-SGD recipes")
+    images = None
     if n_train is None:
         try:
-            n_train = len(load_images(r.data, r.modality).train_labels)
+            images = load_images(r.data, r.modality)
         except DataError as e:
             _fail(2, f"error: {recipe}: data.{e.field}: {e}")
+        n_train = len(images.train_labels)
+    prior = _guard(planning.planned_prior, r, images)
     n_classes = len(r.data.classes)
     p = planning.probe(r, n_classes)
     typer.echo(
@@ -219,15 +219,19 @@ def plan(
     typer.echo(
         f"budget     {minutes:g} min of DP-SGD, N = {n_train}, ε = {r.privacy.target_epsilon:g}, "
         f"δ = {r.privacy.delta:g}, C = {r.privacy.max_grad_norm:g}"
-        + (" (composed with the warm start's query)" if r.warm_start else "")
+        + (
+            f" (composed with {len(prior)} accountant entries before DP-SGD: the warm start, a checkpoint's ledger)"
+            if prior
+            else ""
+        )
     )
     typer.echo(f"{'B':>7} {'steps':>7} {'σ':>8} {'σC/B':>10}")
-    opts = planning.options(r, n_train, p.examples_per_s, minutes)
+    opts = planning.options(r, n_train, p.examples_per_s, minutes, prior)
     for o in opts:
         sigma = f"{o.noise_multiplier:8.3f}" if o.noise_multiplier else f"{'-':>8}"
         noise = f"{o.noise_per_step:10.2e}" if o.noise_per_step else f"{'-':>10}"
         typer.echo(f"{o.batch:>7} {o.steps:>7} {sigma} {noise}")
-    cur = planning.current(r, n_train)
+    cur = planning.current(r, n_train, prior)
     typer.echo(
         f"recipe     B = {cur.batch}, {cur.steps} steps: σ = {cur.noise_multiplier:.3f}, σC/B = "
         f"{cur.noise_per_step:.2e}, about {planning.minutes_for(cur, p.examples_per_s):.0f} min here"
@@ -372,6 +376,13 @@ def publish(
             "--model", help="Push the DP generator (a diffusers pipeline) and its model card instead."
         ),
     ] = False,
+    force_withheld: Annotated[
+        bool,
+        typer.Option(
+            "--force-withheld",
+            help="With --model: publish the generator although the audit withheld samples it can draw again.",
+        ),
+    ] = False,
 ) -> None:
     """Push the released dataset, its card, the public audit summary and the recipe to the Hub
     (or, with --model, the generator and its model card to a model repository)."""
@@ -381,7 +392,10 @@ def publish(
 
     try:
         if model:
-            out = publish_model(RunDir(run_dir), repo_id, private, revision, force_not_private, force_blocked)
+            out = publish_model(
+                RunDir(run_dir), repo_id, private, revision, force_not_private, force_blocked,
+                force_withheld=force_withheld,
+            )  # fmt: skip
         else:
             out = push(
                 RunDir(run_dir), repo_id, private, revision, force_not_private, force_blocked,

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
-from .recipe import ModelConfig
+from .recipe import ModelConfig, Recipe
 
 
 def build_unet(cfg: ModelConfig, image_size: int, num_classes: int) -> UNet2DModel:
@@ -36,6 +36,36 @@ def build_unet(cfg: ModelConfig, image_size: int, num_classes: int) -> UNet2DMod
         norm_num_groups=cfg.norm_num_groups,
         num_class_embeds=num_classes,
     )
+
+
+def num_class_embeds(recipe: Recipe, n_classes: int) -> int:
+    """Classes, plus one null class when labels are dropped for classifier-free guidance."""
+    return n_classes + (1 if recipe.training.label_dropout > 0 else 0)
+
+
+def null_class(recipe: Recipe, n_classes: int) -> int | None:
+    """The label of the null (unconditional) class, if the recipe drops labels."""
+    return n_classes if recipe.training.label_dropout > 0 else None
+
+
+def seeded_unet(recipe: Recipe, image_size: int, n_classes: int) -> UNet2DModel:
+    """The recipe's UNet, initialised from `training.seed` (the RNG state outside is untouched)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(recipe.training.seed)
+        return build_unet(recipe.model, image_size, num_class_embeds(recipe, n_classes))
+
+
+def weights_sha256(folder: Path) -> str:
+    """One hash over a model folder's weights and config (safetensors, config.json): what the
+    model is, without synthfactory's records beside it (whose data identities are internal)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(folder).iterdir()):
+        if f.is_file() and (f.suffix == ".safetensors" or f.name == "config.json"):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 def build_noise_scheduler(cfg: ModelConfig) -> DDPMScheduler:

@@ -44,6 +44,7 @@ def lineage(run_dir: RunDir) -> dict:
         }
     privacy = run.privacy
     out["dp_secret"] = dp_secret(run_dir, privacy)
+    out["ledger"] = ledger_lines(run_dir)
     if privacy:
         out["privacy"] = {
             "private": privacy.private,
@@ -83,6 +84,19 @@ def lineage(run_dir: RunDir) -> dict:
     if published:
         out["published"] = published
     return out
+
+
+def ledger_lines(run_dir: RunDir) -> list[str]:
+    """The run's ledger, one line per mechanism: kind, run, accountant steps, how it came in."""
+    from .ledger import RunLedger
+
+    ledger = RunLedger(run_dir.ledger).read()
+    return [
+        f"{m.kind} of run {m.run_id}: {m.steps} accountant steps"
+        + ("" if m.private else ", NO DP guarantee")
+        + (f", brought in by {m.via}" if m.via else "")
+        for m in ledger.mechanisms
+    ]
 
 
 def dp_secret(run_dir: RunDir, privacy: PrivacyRecord | None) -> str:

@@ -428,15 +428,17 @@ class PretrainConfig(_Strict):
     data: DataConfig | None = Field(
         None, json_schema_extra={"smoke": {"max_train_images": 200, "max_heldout_images": 20}}
     )
-    """A data source the recipe declares public: trained without DP before the
-    private stage. Images that are exact copies of private images, or near-copies of private training
-    images, are refused. Other class names than the private ones: class-agnostic pre-training with the
-    null label."""
+    """A data source the recipe declares public: trained without DP before the private stage. It is
+    screened against every private image, training and held-out, in the audit's pixel-L2, shift/flip-NCC
+    and low-pass spaces: an image that is a copy or near-copy is refused (public.py). A synthfactory
+    release is recognised by its `synthfactory_ledger.json` and composes into this run's ε. Other class
+    names than the private ones: class-agnostic pre-training with the null label."""
     checkpoint: Path | None = None
     """Or a diffusers `UNet2DModel` folder (save_pretrained, safetensors) that fits the recipe's model. A
-    synthfactory model is recognised by its `synthfactory_origin.json`: trained on other data → public; a
-    DP run on this data → composed into this run's ε; trained on this data without DP or with seeded noise
-    → refused. Anything else is declared public by the recipe."""
+    synthfactory model is recognised by its `synthfactory_ledger.json` (the mechanisms of its run and of
+    all its ancestors): each composes into this run's ε unless its data is shown disjoint from this run's
+    (by source item, so another image size is the same data); one without a DP guarantee on this data →
+    refused. Anything else is declared public by the recipe."""
     steps: int = Field(500, ge=1, json_schema_extra={"smoke": 2})
     """Steps of the public stage."""
     expected_batch_size: int = Field(64, ge=1)

@@ -10,35 +10,28 @@ import json
 import logging
 import platform
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
 
 from . import __version__
-from .audit import near_copies, run_audit
+from .audit import run_audit
 from .audit.models import train_audit_models, wants_audit_models
 from .data import DataError, ImageSet, load_images
 from .distributed import barrier, from_env
 from .evaluate import evaluate
 from .export import release
-from .model import load_unet, resolve_device, uses_ema
-from .origin import CheckpointRefused, CheckpointUse, checkpoint_use
+from .ledger import Ledger, LedgerRefused, RunLedger, Verdict
+from .model import load_unet, resolve_device, seeded_unet, uses_ema
+from .pretrain import PublicData, checkpoint_verdict, planned_ledger, pretrain
+from .public import PublicDataRefused, load_public
 from .recipe import Recipe, RecipeError, check_against_data, load_recipe, load_run_recipe
 from .records import RunRecords
 from .rundir import STAGES, RunDir, new_run_id, read_json, write_json_atomic
 from .sample import generate, merge_shards
-from .train import (
-    initial_model,
-    plan_training,
-    pretrain,
-    prior_history,
-    recipe_prior,
-    train,
-    trainable_names,
-    training_finished,
-)
+from .train import Schedule, has_pretraining, train, trainable_names, training_finished, training_schedule
 
 log = logging.getLogger(__name__)
 
@@ -46,52 +39,55 @@ log = logging.getLogger(__name__)
 @dataclass
 class CheckedRecipe:
     """A recipe that validated against its data: the private images, the public pre-training
-    images (if any) and the training plan."""
+    data (if any), what the checkpoint or data set it brings is to this run (`brought`), and the
+    DP-SGD schedule (σ calibrated for everything that composes)."""
 
     recipe: Recipe
     images: ImageSet
-    plan: dict
-    public: ImageSet | None = None
+    schedule: Schedule
+    public: PublicData | None = None
+    brought: list[Verdict] = field(default_factory=list)
 
 
-def _load(recipe: Recipe, recipe_path: str | Path) -> tuple[ImageSet, ImageSet | None]:
+def _load(
+    recipe: Recipe, recipe_path: str | Path, screened: dict | None = None
+) -> tuple[ImageSet, PublicData | None]:
+    """The private images and the declared-public ones (read, their verdict, screened)."""
     try:
         images = load_images(recipe.data, recipe.modality)
     except DataError as e:
         raise RecipeError(f"{recipe_path}: data.{e.field}: {e}") from None
-    public = None
-    if recipe.pretrain is not None and recipe.pretrain.data is not None:
-        try:
-            public = load_images(recipe.pretrain.data, recipe.modality)
-        except DataError as e:
-            raise RecipeError(f"{recipe_path}: pretrain.data.{e.field}: {e}") from None
-        private_hashes = {m["sha256"] for m in images.manifest}
-        shared = sum(m["sha256"] in private_hashes for m in public.manifest)
-        if shared:
-            raise RecipeError(
-                f"{recipe_path}: pretrain.data: {shared} of its images are exact copies of private "
-                "images; data declared public must not contain the private set"
-            )
-        near = int(near_copies(public.train_images, images.train_images, recipe.audit).sum())
-        if near:
-            raise RecipeError(
-                f"{recipe_path}: pretrain.data: {near} of its images are near-copies of private training "
-                f"images (root-mean-square difference ≤ audit.threshold.near_duplicate_rms = "
-                f"{recipe.audit.threshold.near_duplicate_rms:g}); data declared public must not contain them"
-            )
-    return images, public
-
-
-def _checkpoint_use(recipe: Recipe, recipe_path: str | Path, images: ImageSet) -> CheckpointUse | None:
-    """What `pretrain.checkpoint` is to this run (public, or a DP run to compose with)."""
-    if recipe.pretrain is None or recipe.pretrain.checkpoint is None:
-        return None
+    if recipe.pretrain is None or recipe.pretrain.data is None:
+        return images, None
     try:
-        return checkpoint_use(
-            recipe.pretrain.checkpoint, images.train_hashes(), images.manifest_sha256(), recipe.private
-        )
-    except CheckpointRefused as e:
+        return images, load_public(recipe, images, screened)
+    except DataError as e:
+        raise RecipeError(f"{recipe_path}: pretrain.data.{e.field}: {e}") from None
+    except (PublicDataRefused, LedgerRefused) as e:
+        raise RecipeError(f"{recipe_path}: pretrain.data: {e}") from None
+
+
+def _brought(
+    recipe: Recipe, recipe_path: str | Path, images: ImageSet, public: PublicData | None
+) -> list[Verdict]:
+    """What `pretrain.checkpoint` or `pretrain.data` brings into this run (its ledger's verdict)."""
+    try:
+        use = checkpoint_verdict(recipe, images)
+    except LedgerRefused as e:
         raise RecipeError(f"{recipe_path}: pretrain.checkpoint: {e}") from None
+    return [v for v in (use, public.verdict if public else None) if v is not None]
+
+
+def _schedule(recipe: Recipe, recipe_path: str | Path, images: ImageSet, ledger: Ledger) -> Schedule:
+    """DP-SGD's schedule after everything in `ledger` that composes (this run's training left out)."""
+    own = ledger.training()
+    prior = ledger.history(images.item_ids(), exclude=[own.id] if own else [])
+    try:
+        return training_schedule(recipe, len(images.train_labels), prior)
+    except ValueError as e:
+        raise RecipeError(
+            f"{recipe_path}: privacy.target_epsilon: cannot be reached with these steps and batch size ({e})"
+        ) from None
 
 
 def check(recipe_path: str | Path, overrides: dict | None = None, smoke: bool = False) -> CheckedRecipe:
@@ -100,16 +96,9 @@ def check(recipe_path: str | Path, overrides: dict | None = None, smoke: bool = 
     recipe = load_recipe(recipe_path, overrides, smoke)
     images, public = _load(recipe, recipe_path)
     check_against_data(recipe, recipe_path, len(images.train_labels))
-    use = _checkpoint_use(recipe, recipe_path, images)
-    try:
-        plan = plan_training(
-            recipe, len(images.train_labels), recipe_prior(recipe, use.prior_history if use else None)
-        )
-    except ValueError as e:
-        raise RecipeError(
-            f"{recipe_path}: privacy.target_epsilon: cannot be reached with these steps and batch size ({e})"
-        ) from None
-    model = initial_model(recipe, images.image_size, len(images.class_names), None)
+    brought = _brought(recipe, recipe_path, images, public)
+    schedule = _schedule(recipe, recipe_path, images, planned_ledger(recipe, images, brought))
+    model = seeded_unet(recipe, images.image_size, len(images.class_names))
     try:
         trainable_names(model, recipe.training.trainable)
     except ValueError as e:
@@ -126,7 +115,7 @@ def check(recipe_path: str | Path, overrides: dict | None = None, smoke: bool = 
         resolve_device(recipe.training.device)
     except ValueError as e:
         raise RecipeError(f"{recipe_path}: {e}") from None
-    return CheckedRecipe(recipe, images, plan, public)
+    return CheckedRecipe(recipe, images, schedule, public, brought)
 
 
 def _versions() -> dict:
@@ -147,7 +136,7 @@ def _versions() -> dict:
     }
 
 
-def write_data_stage(run_dir: RunDir, images: ImageSet) -> None:
+def write_data_stage(run_dir: RunDir, images: ImageSet, public: PublicData | None = None) -> None:
     run_dir.manifest.parent.mkdir(parents=True, exist_ok=True)
     with open(run_dir.manifest, "w") as fh:
         for entry in images.manifest:
@@ -166,9 +155,17 @@ def write_data_stage(run_dir: RunDir, images: ImageSet) -> None:
             "groups": images.group_counts(),
             "skipped": images.skipped,
             "preprocessing": images.preprocessing,
+            "public_screen": public.screen if public else None,
         },
     )
+    RunLedger(run_dir.ledger).own_data(images.item_ids(), data_description_of(run_dir, images))
     run_dir.mark_done("data", manifest_sha256=images.manifest_sha256(), skipped=len(images.skipped))
+
+
+def data_description_of(run_dir: RunDir, images: ImageSet) -> str:
+    from .privacy_record import data_description
+
+    return data_description(load_run_recipe(run_dir.recipe), images)
 
 
 def create_run(checked: CheckedRecipe, destination: Path | None = None) -> RunDir:
@@ -190,7 +187,7 @@ def create_run(checked: CheckedRecipe, destination: Path | None = None) -> RunDi
             "stages": {},
         },
     )
-    write_data_stage(run_dir, checked.images)
+    write_data_stage(run_dir, checked.images, checked.public)
     return run_dir
 
 
@@ -200,15 +197,20 @@ def open_run(path: str | Path) -> tuple[CheckedRecipe, RunDir]:
     if not run_dir.run_json.exists():
         raise RecipeError(f"{path}: not a run directory (no run.json)")
     recipe = load_run_recipe(run_dir.recipe)
-    images, public = _load(recipe, run_dir.recipe)
-    expected = read_json(run_dir.data_report)["manifest_sha256"]
+    report = read_json(run_dir.data_report)
+    images, public = _load(recipe, run_dir.recipe, report.get("public_screen"))
+    expected = report["manifest_sha256"]
     if images.manifest_sha256() != expected:
         raise RecipeError(
             f"{run_dir.recipe}: data: the images differ from those this run started with "
             f"(manifest {images.manifest_sha256()[:12]} ≠ {expected[:12]}); start a new run"
         )
-    plan = plan_training(recipe, len(images.train_labels), prior_history(run_dir))
-    return CheckedRecipe(recipe, images, plan, public), run_dir
+    brought = _brought(recipe, run_dir.recipe, images, public)
+    ledger = RunLedger(run_dir.ledger)
+    done = run_dir.is_done("pretrain") and ledger.exists()
+    written = ledger.read() if done else planned_ledger(recipe, images, brought)
+    schedule = _schedule(recipe, run_dir.recipe, images, written)
+    return CheckedRecipe(recipe, images, schedule, public, brought), run_dir
 
 
 @dataclass
@@ -219,7 +221,7 @@ class StageOptions:
 
 
 def _data(checked: CheckedRecipe, run_dir: RunDir, opts: StageOptions) -> None:
-    write_data_stage(run_dir, checked.images)
+    write_data_stage(run_dir, checked.images, checked.public)
 
 
 def _pretrain(checked: CheckedRecipe, run_dir: RunDir, opts: StageOptions) -> None:
@@ -308,18 +310,43 @@ STAGE_RUNNERS: dict[str, Callable[[CheckedRecipe, RunDir, StageOptions], None]] 
 }
 
 
+def needs(stage: str, recipe: Recipe) -> list[str]:
+    """The stages whose outputs `stage` reads, which must be done before it runs."""
+    reads = {
+        "pretrain": ["data"],
+        "train": ["data", *(["pretrain"] if has_pretraining(recipe) else [])],
+        "sample": ["train"],
+        "audit_models": ["train"],
+        "audit": ["sample", *(["audit_models"] if wants_audit_models(recipe) else [])],
+        "release": ["audit"],
+        "evaluate": ["release"],
+    }
+    return reads.get(stage, [])
+
+
 def run_stage(stage: str, checked: CheckedRecipe, run_dir: RunDir, opts: StageOptions) -> None:
-    """Run one stage and record it in run.json; later stages are invalidated first."""
+    """Run one stage and record it in run.json; later stages are invalidated first. A stage whose
+    inputs are not there (an earlier stage not done) is refused; so is a stage whose inputs the
+    run's ledger does not cover (LedgerRefused, as a RecipeError naming the run)."""
     runner = STAGE_RUNNERS.get(stage)
     if runner is None:
         raise ValueError(f"unknown stage {stage}")
+    missing = [s for s in needs(stage, checked.recipe) if not run_dir.is_done(s)]
+    if missing:
+        raise RecipeError(
+            f"{run_dir.root}: stage {stage} reads what {', '.join(missing)} writes, which has not "
+            f"finished; run `synthfactory resume {run_dir.root}` (or those stages first)"
+        )
     if stage in ("pretrain", "train") and run_dir.is_done("train") and training_finished(run_dir):
         raise RecipeError(
             f"{run_dir.root}: training of this run has finished and its DP secret is deleted; "
             "training again on the same private data would spend ε a second time: start a new run"
         )
     run_dir.invalidate_from(stage)
-    runner(checked, run_dir, opts)
+    try:
+        runner(checked, run_dir, opts)
+    except LedgerRefused as e:
+        raise RecipeError(str(e)) from None
 
 
 def run_remaining(checked: CheckedRecipe, run_dir: RunDir, opts: StageOptions) -> None:

@@ -3,17 +3,22 @@
     runs/<run id>/                    run id = <recipe name>[-NOT-PRIVATE]-<UTC time>-<4 hex>
       recipe.yaml                     the validated recipe, input paths made absolute
       run.json                        id, recipe hash, versions, stages done (and when)
-      data/manifest.jsonl             one line per real image: split, index, label, sha256, source
+      ledger.jsonl                    the privacy ledger (ledger.py): every mechanism that read the
+                                      private images, and every ancestor's a checkpoint or data set
+                                      brought in; append-only, written before each answer is used
+      data/manifest.jsonl             one line per real image: split, index, label, sha256, source,
+                                      item (the identity of its source item, for the ledger)
       data/data_report.json           counts per split and class, skipped files and why,
                                       preprocessing, manifest hash
       checkpoints/pretrained/         public pre-training and/or the warm start (if the recipe has
-                                      them): unet/, pretrain.json
+                                      them): unet/ (with its synthfactory_ledger.json), pretrain.json
       checkpoints/central_images.npz  the warm start's DP answer: noisy class means and counts
                                       (covered by ε; asked once per run, reused on a re-run)
       checkpoints/train_state.pt      resumable training state (model, EMA, optimizer, accountant
                                       history, RNG states, step); written atomically
       checkpoints/final/              a ClassConditionalPipeline folder (model_index.json):
-      checkpoints/final/unet/         diffusers UNet2DModel, last weights (save_pretrained)
+      checkpoints/final/unet/         diffusers UNet2DModel, last weights (save_pretrained); each
+                                      model folder carries synthfactory_ledger.json (its lineage)
       checkpoints/final/unet_ema/     the EMA of the weights (what sampling uses by default)
       checkpoints/final/scheduler/    diffusers DDPMScheduler (save_pretrained)
       checkpoints/final/synthfactory.json  class names, null (unconditional) class, EMA decay
@@ -33,7 +38,8 @@
                                       held-out→train distances
       release/ (release-NOT-PRIVATE/) dataset/ (datasets save_to_disk), png/<class>/*.png,
                                       dicom/<class>/*.dcm, sample_grid.png, release.json
-                                      (what was released and why)
+                                      (what was released and why), synthfactory_ledger.json in
+                                      each (the public ledger: mechanisms, no data identity)
       publish.json                    the Hub push: repository, revision, commit, splits
       evaluation.json                 TSTR/TRTR, fidelity, diversity of the released samples
 
@@ -117,6 +123,15 @@ def read_json(path: Path) -> Any:
     return json.loads(path.read_text())
 
 
+def enclosing_run_dir(path: Path) -> Path | None:
+    """The synthfactory run directory a path lies in (the nearest folder with run.json and
+    recipe.yaml), or None."""
+    for folder in [Path(path).resolve(), *Path(path).resolve().parents]:
+        if (folder / "run.json").is_file() and (folder / "recipe.yaml").is_file():
+            return folder
+    return None
+
+
 def new_run_id(name: str, private: bool) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     marker = "" if private else "-NOT-PRIVATE"
@@ -138,6 +153,10 @@ class RunDir:
     @property
     def run_json(self) -> Path:
         return self.root / "run.json"
+
+    @property
+    def ledger(self) -> Path:
+        return self.root / "ledger.jsonl"
 
     @property
     def manifest(self) -> Path:

@@ -21,6 +21,7 @@ import torch
 from diffusers import DDIMScheduler, UNet2DModel
 
 from . import warmstart
+from .ledger import LedgerRefused, RunLedger, read_artifact, require_covered
 from .model import load_generator, resolve_device, sampling_scheduler
 from .pipeline import ddim_denoise, to_uint8
 from .progress import progress_bar
@@ -197,24 +198,43 @@ def class_counts(total: int, weights: np.ndarray) -> np.ndarray:
     return base
 
 
+def dp_counts(run_dir: RunDir) -> np.ndarray:
+    """The warm start's noisy class counts, read back only when the generator's own ledger holds
+    the query that answered them (its ε is then in the generator's ε); else LedgerRefused."""
+    if not run_dir.central_images.is_file():
+        raise LedgerRefused(
+            f"{run_dir.central_images}: no warm-start answer; sampling.class_proportions: dp_counts needs one"
+        )
+    central = warmstart.load(run_dir.central_images)
+    carried = read_artifact(run_dir.final_checkpoint / "unet")
+    warmstart.covered_answer(carried.warm_start() if carried else None, central, run_dir.central_images)
+    return central.counts
+
+
 def images_per_class(recipe: Recipe, run_dir: RunDir | None, num_classes: int) -> np.ndarray:
     """How many images of each class: equal, or by the warm start's noisy (DP) counts."""
     cfg = recipe.sampling
     if cfg.class_proportions == "equal" or run_dir is None:
         return np.full(num_classes, cfg.images_per_class, dtype=np.int64)
-    counts = warmstart.load(run_dir.central_images).counts
-    return class_counts(cfg.images_per_class * num_classes, counts)
+    return class_counts(cfg.images_per_class * num_classes, dp_counts(run_dir))
 
 
-def plan(
-    recipe: Recipe, num_classes: int, run_dir: RunDir | None = None
-) -> tuple[np.ndarray, np.ndarray, list[slice]]:
+@dataclass(frozen=True)
+class SampleLayout:
+    """The whole sample set, whatever the shards: each image's label and seed, and the batches."""
+
+    labels: np.ndarray
+    seeds: np.ndarray
+    batches: list[slice]
+
+
+def sample_layout(recipe: Recipe, num_classes: int, run_dir: RunDir | None = None) -> SampleLayout:
     """Labels, per-image seeds and the batches of the whole sample set (shard-independent)."""
     cfg = recipe.sampling
     labels = np.repeat(np.arange(num_classes, dtype=np.int64), images_per_class(recipe, run_dir, num_classes))
     seeds = np.array([sample_seed(cfg.seed, i) for i in range(len(labels))], dtype=np.int64)
     batches = [slice(a, min(a + cfg.batch_size, len(labels))) for a in range(0, len(labels), cfg.batch_size)]
-    return labels, seeds, batches
+    return SampleLayout(labels, seeds, batches)
 
 
 def shard_path(run_dir: RunDir, shard: tuple[int, int]) -> Path:
@@ -237,12 +257,14 @@ def generate(
     result) into samples/shard-i-of-n.npz; `merge_shards` assembles the store once all n exist.
     Returns the samples, or None for a shard."""
     cfg = recipe.sampling
+    require_covered(run_dir.final_checkpoint / "unet", RunLedger(run_dir.ledger).read(), "the generator")
     model, train_scheduler = load_generator(run_dir.final_checkpoint)
     info = read_json(run_dir.final_checkpoint / "synthfactory.json")
     model.to(resolve_device(recipe.training.device))
     scheduler = sampling_scheduler(train_scheduler)
     size = int(model.config.sample_size)
-    labels, seeds, batches = plan(recipe, num_classes, run_dir)
+    layout = sample_layout(recipe, num_classes, run_dir)
+    labels, seeds, batches = layout.labels, layout.seeds, layout.batches
     mine = batches if shard is None else batches[shard[0] :: shard[1]]
     run_dir.samples.parent.mkdir(parents=True, exist_ok=True)
     # One process: each batch straight into the store. A shard: its batches, saved together.
@@ -286,7 +308,8 @@ def merge_shards(recipe: Recipe, run_dir: RunDir, num_classes: int, n: int) -> S
     paths = [shard_path(run_dir, (i, n)) for i in range(n)]
     if not all(p.exists() for p in paths):
         return None
-    labels, seeds, _ = plan(recipe, num_classes, run_dir)
+    layout = sample_layout(recipe, num_classes, run_dir)
+    labels, seeds = layout.labels, layout.seeds
     store, filled = None, np.zeros(len(labels), dtype=bool)
     for p in paths:  # one shard in memory at a time
         with np.load(p) as z:

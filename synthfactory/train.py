@@ -1,26 +1,28 @@
-"""Train the class-conditional diffusion model: optional public pre-training (no DP), then the
-private stage with DP-SGD unless the recipe opts out.
+"""The private stage: train the class-conditional diffusion model with DP-SGD (unless the recipe
+opts out), from the pre-trained weights of this run when it has a pre-training stage.
 
-An ordinary PyTorch loop: draw a Poisson batch, turn each example into K rows (K noise levels
-and noise draws; the objective is in objective.py), compute the per-example gradient of the mean
-loss over its rows, clip, add noise, step, update the EMA. Privacy (folding, clipping, noise, accounting) comes from
-`privacy.py`. A logical batch is processed in physical chunks of at most
-`training.max_physical_batch_size` examples; clipped gradients accumulate across chunks and the
-noise is added once per logical batch.
+An ordinary PyTorch loop around one step (steps.py): draw a Poisson batch, per-example gradients
+over K rows, clip, add noise, step, update the EMA. Privacy (folding, clipping, noise,
+accounting) comes from privacy.py; what composes into ε comes from the run's ledger (ledger.py).
 
-The loop checkpoints atomically every `training.checkpoint_every` steps (model, EMA, optimizer,
-RNG states, the accountant's history); a killed run resumes from its last checkpoint, replaying
-the rolled-back steps with the same batches and noise, so ε is never under-reported.
+Order, as a reviewer checks it:
+1. the run's ledger: its data identity, and every mechanism before DP-SGD (the warm start's
+   query, the ledgers a checkpoint or a release brought in); the pre-trained weights must carry a
+   ledger that the run's ledger covers, else training is refused;
+2. σ calibrated so that ε(everything that composes + DP-SGD's steps) ≤ target (`training_schedule`);
+3. the loop; every `training.checkpoint_every` steps the ledger records DP-SGD's steps so far
+   (fsync'd), *then* the resumable state is written atomically (model, EMA, optimizer, RNG
+   states, the accountant's own history); a killed run resumes from its last checkpoint,
+   replaying the rolled-back steps with the same batches and noise, so ε is never under-reported;
+4. the end: the ledger's last entry, privacy.json read out of the ledger (privacy_record.py),
+   the final checkpoint with the ledger beside each model folder; then the resumable state is
+   deleted.
 
 Randomness: model initialisation, noise levels and diffusion noise use `training.seed`. The DP
 noise and the Poisson sampling use a secret seed from the OS, kept in the resumable state
 (checkpoints/train_state.pt) only while training runs: the state is deleted once the final
 checkpoint and privacy.json are written, and a finished run is never trained again (that would
 spend ε twice). `privacy.noise_seed` seeds them instead, for tests: such a run is NOT PRIVATE.
-
-A run may start from the weights of another DP run on the same private data
-(`pretrain.checkpoint`, see origin.py): its accountant history comes first in this run's
-accountant, σ is calibrated for the composed ε, and privacy.json reports the composed ε.
 """
 
 from __future__ import annotations
@@ -31,15 +33,14 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from . import __version__, warmstart
+from . import __version__
 from .data import ImageSet
 from .distributed import (
     Dist,
@@ -50,111 +51,66 @@ from .distributed import (
     broadcast_parameters,
     from_env,
     max_parameter_spread,
-    sum_over_ranks,
 )
-from .model import build_noise_scheduler, build_unet, count_parameters, load_unet, resolve_device
-from .objective import Draws, denoising_loss, draw_rows, make_row_loss
-from .origin import checkpoint_use, public_origin, trained_origin, write_origin
+from .ledger import Ledger, LedgerRefused, Mechanism, RunLedger, new_id, require_covered, write_artifact
+from .model import (
+    build_noise_scheduler,
+    count_parameters,
+    load_unet,
+    null_class,
+    resolve_device,
+    seeded_unet,
+)
 from .pipeline import ClassConditionalPipeline
-from .privacy import PrivateTraining, calibrate_noise, epsilon_of, make_private, opacus_version
+from .privacy import PrivateTraining, calibrate_noise, epsilon_of, make_private
+from .privacy_record import data_description, privacy_record
 from .progress import progress_bar
-from .recipe import Recipe, RecipeError
-from .records import PRIVACY_SCHEMA, PrivacyRecord
-from .rundir import RunDir, atomic_directory, atomic_path, folder_sha256, read_json, write_json_atomic
+from .recipe import Recipe
+from .records import PrivacyRecord
+from .rundir import RunDir, atomic_directory, atomic_path, read_json, write_json_atomic
+from .steps import StepSettings, dp_step, generator, plain_step, step_settings
 
 log = logging.getLogger(__name__)
 
-
-# --- one step ------------------------------------------------------------------------------------
-
-
-@dataclass
-class StepSettings:
-    draws: Draws = field(default_factory=Draws)
-    max_physical: int | None = None
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    row_loss: Callable[..., torch.Tensor] = denoising_loss
+__all__ = ["Schedule", "TrainResult", "dp_step", "train", "training_finished", "training_schedule"]
 
 
-def _chunks(n: int, size: int | None):
-    size = size or n
-    return [(start, min(start + size, n)) for start in range(0, n, size)]
+# --- the schedule: steps, q and σ ------------------------------------------------------------------
 
 
-def dp_step(
-    private: PrivateTraining,
-    scheduler: DDPMScheduler,
-    x0: torch.Tensor,
-    labels: torch.Tensor,
-    generator: torch.Generator,
-    settings: StepSettings | None = None,
-    dist: Dist | None = None,
-) -> float:
-    """One DP-SGD step on one Poisson batch (possibly empty): per chunk of examples, per-example
-    gradients over k rows, clipped and summed; noise once at the end. Returns the mean loss.
+@dataclass(frozen=True)
+class Schedule:
+    """What DP-SGD will do: its steps, q and σ, with σ calibrated so that ε of `prior` (the
+    accountant history of everything the ledger composes before DP-SGD) and DP-SGD's steps is at
+    most the target."""
 
-    Distributed (`dist`): every rank gets the whole logical batch and draws its rows with the
-    same generator, then works on its contiguous share of the examples; the optimizer adds the
-    noise on rank 0 and sums over ranks. An empty share still takes its (collective) step."""
-    settings = settings or StepSettings()
-    opt = private.optimizer
-    opt.zero_grad(set_to_none=True)
-    n = len(x0)
-    if n == 0:
-        private.empty_step()
-        return float("nan")
-    drawn = draw_rows(x0, labels, scheduler, settings.draws, generator)
-    start, stop = dist.share(n) if dist is not None else (0, n)
-    total = 0.0
-    chunks = _chunks(stop - start, settings.max_physical)
-    if not chunks:
-        private.empty_step()
-    for j, (a, b) in enumerate(chunks):
-        rows = tuple(
-            r.to(settings.device) for r in drawn.rows(x0, scheduler, start + a, start + b, settings.draws.k)
-        )
-        total += private.per_example_backward(settings.row_loss, rows, b - a, settings.draws.k) * (b - a)
-        last = j == len(chunks) - 1
-        opt.signal_skip_step(do_skip=not last)  # accumulate clipped sums; noise only at the end
-        opt.step()
-        if not last:
-            opt.zero_grad(set_to_none=True)  # keeps the accumulated clipped sum
-    return sum_over_ranks(total, dist) / n if dist is not None else total / n
+    steps: int
+    sample_rate: float
+    noise_multiplier: float | None
+    prior: tuple[tuple[float, float, int], ...] = ()
+
+    def history(self) -> list[tuple[float, float, int]]:
+        """The composed accountant history at the end of the planned steps."""
+        return [*self.prior, (self.noise_multiplier, self.sample_rate, self.steps)]
+
+    def epsilon(self, delta: float) -> dict[str, float]:
+        """ε both accountants give for the planned steps, composed with the prior."""
+        return {a: epsilon_of(self.history(), delta, a) for a in ("rdp", "prv")}
 
 
-def plain_step(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: DDPMScheduler,
-    x0: torch.Tensor,
-    labels: torch.Tensor,
-    generator: torch.Generator,
-    settings: StepSettings,
-) -> float:
-    """One non-private step (public pre-training, or a recipe that opted out of DP)."""
-    optimizer.zero_grad(set_to_none=True)
-    n, k = len(x0), settings.draws.k
-    total = 0.0
-    drawn = draw_rows(x0, labels, scheduler, settings.draws, generator)
-    for a, b in _chunks(n, settings.max_physical):
-        rows = tuple(r.to(settings.device) for r in drawn.rows(x0, scheduler, a, b, k))
-        loss = settings.row_loss(model, *rows).sum() / (n * k)
-        loss.backward()
-        total += float(loss.detach()) * n
-    optimizer.step()
-    return total / n
-
-
-# --- building the model -------------------------------------------------------------------------
-
-
-def num_class_embeds(recipe: Recipe, n_classes: int) -> int:
-    """Classes, plus one null class when labels are dropped for classifier-free guidance."""
-    return n_classes + (1 if recipe.training.label_dropout > 0 else 0)
-
-
-def null_class(recipe: Recipe, n_classes: int) -> int | None:
-    return n_classes if recipe.training.label_dropout > 0 else None
+def training_schedule(recipe: Recipe, n_train: int, prior: list | tuple = ()) -> Schedule:
+    """DP-SGD's steps, q and σ for `n_train` images after `prior` (ValueError when no σ reaches
+    the target)."""
+    steps = recipe.training.total_steps(n_train)
+    q = recipe.training.expected_batch_size / n_train
+    prior = tuple(tuple(h) for h in prior)
+    sigma = None
+    if recipe.dp_sgd:
+        sigma = calibrate_noise(
+            recipe.privacy.target_epsilon, recipe.privacy.delta, q, steps, recipe.privacy.accountant,
+            prior=prior,
+        )  # fmt: skip
+    return Schedule(steps, q, sigma, prior)
 
 
 def trainable_names(model: torch.nn.Module, patterns) -> list[str]:
@@ -168,208 +124,48 @@ def trainable_names(model: torch.nn.Module, patterns) -> list[str]:
     return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
-def initial_model(recipe: Recipe, image_size: int, n_classes: int, run_dir: RunDir | None) -> UNet2DModel:
-    """The recipe's UNet, from the pre-trained checkpoint of this run when there is one."""
-    with torch.random.fork_rng():
-        torch.manual_seed(recipe.training.seed)
-        model = build_unet(recipe.model, image_size, num_class_embeds(recipe, n_classes))
-    if run_dir is not None and (run_dir.pretrained / "unet").is_dir():
-        model.load_state_dict(load_unet(run_dir.pretrained / "unet").state_dict())
-    return model
+# --- the ledger before DP-SGD ----------------------------------------------------------------------
 
 
-def _generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(int(seed) % (2**63))
+def has_pretraining(recipe: Recipe) -> bool:
+    return recipe.pretrain is not None or recipe.warm_start is not None
 
 
-def _settings(recipe: Recipe, n_classes: int, device: torch.device, k: int) -> StepSettings:
-    bf16 = recipe.training.precision == "bf16"
-    return StepSettings(
-        draws=Draws(
-            k=k,
-            timesteps=recipe.training.timesteps,
-            label_dropout=recipe.training.label_dropout,
-            null_class=null_class(recipe, n_classes),
-        ),
-        max_physical=recipe.training.max_physical_batch_size,
-        device=device,
-        row_loss=make_row_loss(device, bf16),
-    )
+def ledger_before_training(recipe: Recipe, images: ImageSet, run_dir: RunDir) -> Ledger:
+    """The run's ledger as DP-SGD starts (or resumes): its own data recorded, and the pre-trained
+    weights it starts from covered by it. Raises LedgerRefused."""
+    run_ledger = RunLedger(run_dir.ledger)
+    run_ledger.own_data(images.item_ids(), data_description(recipe, images))
+    ledger = run_ledger.read()
+    if has_pretraining(recipe):
+        if not (run_dir.pretrained / "unet").is_dir() or not (run_dir.pretrained / "pretrain.json").is_file():
+            raise LedgerRefused(
+                f"{run_dir.root}: the pretrain stage has not finished (no checkpoints/pretrained); run "
+                "`synthfactory pretrain` or `synthfactory resume` first"
+            )
+        require_covered(run_dir.pretrained / "unet", ledger, "the pre-trained weights")
+    own = ledger.training()
+    if own is not None and not run_dir.train_state.exists() and not run_dir.privacy.exists():
+        raise LedgerRefused(
+            f"{run_dir.root}: the ledger records {own.steps} training steps of this run, but their "
+            "resumable state (checkpoints/train_state.pt) is gone: those steps cannot be replayed "
+            "with the same noise; start a new run"
+        )
+    return ledger
 
 
-# --- the training plan and the privacy record -----------------------------------------------------
+# --- checkpoints -----------------------------------------------------------------------------------
 
 
-def _planned(recipe: Recipe, n_train: int, prior: list | None = None) -> dict:
-    """σ, q and steps the run will use; σ calibrated so that ε(prior + steps) ≤ target, where
-    `prior` is the accountant history of a DP run this one starts from (composition)."""
-    steps = recipe.training.total_steps(n_train)
-    q = recipe.training.expected_batch_size / n_train
-    plan = {"steps": steps, "sample_rate": q, "noise_multiplier": None, "prior_history": list(prior or [])}
-    if recipe.dp_sgd:
-        plan["noise_multiplier"] = calibrate_noise(
-            recipe.privacy.target_epsilon, recipe.privacy.delta, q, steps, recipe.privacy.accountant,
-            prior=plan["prior_history"],
-        )  # fmt: skip
-    return plan
+def restore_ema(ema: EMAModel, saved: dict, device: torch.device) -> None:
+    """The EMA shadow weights from a checkpoint (read onto the CPU), moved to the model's device."""
+    ema.load_state_dict(saved)
+    ema.to(device=device)
 
 
-def plan_training(recipe: Recipe, n_train: int, prior: list | None = None) -> dict:
-    """What training would do (for `validate`): steps, q, σ and the ε both accountants give
-    (composed with `prior`, if any)."""
-    plan = _planned(recipe, n_train, prior)
-    if recipe.dp_sgd:
-        history = [*plan["prior_history"], (plan["noise_multiplier"], plan["sample_rate"], plan["steps"])]
-        plan["epsilon"] = {a: epsilon_of(history, recipe.privacy.delta, a) for a in ("rdp", "prv")}
-    return plan
-
-
-def prior_history(run_dir: RunDir) -> list:
-    """The accountant history DP-SGD composes with (pretrain.json): that of the DP run whose
-    weights the pre-training stage loaded, then the warm start's query; else none."""
-    path = run_dir.pretrained / "pretrain.json"
-    rec = read_json(path) if path.exists() else {}
-    histories = [(rec.get("composed_with") or {}).get("accountant_history", []),
-                 (rec.get("warm_start") or {}).get("accountant_history", [])]  # fmt: skip
-    return [tuple(entry) for history in histories for entry in history]
-
-
-def recipe_prior(recipe: Recipe, composed: list | None) -> list:
-    """The same history known from the recipe before anything runs (validate, plan)."""
-    return [*(composed or []), *(warmstart.history(recipe.warm_start) if recipe.warm_start else [])]
-
-
-COVERED_BY_EPSILON = [
-    "the generator's weights (checkpoints/final: the last and the EMA weights)",
-    "every image drawn from it: the whole sample store, generated from public seeds before the "
-    "audit, and so each released image with its label, run id, sample seed and sample index",
-]
-NOT_COVERED_BY_EPSILON = [
-    "which samples the memorization audit withheld: the audit compares every sample with the "
-    "private training images after training, so which of them are released depends on those "
-    "images beyond ε",
-    "the audit's statistics (thresholds, distance percentiles, counts flagged, the data-copying "
-    "test, the membership attack) and the evaluation's figures, all computed from real images",
-    "the number of private training images N, which sets q = B/N (DP-SGD treats it as public)",
-    "floating-point and timing side channels of the sampler and noise (Opacus secure_mode is not used)",
-]
-SEEDED_WARNING = (
-    "NOT PRIVATE: privacy.noise_seed seeds the DP noise and the Poisson sampling; anyone who "
-    "knows the seed can regenerate the noise and subtract it, so the accountant's ε is no guarantee"
-)
-
-
-def privacy_record(
-    recipe: Recipe,
-    images: ImageSet,
-    plan: dict,
-    history: list,
-    steps_taken: int,
-    dp_seed_source: str,
-    trainable: dict | None = None,
-    pretrained: dict | None = None,
-) -> dict:
-    """The privacy ledger written to privacy.json and carried into every report. `history` is
-    the accountant's whole history: the composed prior run's (plan["prior_history"]), then this
-    run's steps."""
-    rec = {
-        "schema": PRIVACY_SCHEMA,
-        "private": recipe.private,
-        "mechanism": _mechanism(recipe),
-        "n_train": int(len(images.train_labels)),
-        "expected_batch_size": recipe.training.expected_batch_size,
-        "sample_rate": plan["sample_rate"],
-        "steps_planned": plan["steps"],
-        "steps_taken": steps_taken,
-        "noise_multiplicity": recipe.privacy.noise_multiplicity if recipe.dp_sgd else 1,
-        "per_example_gradients": recipe.privacy.per_example_gradients if recipe.dp_sgd else None,
-        "data_manifest_sha256": images.manifest_sha256(),
-        "recipe_sha256": recipe.sha256(),
-        "preprocessing": images.preprocessing,
-        **_inputs(recipe, images, trainable, pretrained),
-        "covered_by_epsilon": COVERED_BY_EPSILON if recipe.private else [],
-        "not_covered_by_epsilon": NOT_COVERED_BY_EPSILON,
-    }
-    if pretrained:
-        rec["pretraining"] = pretrained
-    if not recipe.dp_sgd:
-        warning = "NOT PRIVATE: trained WITHOUT differential privacy (no clipping or noise)"
-        return {**rec, "epsilon": None, "delta": None, "warning": warning}
-    rec.update(_accounting(recipe, plan, history, steps_taken, dp_seed_source))
-    rec.update(_earlier_mechanisms(recipe, pretrained or {}))
-    if not recipe.private:
-        rec["warning"] = SEEDED_WARNING
-    return rec
-
-
-def _mechanism(recipe: Recipe) -> str:
-    if not recipe.dp_sgd:
-        return "NOT PRIVATE: plain SGD (Adam), no clipping or noise"
-    mechanism = f"DP-SGD (Opacus {opacus_version()}): per-example clipping, Gaussian noise, Poisson sampling"
-    if not recipe.private:
-        mechanism += "; noise and sampling SEEDED from the recipe (privacy.noise_seed): NOT PRIVATE"
-    return mechanism
-
-
-def _inputs(recipe: Recipe, images: ImageSet, trainable: dict | None, pretrained: dict | None) -> dict:
-    """What the model learnt from: public inputs, and the private ones ε covers."""
-    pretrained = pretrained or {}
-    public = ["model architecture and hyper-parameters from the recipe (no data)"]
-    if pretrained.get("statement"):
-        public.append(pretrained["statement"])
-    split = getattr(recipe.data, "train_split", "train")
-    private = {
-        "data": f"the '{split}' split of the {recipe.data.source} source "
-        f"({len(images.train_labels)} images, classes {images.class_names})",
-        "trained_parameters": trainable,
-    }
-    if pretrained.get("warm_start"):
-        private["warm_start"] = pretrained["warm_start"]["mechanism"]
-    return {"public_inputs": public, "private_inputs": private}
-
-
-def _accounting(recipe: Recipe, plan: dict, history: list, steps_taken: int, dp_seed_source: str) -> dict:
-    """ε from the accountant for the steps taken (and the other accountant's figure beside it)."""
-    delta, acc = recipe.privacy.delta, recipe.privacy.accountant
-    other = "prv" if acc == "rdp" else "rdp"
-    return {
-        "accountant": acc,
-        "target_epsilon": recipe.privacy.target_epsilon,
-        "delta": delta,
-        "epsilon": epsilon_of(history, delta, acc),
-        "epsilon_other_accountant": {other: epsilon_of(history, delta, other)},
-        # σ as the accountant recorded it for this run's steps (the last entry), not the plan's
-        "noise_multiplier": history[-1][0] if steps_taken else plan["noise_multiplier"],
-        "max_grad_norm": recipe.privacy.max_grad_norm,
-        "accountant_history": [list(h) for h in history],
-        "dp_randomness": dp_seed_source,
-    }
-
-
-def _earlier_mechanisms(recipe: Recipe, pretrained: dict) -> dict:
-    """The DP mechanisms composed before DP-SGD: the warm start's query, a prior DP run."""
-    out = {}
-    if pretrained.get("warm_start"):
-        out["warm_start"] = {
-            **pretrained["warm_start"],
-            "reading": "one Gaussian-mechanism query of the per-class mean images before DP-SGD; its "
-            "entry (σ, q = 1, 1 step) precedes DP-SGD's in accountant_history, DP-SGD's σ was "
-            "calibrated for the composed ε, and epsilon is the composed ε",
-        }
-    if pretrained.get("composed_with"):
-        prior = pretrained["composed_with"]
-        delta, acc = recipe.privacy.delta, recipe.privacy.accountant
-        out["composed_with"] = {
-            **prior,
-            "epsilon_alone": epsilon_of(prior["accountant_history"], delta, acc),
-            "reading": "this run started from the weights of a DP run on the same private data; "
-            "its accountant history is the first part of accountant_history, and epsilon is the "
-            "composed ε of both",
-        }
-    return out
-
-
-# --- checkpoints ----------------------------------------------------------------------------------
+def log_line(step: int, batch: int, loss: float) -> str:
+    """One train_log.jsonl line; an empty Poisson batch has no loss (null, as JSON has no NaN)."""
+    return json.dumps({"step": step, "batch": batch, "loss": loss if batch else None}, allow_nan=False)
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -393,11 +189,11 @@ def save_final(
     scheduler: DDPMScheduler,
     folder: Path,
     info: dict,
-    origin: dict,
+    ledger: Ledger,
 ) -> None:
     """checkpoints/final/{model_index.json, unet, unet_ema, scheduler, synthfactory.json}: a
-    `ClassConditionalPipeline` folder, moved in atomically; each UNet folder carries its origin
-    (what it was trained on, and how privately)."""
+    `ClassConditionalPipeline` folder, moved in atomically; each UNet folder carries the run's
+    ledger (every mechanism its weights rest on, ancestors included)."""
     ema_model = None
     if ema is not None:
         ema_model = UNet2DModel.from_config(model.config)
@@ -406,7 +202,7 @@ def save_final(
     with atomic_directory(folder) as tmp:
         pipe.save_pretrained(tmp)  # model_index.json, unet/, unet_ema/, scheduler/ (safetensors)
         for name in ("unet", "unet_ema") if ema is not None else ("unet",):
-            write_origin(tmp / name, origin)
+            write_artifact(tmp / name, ledger)
         write_json_atomic(tmp / "synthfactory.json", info)
 
 
@@ -417,148 +213,6 @@ class TrainResult:
     checkpoint: Path
     privacy: dict
     seconds: float
-
-
-# --- public pre-training ------------------------------------------------------------------------
-
-
-def pretrain(
-    recipe: Recipe, images: ImageSet, public: ImageSet | None, run_dir: RunDir, progress: bool = True
-) -> dict:
-    """The stage before DP-SGD, written to checkpoints/pretrained/: non-private training on data
-    the recipe declares public (or a given checkpoint), then the DP warm start on central images,
-    in that order, as the recipe asks. Returns the record of what was used (pretrain.json)."""
-    device = resolve_device(recipe.training.device)
-    model = initial_model(recipe, images.image_size, len(images.class_names), None)
-    record: dict = {"kind": "warm_start", "statement": None}
-    origin = public_origin("initial weights from the recipe's seed (no data)")
-    if recipe.pretrain is not None:
-        record, origin = _public_stage(model, recipe, images, public, device, progress)
-    if recipe.warm_start is not None:
-        record["warm_start"] = _warm_start_stage(model, recipe, images, run_dir, device, progress)
-        history = [*(record.get("composed_with") or {}).get("accountant_history", []),
-                   *record["warm_start"]["accountant_history"]]  # fmt: skip
-        origin = trained_origin(
-            run_dir.run_id,
-            images.manifest_sha256(),
-            {"private": recipe.private, "accountant_history": history, "delta": recipe.privacy.delta},
-        )
-    model.to("cpu").eval()
-    with atomic_directory(run_dir.pretrained) as tmp:
-        model.save_pretrained(tmp / "unet")
-        write_origin(tmp / "unet", origin)
-        write_json_atomic(tmp / "pretrain.json", record)
-    return record
-
-
-def _public_stage(
-    model, recipe: Recipe, images: ImageSet, public: ImageSet | None, device, progress
-) -> tuple:
-    """Load `pretrain.checkpoint` into the model, or train it on `pretrain.data` without DP.
-    Returns (record, origin of the weights)."""
-    cfg = recipe.pretrain
-    assert cfg is not None
-    n_classes = len(images.class_names)
-    if cfg.checkpoint is not None:
-        model.load_state_dict(load_unet(cfg.checkpoint).state_dict())
-        use = checkpoint_use(cfg.checkpoint, images.train_hashes(), images.manifest_sha256(), recipe.private)
-        digest = folder_sha256(cfg.checkpoint)
-        record = {
-            "kind": "checkpoint",
-            "checkpoint": str(cfg.checkpoint),
-            "weights_sha256": digest,
-            "origin": use.kind,
-            "statement": f"initial weights from the checkpoint {cfg.checkpoint} (sha256 {digest[:12]}): "
-            + use.statement,
-        }
-        if use.kind == "composed":
-            record["composed_with"] = {
-                "run_id": use.origin.get("run_id"),
-                "accountant_history": [list(h) for h in use.prior_history],
-            }
-        # Weights that saw this data keep their origin, so that reusing them composes (or is refused) again.
-        origin = use.origin if use.kind in ("composed", "not_private") else public_origin(record["statement"])
-        return record, origin
-    assert public is not None
-    conditional = public.class_names == images.class_names
-    labels = torch.from_numpy(public.train_labels)
-    if not conditional:
-        labels = torch.full_like(labels, null_class(recipe, n_classes))
-    x_all = torch.from_numpy(public.train_images)
-    n = len(x_all)
-    batch = min(cfg.expected_batch_size, n)
-
-    def draw(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randperm(n, generator=gen)[:batch]
-        return x_all[idx], labels[idx]
-
-    _plain_training(
-        model, recipe, n_classes, device, (cfg.steps, cfg.learning_rate, cfg.seed), draw, progress
-    )
-    record = {
-        "kind": "data",
-        "source": cfg.data.source,
-        "path": str(cfg.data.path) if getattr(cfg.data, "path", None) else None,
-        "n_images": n,
-        "classes": public.class_names,
-        "class_conditional": conditional,
-        "steps": cfg.steps,
-        "manifest_sha256": public.manifest_sha256(),
-        "statement": f"pre-training without DP on {n} images from the {cfg.data.source} "
-        f"source, declared public by the recipe ({cfg.steps} steps; "
-        + ("class-conditional" if conditional else "class-agnostic, null label")
-        + "); none of them is a copy or near-copy of a private image",
-    }
-    return record, public_origin(record["statement"])
-
-
-def _warm_start_stage(model, recipe: Recipe, images: ImageSet, run_dir: RunDir, device, progress) -> dict:
-    """The DP warm start (warmstart.py): answer the central-image query once, then train the
-    model on the noisy class means, augmented, without DP-SGD (post-processing)."""
-    cfg = recipe.warm_start
-    assert cfg is not None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would answer the query with its own noise
-        raise RecipeError(
-            f"{run_dir.root}: warm_start: run the pretrain stage in one process, not under torchrun "
-            "(`synthfactory pretrain RUN_DIR`), then train under torchrun"
-        )
-    n_classes = len(images.class_names)
-    central = warmstart.answered_once(
-        run_dir.central_images,
-        images.train_images,
-        images.train_labels,
-        recipe,
-        n_classes,
-    )
-    x, y = warmstart.training_images(central, images.image_size)
-
-    def draw(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(0, len(x), (cfg.expected_batch_size,), generator=gen)
-        return warmstart.augment(x[idx], cfg.shift, cfg.intensity, gen), y[idx]
-
-    _plain_training(
-        model, recipe, n_classes, device, (cfg.steps, cfg.learning_rate, cfg.seed), draw, progress
-    )
-    return warmstart.record(central, cfg, recipe.privacy.delta, recipe.privacy.accountant)
-
-
-def _plain_training(model, recipe: Recipe, n_classes: int, device, run: tuple, draw, progress) -> None:
-    """Non-private Adam steps on batches from `draw(generator)`; run = (steps, learning rate, seed)."""
-    steps, lr, seed = run
-    model.to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    scheduler = build_noise_scheduler(recipe.model)
-    settings = _settings(recipe, n_classes, device, k=1)
-    gen = _generator(seed)
-    with progress_bar(steps, "pretrain", "step", progress) as bar:
-        for _ in range(steps):
-            xb, yb = draw(gen)
-            loss = plain_step(model, optimizer, scheduler, xb, yb, gen, settings)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-
-
-# --- the private stage ----------------------------------------------------------------------------
 
 
 def training_finished(run_dir: RunDir) -> bool:
@@ -609,20 +263,11 @@ def read_train_state(run_dir: RunDir, recipe: Recipe, images: ImageSet, device: 
     if saved is None:
         return None
     _check_same_run(path, saved["recipe_sha256"], saved["manifest_sha256"], recipe, images)
+    if "ledger_id" not in saved:
+        raise RuntimeError(f"{path} was written by an older synthfactory (no ledger entry); start a new run")
     if saved["device"] != device.type:
         raise RuntimeError(f"{path} was written on {saved['device']}; resume it there")
     return saved
-
-
-def restore_ema(ema: EMAModel, saved: dict, device: torch.device) -> None:
-    """The EMA shadow weights from a checkpoint (read onto the CPU), moved to the model's device."""
-    ema.load_state_dict(saved)
-    ema.to(device=device)
-
-
-def log_line(step: int, batch: int, loss: float) -> str:
-    """One train_log.jsonl line; an empty Poisson batch has no loss (null, as JSON has no NaN)."""
-    return json.dumps({"step": step, "batch": batch, "loss": loss if batch else None}, allow_nan=False)
 
 
 def dp_randomness(recipe: Recipe, saved: dict | None, dist: Dist) -> tuple[int, str]:
@@ -636,11 +281,14 @@ def dp_randomness(recipe: Recipe, saved: dict | None, dist: Dist) -> tuple[int, 
     return secret, "secret seed from the OS, kept in the resumable state until training ends, then deleted"
 
 
+# --- what training changes as it goes -----------------------------------------------------------------
+
+
 @dataclass
 class TrainState:
     """What training changes as it goes, and what checkpoints/train_state.pt holds: the weights,
-    the EMA, the optimizer, the step, and the three generators (rows: training.seed + 1;
-    Poisson sampling and DP noise: the DP seed, which is kept here too)."""
+    the EMA, the optimizer, the step, the three generators (rows: training.seed + 1; Poisson
+    sampling and DP noise: the DP seed, which is kept here too), and this training's ledger id."""
 
     model: UNet2DModel
     optimizer: torch.optim.Optimizer
@@ -650,12 +298,24 @@ class TrainState:
     noise_gen: torch.Generator
     dp_seed: int
     dp_seed_source: str
+    ledger_id: str
     step: int = 0
     seconds: float = 0.0  # training time of the attempts before this one
     private: PrivateTraining | None = None  # the DP-SGD wrapping, once built
+    start_history: tuple = ()  # this training's own accountant history at the checkpoint resumed from
 
-    def accountant_history(self) -> list[tuple]:
-        return [tuple(h) for h in self.private.accountant.history] if self.private else []
+    def own_history(self) -> list[tuple]:
+        """This training's steps as the accountant counted them (every optimizer step, empty
+        Poisson batches included), as one (σ, q, steps) row."""
+        if self.private is None:
+            return []
+        rows = [tuple(h) for h in self.private.accountant.history]
+        if not rows:
+            return []
+        sigma, q = rows[0][0], rows[0][1]
+        if any((s, r) != (sigma, q) for s, r, _ in rows):
+            raise RuntimeError("the accountant counted steps at another σ or q than this training's")
+        return [(sigma, q, int(sum(t for _, _, t in rows)))]
 
     def restore(self, saved: dict, device: torch.device) -> None:
         """Go on from a checkpoint read by `read_train_state`."""
@@ -668,6 +328,7 @@ class TrainState:
         self.train_gen.set_state(saved["train_rng"])
         self.sample_gen.set_state(saved["sample_rng"])
         self.noise_gen.set_state(saved["noise_rng"])
+        self.start_history = tuple(tuple(h) for h in saved["accountant_history"])
 
     def save(self, job: _Job, seconds: float) -> None:
         """Write checkpoints/train_state.pt atomically (it holds the DP secret)."""
@@ -678,7 +339,8 @@ class TrainState:
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None,
-                "accountant_history": self.accountant_history(),
+                "accountant_history": self.own_history(),
+                "ledger_id": self.ledger_id,
                 "train_rng": self.train_gen.get_state(),
                 "sample_rng": self.sample_gen.get_state(),
                 "noise_rng": self.noise_gen.get_state(),
@@ -693,6 +355,21 @@ class TrainState:
             },
         )
 
+    def mechanism(self, job: _Job) -> Mechanism:
+        """This training as the ledger records it: DP-SGD's steps so far (the accountant's count),
+        or plain training on the private images."""
+        ledger = job.ledger
+        data = ledger.own_data or ""
+        if self.private is None:
+            return Mechanism(self.ledger_id, "non_private", job.run_dir.run_id, data, (), False,
+                             {"steps": self.step, "what": "plain Adam on the private images, no DP"})  # fmt: skip
+        return Mechanism(
+            self.ledger_id, "dp_sgd", job.run_dir.run_id, data, tuple(self.own_history()),
+            job.recipe.private,
+            {"max_grad_norm": job.recipe.privacy.max_grad_norm, "steps_planned": job.schedule.steps,
+             "what": "DP-SGD (Opacus): per-example clipping, Gaussian noise, Poisson sampling"},
+        )  # fmt: skip
+
 
 # --- training: set up, the private stage, the loop, finishing ----------------------------------------
 
@@ -706,7 +383,8 @@ class _Job:
     run_dir: RunDir
     dist: Dist
     device: torch.device
-    plan: dict  # _planned: steps, q, σ, prior history
+    ledger: Ledger  # the run's ledger as training started (rank 0's, on every rank)
+    schedule: Schedule
     settings: StepSettings
     scheduler: DDPMScheduler
     x_all: torch.Tensor
@@ -724,33 +402,47 @@ def train(recipe: Recipe, images: ImageSet, run_dir: RunDir, progress: bool = Tr
     dist = from_env(device.type)  # torchrun: join the process group; otherwise one process
     if broadcast_object(training_finished(run_dir), dist):  # rank 0's disk decides, for every rank
         return _finished_result(recipe, images, run_dir)
-    job = _prepare_job(recipe, images, run_dir, device, dist)
+    saved = read_train_state(run_dir, recipe, images, device, dist)
+    job = _prepare_job(recipe, images, run_dir, device, dist, saved)
     model, trainable = _trainable_model(job)
-    saved = read_train_state(run_dir, recipe, images, job.device, dist)
     state = _start_or_resume(job, model, saved)
-    batches = _private_stage(job, state, saved)
+    batches = _private_stage(job, state)
     broadcast_parameters(model, dist)
     model.train()
+    s = job.schedule
     log.info(
         "training %s of %s parameters for %d steps, q=%.4g, sigma=%s, K=%d",
-        trainable["parameters"],
-        trainable["of"],
-        job.plan["steps"],
-        job.plan["sample_rate"],
-        job.plan["noise_multiplier"],
+        trainable["parameters"], trainable["of"], s.steps, s.sample_rate, s.noise_multiplier,
         job.settings.draws.k,
-    )
+    )  # fmt: skip
     seconds = _train_loop(job, state, batches, progress)
     return _finish(job, state, trainable, seconds)
 
 
-def _prepare_job(recipe: Recipe, images: ImageSet, run_dir: RunDir, device: torch.device, dist: Dist) -> _Job:
-    """The plan (σ calibrated for the composed ε), this rank's device, the step settings and the data."""
-    plan = _planned(recipe, len(images.train_labels), prior_history(run_dir))
-    if dist.enabled and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
+def _prepare_job(
+    recipe: Recipe, images: ImageSet, run_dir: RunDir, device: torch.device, dist: Dist, saved: dict | None
+) -> _Job:
+    """The ledger (rank 0's), the schedule (σ calibrated for the composed ε), this rank's device,
+    the step settings and the data."""
     if dist.enabled and not recipe.dp_sgd:
         raise ValueError("distributed training runs DP-SGD; train a non-private recipe in one process")
+    ledger = broadcast_object(ledger_before_training(recipe, images, run_dir) if dist.main else None, dist)
+    own = ledger.training()
+    if saved is not None and (own is None or own.id != saved["ledger_id"]):
+        raise LedgerRefused(f"{run_dir.train_state}: its training is not the one the run's ledger records")
+    exclude = [own.id] if own is not None else []
+    schedule = training_schedule(recipe, len(images.train_labels), ledger.history(images.item_ids(), exclude))
+    if (
+        own is not None
+        and own.history
+        and own.history[0][:2] != (schedule.noise_multiplier, schedule.sample_rate)
+    ):
+        raise LedgerRefused(
+            f"{run_dir.root}: the ledger changed since training started (σ {own.history[0][0]:.4f} then, "
+            f"{schedule.noise_multiplier:.4f} now); start a new run"
+        )
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
     k = recipe.privacy.noise_multiplicity if recipe.dp_sgd else 1
     return _Job(
         recipe=recipe,
@@ -758,8 +450,9 @@ def _prepare_job(recipe: Recipe, images: ImageSet, run_dir: RunDir, device: torc
         run_dir=run_dir,
         dist=dist,
         device=device,
-        plan=plan,
-        settings=_settings(recipe, len(images.class_names), device, k),
+        ledger=ledger,
+        schedule=schedule,
+        settings=step_settings(recipe, len(images.class_names), device, k),
         scheduler=build_noise_scheduler(recipe.model),
         x_all=torch.from_numpy(images.train_images),
         y_all=torch.from_numpy(images.train_labels),
@@ -767,9 +460,12 @@ def _prepare_job(recipe: Recipe, images: ImageSet, run_dir: RunDir, device: torc
 
 
 def _trainable_model(job: _Job) -> tuple[UNet2DModel, dict]:
-    """The initial UNet on the device with only `training.trainable` parameters trainable, and
-    what is trained (privacy.json's trained_parameters)."""
-    model = initial_model(job.recipe, job.images.image_size, job.n_classes, job.run_dir)
+    """The UNet the stage starts from (the pre-trained weights of this run, covered by its
+    ledger, or the recipe's seeded initialisation) on the device with only `training.trainable`
+    parameters trainable, and what is trained (privacy.json's trained_parameters)."""
+    model = seeded_unet(job.recipe, job.images.image_size, job.n_classes)
+    if has_pretraining(job.recipe):
+        model.load_state_dict(load_unet(job.run_dir.pretrained / "unet").state_dict())
     names = trainable_names(model, job.recipe.training.trainable)
     for name, p in model.named_parameters():
         p.requires_grad_(name in names)
@@ -790,23 +486,29 @@ def _start_or_resume(job: _Job, model: UNet2DModel, saved: dict | None) -> Train
     decay = job.recipe.training.ema_decay
     ema = EMAModel(model.parameters(), decay=decay) if decay else None
     dp_seed, dp_seed_source = dp_randomness(job.recipe, saved, job.dist)
+    ledger_id = (
+        saved["ledger_id"]
+        if saved
+        else new_id(job.run_dir.run_id, "dp_sgd" if job.recipe.dp_sgd else "training")
+    )
     state = TrainState(
         model=model,
         optimizer=optimizer,
         ema=ema,
-        train_gen=_generator(job.recipe.training.seed + 1),
-        sample_gen=_generator(dp_seed),
-        noise_gen=_generator(dp_seed + 1, job.device),
+        train_gen=generator(job.recipe.training.seed + 1),
+        sample_gen=generator(dp_seed),
+        noise_gen=generator(dp_seed + 1, job.device),
         dp_seed=dp_seed,
         dp_seed_source=dp_seed_source,
+        ledger_id=broadcast_object(ledger_id, job.dist),
     )
     if saved:
         state.restore(saved, job.device)
-        log.info("resuming training at step %d of %d", state.step, job.plan["steps"])
+        log.info("resuming training at step %d of %d", state.step, job.schedule.steps)
     return state
 
 
-def _private_stage(job: _Job, state: TrainState, saved: dict | None):
+def _private_stage(job: _Job, state: TrainState):
     """DP-SGD (Opacus) around the model and optimizer for the steps left, in state.private;
     returns the iterator of its Poisson batches (None for a recipe that opted out of DP)."""
     if not job.recipe.dp_sgd:
@@ -816,8 +518,8 @@ def _private_stage(job: _Job, state: TrainState, saved: dict | None):
         state.optimizer,
         n_train=len(job.y_all),
         expected_batch_size=job.recipe.training.expected_batch_size,
-        steps=job.plan["steps"] - state.step,
-        noise_multiplier=job.plan["noise_multiplier"],
+        steps=job.schedule.steps - state.step,
+        noise_multiplier=job.schedule.noise_multiplier,
         max_grad_norm=job.recipe.privacy.max_grad_norm,
         accountant=job.recipe.privacy.accountant,
         sample_generator=state.sample_gen,
@@ -825,18 +527,17 @@ def _private_stage(job: _Job, state: TrainState, saved: dict | None):
         mode=job.recipe.privacy.per_example_gradients,
         world=job.dist.world,
     )
-    # The accountant goes on from the checkpoint's history, or starts from the composed prior run's.
-    start = saved["accountant_history"] if saved else job.plan["prior_history"]
-    state.private.accountant.history = [tuple(h) for h in start]
+    # The accountant counts this training's own steps: from the checkpoint's count, or from zero.
+    state.private.accountant.history = [tuple(h) for h in state.start_history]
     return iter(state.private.sampler)
 
 
 def _train_loop(job: _Job, state: TrainState, batches, progress: bool) -> float:
     """Step until the planned total, one train_log.jsonl line per step, a checkpoint every
-    `training.checkpoint_every` steps and at the end. Returns the training seconds, earlier
-    attempts included."""
+    `training.checkpoint_every` steps and at the end (the ledger first). Returns the training
+    seconds, earlier attempts included."""
     started = time.perf_counter()
-    steps_total, every = job.plan["steps"], job.recipe.training.checkpoint_every
+    steps_total, every = job.schedule.steps, job.recipe.training.checkpoint_every
     main = job.dist.main
     if main:
         _truncate_log(job.run_dir.train_log, state.step)
@@ -853,6 +554,9 @@ def _train_loop(job: _Job, state: TrainState, batches, progress: bool) -> float:
             if state.step % every == 0 or state.step == steps_total:
                 logfile.flush()
                 if main:
+                    RunLedger(job.run_dir.ledger).record(
+                        state.mechanism(job)
+                    )  # before the state that uses it
                     state.save(job, time.perf_counter() - started + state.seconds)
     return time.perf_counter() - started + state.seconds
 
@@ -877,23 +581,29 @@ def _one_step(job: _Job, state: TrainState, batches) -> tuple[int, float]:
 
 
 def _finish(job: _Job, state: TrainState, trainable: dict, seconds: float) -> TrainResult:
-    """Write the privacy record and the final checkpoint, then delete the resumable state: the
-    DP secret (rank 0; every rank waits for it)."""
-    record = _final_record(job, state, trainable, seconds)
+    """The ledger's last entry, privacy.json read out of the ledger, the final checkpoint with the
+    ledger beside each model folder; then delete the resumable state, the DP secret (rank 0;
+    every rank waits for it)."""
     model, run_dir = state.model, job.run_dir
+    spread = max_parameter_spread(model, job.dist) if job.dist.enabled else None  # every rank takes part
     model.to("cpu").eval()
-    info = {
-        "class_names": job.images.class_names,
-        "null_class": null_class(job.recipe, job.n_classes),
-        "use_ema": job.recipe.sampling.use_ema and state.ema is not None,
-        "ema_decay": job.recipe.training.ema_decay,
-        "steps": state.step,
-    }
+    record = None
     if job.dist.main:
-        origin = trained_origin(run_dir.run_id, job.images.manifest_sha256(), record)
-        save_final(model, state.ema, job.scheduler, run_dir.final_checkpoint, info, origin)
+        run_ledger = RunLedger(run_dir.ledger)
+        run_ledger.record(state.mechanism(job))
+        ledger = run_ledger.read()
+        record = _final_record(job, state, ledger, trainable, seconds, spread)
+        info = {
+            "class_names": job.images.class_names,
+            "null_class": null_class(job.recipe, job.n_classes),
+            "use_ema": job.recipe.sampling.use_ema and state.ema is not None,
+            "ema_decay": job.recipe.training.ema_decay,
+            "steps": state.step,
+        }
+        save_final(model, state.ema, job.scheduler, run_dir.final_checkpoint, info, ledger)
         PrivacyRecord.model_validate(record).write(run_dir.privacy)
         run_dir.train_state.unlink(missing_ok=True)  # the DP secret: a finished run needs no resume
+    record = broadcast_object(record, job.dist)
     barrier(job.dist)
     return TrainResult(
         steps=state.step,
@@ -904,20 +614,15 @@ def _finish(job: _Job, state: TrainState, trainable: dict, seconds: float) -> Tr
     )
 
 
-def _final_record(job: _Job, state: TrainState, trainable: dict, seconds: float) -> dict:
-    """privacy.json: the accountant's record and how the model was trained; refuses an ε over
-    the target."""
+def _final_record(
+    job: _Job, state: TrainState, ledger: Ledger, trainable: dict, seconds: float, spread: float | None
+) -> dict:
+    """privacy.json: the ledger read out and how the model was trained; refuses an ε over the
+    target."""
     recipe, pretrain_json = job.recipe, job.run_dir.pretrained / "pretrain.json"
-    pretrained = read_json(pretrain_json) if pretrain_json.exists() else None
+    pretrained = read_json(pretrain_json) if has_pretraining(recipe) and pretrain_json.exists() else None
     record = privacy_record(
-        recipe,
-        job.images,
-        job.plan,
-        state.accountant_history(),
-        state.step,
-        state.dp_seed_source,
-        trainable,
-        pretrained,
+        recipe, job.images, ledger, job.schedule, state.dp_seed_source, trainable, pretrained
     )
     record["train_seconds"] = round(seconds, 1)
     record["device"] = str(job.device)
@@ -930,7 +635,7 @@ def _final_record(job: _Job, state: TrainState, trainable: dict, seconds: float)
         record["distributed"] = {
             "world_size": job.dist.world,
             "backend": torch.distributed.get_backend(),
-            "max_parameter_spread_across_ranks": max_parameter_spread(state.model, job.dist),
+            "max_parameter_spread_across_ranks": spread,
             "noise": "added once per step, on rank 0 (Opacus DistributedDPOptimizer)",
         }
     return record

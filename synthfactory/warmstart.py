@@ -11,10 +11,13 @@ Its Rényi DP is α / (2σ²), that of one step of the sampled Gaussian mechanis
 query enters the Opacus accountant's history as (σ, 1.0, 1). DP-SGD's σ is then calibrated for
 the *composed* ε (train.py), and privacy.json reports the composed ε.
 
-The noisy class means (noisy sum / noisy count, clamped to [0, 1]: post-processing) are written
-once per run to checkpoints/central_images.npz (RunDir.central_images) and reused if the stage runs again, so the query
-is answered once. They are covered by ε. The UNet is then pre-trained on them, upsampled and
-augmented (shifts, gain and offset), without DP-SGD: post-processing of the DP output.
+The query is written to the run's privacy ledger (ledger.py) with a hash of its answer *before*
+the answer is stored or used; the noisy class means (noisy sum / noisy count, clamped to [0, 1]:
+post-processing) and counts are then written once per run to checkpoints/central_images.npz
+(RunDir.central_images) and reused if the stage runs again, so the query is answered once. An
+answer on disk without its ledger entry is never used. They are covered by ε. The UNet is then
+pre-trained on them (`train_on_answer`), upsampled and augmented (shifts, gain and offset),
+without DP-SGD: post-processing of the DP output.
 
 Written by hand: no kept library (Opacus, diffusers) offers a DP mean release; the mechanism
 is a sum and one `torch.normal` draw.
@@ -23,6 +26,7 @@ is a sum and one `torch.normal` draw.
 from __future__ import annotations
 
 import math
+import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .privacy import epsilon_of
-from .recipe import Recipe, WarmStartConfig
+from .ledger import LedgerRefused, Mechanism, RunLedger, answer_sha256, new_id
+from .recipe import Recipe, RecipeError, WarmStartConfig
+from .steps import plain_training
 
 
 @dataclass
@@ -108,6 +113,7 @@ def central_images(
 
 
 def save(path: Path, central: CentralImages) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.npz")
     np.savez(
         tmp,
@@ -131,24 +137,59 @@ def load(path: Path) -> CentralImages:
         )
 
 
+def answer_digest(central: CentralImages) -> str:
+    """The hash of the answer the ledger entry names (the means and counts as stored)."""
+    return answer_sha256(np.asarray(central.means, np.float32), np.asarray(central.counts, np.float32))
+
+
+@dataclass(frozen=True)
+class Asker:
+    """Where the answer goes: the stored file, the run's ledger, the run and its data's ledger key."""
+
+    path: Path
+    ledger: RunLedger
+    run_id: str
+    data_key: str
+
+
 def answered_once(
-    path: Path, images: np.ndarray, labels: np.ndarray, recipe: Recipe, n_classes: int
+    asker: Asker, images: np.ndarray, labels: np.ndarray, recipe: Recipe, n_classes: int
 ) -> CentralImages:
     """The run's central images: those stored by an earlier attempt of this stage (the query is
-    answered once per run), else a new answer, stored before anything is trained on it."""
+    answered once per run; an answer the ledger does not hold is refused), else a new answer,
+    written to the ledger and then stored before anything is trained on it."""
     cfg = recipe.warm_start
     assert cfg is not None
-    if path.is_file():
-        central = load(path)
-        if central.means.shape == (n_classes, cfg.image_size, cfg.image_size) and (
-            central.noise_multiplier == cfg.noise_multiplier and central.clip_norm == clip_norm(cfg)
+    if asker.path.is_file():
+        central = load(asker.path)
+        if central.means.shape != (n_classes, cfg.image_size, cfg.image_size) or (
+            central.noise_multiplier != cfg.noise_multiplier or central.clip_norm != clip_norm(cfg)
         ):
-            return central
-        raise ValueError(f"{path}: answered with other warm_start settings; start a new run")
+            raise ValueError(f"{asker.path}: answered with other warm_start settings; start a new run")
+        covered_answer(asker.ledger.read().warm_start(), central, asker.path)
+        return central
     central = central_images(images, labels, n_classes, cfg, recipe.privacy.noise_seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save(path, central)
+    entry = Mechanism(
+        id=new_id(asker.run_id, "warm_start"),
+        kind="warm_start",
+        run_id=asker.run_id,
+        data=asker.data_key,
+        history=tuple(history(cfg)),
+        private=recipe.privacy.noise_seed is None,
+        detail={**record(central, cfg), "answer_sha256": answer_digest(central)},
+    )
+    asker.ledger.record(entry)  # first: the answer is counted before it exists anywhere else
+    save(asker.path, central)
     return central
+
+
+def covered_answer(entry: Mechanism | None, central: CentralImages, path: Path) -> None:
+    """Refuse an answer that the ledger entry `entry` (a warm-start mechanism) does not name."""
+    if entry is None or entry.detail.get("answer_sha256") != answer_digest(central):
+        raise LedgerRefused(
+            f"{path}: this warm-start answer has no entry in the ledger behind it, so its ε is not "
+            "counted; it cannot be used (start a new run)"
+        )
 
 
 def training_images(central: CentralImages, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,9 +213,9 @@ def augment(x: torch.Tensor, shift: int, intensity: float, generator: torch.Gene
     return x.clamp(-1, 1)
 
 
-def record(central: CentralImages, cfg: WarmStartConfig, delta: float | None, accountant: str) -> dict:
-    """What the warm start spent and did, for pretrain.json and privacy.json."""
-    hist = history(cfg)
+def record(central: CentralImages, cfg: WarmStartConfig) -> dict:
+    """What the warm start asked and will do with the answer: its ledger entry's detail (read
+    by privacy.json and the cards)."""
     return {
         "mechanism": "Gaussian mechanism, one query over the whole training set: per-class sums of "
         f"the images at {cfg.image_size}×{cfg.image_size} in [0, 1], clipped to L2 norm C = "
@@ -186,8 +227,29 @@ def record(central: CentralImages, cfg: WarmStartConfig, delta: float | None, ac
         "noise": central.noise_source,
         "noisy_counts": [round(float(c), 1) for c in central.counts],
         "steps": cfg.steps,
-        "accountant_history": [list(h) for h in hist],
-        "epsilon_alone": epsilon_of(hist, delta, accountant) if delta else None,
         "statement": f"pre-training without DP-SGD for {cfg.steps} steps on the {len(central.counts)} "
         "DP class-mean images of the warm start (covered by ε: the query is in the accountant)",
     }
+
+
+def train_on_answer(model, recipe: Recipe, images, asker: Asker, device, progress: bool) -> dict:
+    """The warm start stage: answer the central-image query once (ledger first), then train the
+    model on the noisy class means, augmented, without DP-SGD (post-processing). Returns its
+    ledger entry's detail."""
+    cfg = recipe.warm_start
+    assert cfg is not None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would answer the query with its own noise
+        raise RecipeError(
+            f"{asker.path.parents[1]}: warm_start: run the pretrain stage in one process, not under "
+            "torchrun (`synthfactory pretrain RUN_DIR`), then train under torchrun"
+        )
+    n_classes = len(images.class_names)
+    central = answered_once(asker, images.train_images, images.train_labels, recipe, n_classes)
+    x, y = training_images(central, images.image_size)
+
+    def draw(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(x), (cfg.expected_batch_size,), generator=gen)
+        return augment(x[idx], cfg.shift, cfg.intensity, gen), y[idx]
+
+    plain_training(model, recipe, n_classes, device, (cfg.steps, cfg.learning_rate, cfg.seed), draw, progress)
+    return record(central, cfg)

@@ -77,6 +77,16 @@ def tiny_recipe(**overrides) -> dict:
 DELETE = object()
 
 
+def opacus_epsilon(history, delta: float, accountant: str = "rdp") -> float:
+    """ε of an accountant history by Opacus' own accountant classes, not by synthfactory's
+    `privacy.epsilon_of`: what every ε the product records is checked against."""
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    acc.history = [tuple(h) for h in history]
+    return float(acc.get_epsilon(delta=delta))
+
+
 def dying_on_call(real, at: int):
     """`real`, except that its `at`-th call raises KeyboardInterrupt (a run killed mid-way)."""
     calls = {"n": 0}

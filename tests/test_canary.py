@@ -102,6 +102,13 @@ def test_canary_stage_trains_a_second_model_and_reports_the_bound(run_copy, tmp_
     md = (res.report_dir / "audit-summary.md").read_text()
     assert "## Canary audit" in md and f"{ca['epsilon_lower_bound']:.3f}" in md
     assert "non-private" in md and f"{ref['auc']:.3f}" in md
+    assert "and so do the δ" in ca["privacy_of_this_result"]
+    from synthfactory.publish import dataset_card
+
+    run_dir.mark_done("audit", decision=res.decision, report=str(res.report_dir))
+    card = dataset_card(run_dir, {"lesion": 1})
+    both_eps, both_delta = sub["epsilon"] + read_json(run_dir.privacy)["epsilon"], 2 * sub["delta"]
+    assert f"(ε = {both_eps:.3f}, δ = {both_delta:g}) by basic composition" in card
     page = (res.report_dir / "internal" / "audit.html").read_text()
     assert (
         "Empirical ε lower bound" in page

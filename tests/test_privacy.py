@@ -17,7 +17,7 @@ from synthfactory.model import build_noise_scheduler, build_unet
 from synthfactory.objective import Draws, denoising_loss, draw_rows, make_row_loss
 from synthfactory.privacy import calibrate_noise, epsilon_of, make_private
 from synthfactory.recipe import ModelConfig, load_recipe
-from synthfactory.train import StepSettings, dp_step
+from synthfactory.steps import StepSettings, dp_step
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 TINY = ModelConfig(
@@ -202,12 +202,36 @@ def test_poisson_sampler_varies_batch_size_around_q_n() -> None:
     assert abs(np.mean(sizes) - 20) < 1.5  # E[|B|] = qN
 
 
+# (history, δ) → (RDP ε, PRV ε), recorded from Opacus 1.6's RDPAccountant and PRVAccountant:
+# the tiny test run, the CT recipe's DP-SGD, the warm start's query, and the demo's composition.
+RECORDED_EPSILON = [
+    ([(1.0, 0.25, 4)], 1e-3, 3.1706480492783853, 2.518466837395082),
+    ([(0.64, 1024 / 34561, 150)], 1e-6, 10.126325658066921, 8.82104211303142),
+    ([(3.0, 1.0, 1)], 1e-5, 1.3862750468052074, 1.2811651012490097),
+    ([(3.0, 1.0, 1), (1.08, 512 / 2000, 30)], 1e-5, 9.978204657195745, 8.968545404886337),
+]
+
+
+@pytest.mark.parametrize(("history", "delta", "rdp", "prv"), RECORDED_EPSILON)
+def test_epsilon_is_opacus_at_recorded_histories(history, delta, rdp, prv) -> None:
+    """synthfactory's ε is Opacus' ε of the same history at the same δ: fixed figures, and
+    Opacus' accountant classes called here directly (not through the product)."""
+    from conftest import opacus_epsilon
+
+    assert epsilon_of(history, delta, "rdp") == pytest.approx(rdp, rel=1e-9)
+    assert epsilon_of(history, delta, "prv") == pytest.approx(prv, rel=1e-6)
+    assert rdp == pytest.approx(opacus_epsilon(history, delta, "rdp"), rel=1e-9)
+    assert prv == pytest.approx(opacus_epsilon(history, delta, "prv"), rel=1e-6)
+
+
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_calibrated_sigma_meets_the_target_tightly(accountant: str) -> None:
+    from conftest import opacus_epsilon
+
     q, steps, delta, target = 0.02, 500, 1e-5, 4.0
     sigma = calibrate_noise(target, delta, q, steps, accountant)
-    assert epsilon_of([(sigma, q, steps)], delta, accountant) <= target
-    assert epsilon_of([(sigma * 0.97, q, steps)], delta, accountant) > target - 0.05
+    assert opacus_epsilon([(sigma, q, steps)], delta, accountant) <= target
+    assert opacus_epsilon([(sigma * 0.97, q, steps)], delta, accountant) > target - 0.05
 
 
 def test_accountant_counts_every_step() -> None:
@@ -220,8 +244,10 @@ def test_accountant_counts_every_step() -> None:
         idx = torch.as_tensor(idx, dtype=torch.long)
         dp_step(private, scheduler, x_all[idx], y_all[idx], torch.Generator().manual_seed(0))
     assert private.accountant.history == [(1.1, 0.2, 5)]
-    assert private.epsilon(1e-3) == pytest.approx(epsilon_of([(1.1, 0.2, 5)], 1e-3, "rdp"))
-    assert private.epsilon(1e-3) > epsilon_of([(1.1, 0.2, 4)], 1e-3, "rdp")
+    from conftest import opacus_epsilon
+
+    assert private.epsilon(1e-3) == pytest.approx(opacus_epsilon([(1.1, 0.2, 5)], 1e-3, "rdp"))
+    assert private.epsilon(1e-3) > opacus_epsilon([(1.1, 0.2, 4)], 1e-3, "rdp")
 
 
 # --- noise multiplicity: K rows per example, folded before clipping ----------------------------

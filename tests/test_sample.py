@@ -71,7 +71,7 @@ def test_shards_reproduce_the_single_process_samples_bit_for_bit(run_copy) -> No
             "sampling": checked.recipe.sampling.model_copy(update={"images_per_class": 7, "batch_size": 3})
         }
     )
-    checked = type(checked)(recipe, checked.images, checked.plan, checked.public)
+    checked = type(checked)(recipe, checked.images, checked.schedule, checked.public)
     run_stage("sample", checked, run_dir, StageOptions(progress=False))
     whole = Samples.load(run_dir.samples)
     shutil.rmtree(run_dir.samples)

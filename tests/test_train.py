@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import dying_on_call, tiny_recipe, write_recipe
+from conftest import dying_on_call, opacus_epsilon, tiny_recipe, write_recipe
 
 from synthfactory import train as train_module
 from synthfactory.model import load_generator
-from synthfactory.privacy import epsilon_of
 from synthfactory.run import check, create_run
 from synthfactory.rundir import read_json
 
@@ -22,8 +21,9 @@ def test_privacy_record_comes_from_the_accountant(tiny_run) -> None:
     assert rec["private"] is True and rec["steps_taken"] == rec["steps_planned"] == 4
     assert rec["sample_rate"] == pytest.approx(16 / 64)
     assert rec["accountant_history"] == [[rec["noise_multiplier"], rec["sample_rate"], 4]]
-    assert rec["epsilon"] == pytest.approx(
-        epsilon_of([(rec["noise_multiplier"], rec["sample_rate"], 4)], 1e-3, "rdp")
+    assert rec["epsilon"] == pytest.approx(opacus_epsilon([(rec["noise_multiplier"], 0.25, 4)], 1e-3, "rdp"))
+    assert rec["epsilon_other_accountant"]["prv"] == pytest.approx(
+        opacus_epsilon([(rec["noise_multiplier"], 0.25, 4)], 1e-3, "prv"), rel=1e-6
     )
     assert 0 < rec["epsilon"] <= rec["target_epsilon"] == 10.0
     assert rec["epsilon_other_accountant"]["prv"] > 0
@@ -194,14 +194,20 @@ def test_ema_is_restored_onto_the_models_device() -> None:
     assert {p.device.type for p in ema.shadow_params} == {"meta"}
 
 
-def test_privacy_record_takes_sigma_from_the_accountant_history(tiny_run) -> None:
-    from synthfactory.train import privacy_record
+def test_privacy_record_takes_sigma_and_steps_from_the_ledger(tiny_run) -> None:
+    """privacy.json reads the ledger, not the schedule: σ and the steps are the ledger's DP-SGD
+    entry, ε Opacus' for the ledger's history."""
+    from synthfactory.ledger import Ledger, Mechanism, new_data_identity
+    from synthfactory.privacy_record import privacy_record
+    from synthfactory.train import Schedule
 
     checked, _ = tiny_run
-    plan = {"steps": 4, "sample_rate": 0.25, "noise_multiplier": 1.0, "prior_history": []}
-    rec = privacy_record(checked.recipe, checked.images, plan, [(2.0, 0.25, 4)], 4, "secret")
-    assert rec["noise_multiplier"] == 2.0
-    assert rec["epsilon"] == pytest.approx(epsilon_of([(2.0, 0.25, 4)], 1e-3, "rdp"))
+    own = new_data_identity(checked.images.item_ids(), "tiny")
+    ledger = Ledger(datasets={own.key: own}, own_data=own.key)
+    ledger.add(Mechanism("r:dp_sgd:1", "dp_sgd", "r", own.key, ((2.0, 0.25, 3),), True))
+    rec = privacy_record(checked.recipe, checked.images, ledger, Schedule(4, 0.25, 1.0), "secret")
+    assert rec["noise_multiplier"] == 2.0 and rec["steps_taken"] == 3 and rec["steps_planned"] == 4
+    assert rec["epsilon"] == pytest.approx(opacus_epsilon([(2.0, 0.25, 3)], 1e-3, "rdp"))
 
 
 def test_not_private_training_is_marked(tmp_path: Path) -> None:
@@ -282,7 +288,8 @@ def test_public_pretraining_then_dp_fine_tuning_of_a_subset(tmp_path: Path) -> N
         rec["private_inputs"]["trained_parameters"]["parameters"]
         < rec["private_inputs"]["trained_parameters"]["of"]
     )
-    assert rec["pretraining"]["manifest_sha256"] == checked.public.manifest_sha256()
+    assert rec["pretraining"]["manifest_sha256"] == checked.public.images.manifest_sha256()
+    assert rec["pretraining"]["screen"]["n_refused"] == 0 and rec["pretraining"]["screen"]["n_public"] == 40
 
 
 def test_public_data_containing_private_images_is_refused(tmp_path: Path) -> None:
@@ -292,6 +299,35 @@ def test_public_data_containing_private_images_is_refused(tmp_path: Path) -> Non
     path = write_recipe(tmp_path, tiny_recipe(pretrain={"data": same, "steps": 2}))
     with pytest.raises(RecipeError, match="pretrain.data: .* exact copies of private images"):
         check(path)
+
+
+def test_public_data_holding_an_exact_copy_of_a_held_out_image_is_refused(tmp_path: Path) -> None:
+    """Held-out images are private too: an exact copy of one in data declared public is refused
+    by the exact-copy check (the screen would refuse it too, by another rule)."""
+    import numpy as np
+
+    from synthfactory.audit import quantize
+    from synthfactory.recipe import RecipeError
+
+    phantoms = check(write_recipe(tmp_path / "p", tiny_recipe())).images
+    train, held = quantize(phantoms.train_images), quantize(phantoms.heldout_images)
+    names = np.array(["no_lesion", "lesion"])
+    np.savez(tmp_path / "private.npz", train_images=train, train_labels=phantoms.train_labels,
+             test_images=held, test_labels=phantoms.heldout_labels, class_names=names)  # fmt: skip
+    other = quantize(
+        check(write_recipe(tmp_path / "o", tiny_recipe(data__phantom__seed=42))).images.train_images
+    )
+    np.savez(tmp_path / "public.npz", train_images=np.concatenate([other[:5], held[:3]]),
+             train_labels=np.zeros(8, np.int64), test_images=other[5:7], test_labels=np.zeros(2, np.int64),
+             class_names=names)  # fmt: skip
+    block = {"source": "npz", "image_size": 16, "classes": ["no_lesion", "lesion"]}
+    recipe = tiny_recipe(data={**block, "path": str(tmp_path / "private.npz")},
+                         pretrain={"data": {**block, "path": str(tmp_path / "public.npz")}, "steps": 1})  # fmt: skip
+    with pytest.raises(
+        RecipeError,
+        match=r"pretrain.data: 3 of its images are exact copies of private images \(training or held-out\)",
+    ):
+        check(write_recipe(tmp_path / "r", recipe))
 
 
 def test_pretrain_checkpoint_of_a_dp_run_on_the_same_data_composes(tiny_run, tmp_path: Path) -> None:
@@ -309,7 +345,7 @@ def test_pretrain_checkpoint_of_a_dp_run_on_the_same_data_composes(tiny_run, tmp
             training__steps=2,
             privacy__target_epsilon=20.0,
         )
-        assert checked.plan["prior_history"] == [tuple(h) for h in source["accountant_history"]]
+        assert list(checked.schedule.prior) == [tuple(h) for h in source["accountant_history"]]
         for stage in ("pretrain", "train"):
             run_stage(stage, checked, run_dir, StageOptions(progress=False))
         pre = read_json(run_dir.pretrained / "pretrain.json")
@@ -319,11 +355,17 @@ def test_pretrain_checkpoint_of_a_dp_run_on_the_same_data_composes(tiny_run, tmp
         rec = read_json(run_dir.privacy)
         history = rec["accountant_history"]
         assert history[0] == source["accountant_history"][0] and len(history) == 2 and history[1][2] == 2
-        assert rec["epsilon"] == pytest.approx(epsilon_of([tuple(h) for h in history], 1e-3, "rdp"))
+        assert rec["epsilon"] == pytest.approx(opacus_epsilon(history, 1e-3, "rdp"))
         assert source["epsilon"] < rec["epsilon"] <= 20.0
         assert rec["composed_with"]["epsilon_alone"] == pytest.approx(source["epsilon"])
         assert rec["composed_with"]["run_id"] == src.run_id
-        assert rec["noise_multiplier"] == history[-1][0] == checked.plan["noise_multiplier"]
+        from synthfactory.model import weights_sha256
+        from synthfactory.rundir import folder_sha256
+
+        public = " ".join(rec["public_inputs"])  # what the cards print: no local path, no folder hash
+        assert str(checkpoint) not in public and str(tmp_path) not in public
+        assert weights_sha256(checkpoint)[:12] in public and folder_sha256(checkpoint)[:12] not in public
+        assert rec["noise_multiplier"] == history[-1][0] == checked.schedule.noise_multiplier
 
 
 def _copied(folder: Path, tmp_path: Path) -> Path:
@@ -381,7 +423,7 @@ def test_pretrain_checkpoint_trained_on_other_data_is_public(tmp_path: Path) -> 
     assert not checked.images.train_hashes() & other.images.train_hashes()
     run_stage("pretrain", checked, run_dir, StageOptions(progress=False))
     assert read_json(run_dir.pretrained / "pretrain.json")["origin"] == "other_data"
-    assert checked.plan["prior_history"] == []
+    assert checked.schedule.prior == ()
 
 
 def test_pretrain_checkpoint_must_fit_the_model(tiny_run, tmp_path: Path) -> None:
@@ -423,7 +465,7 @@ def test_public_data_with_near_copies_of_private_images_is_refused(tiny_run, tmp
         "image_size": 16,
         "classes": ["no_lesion", "lesion"],
     }
-    with pytest.raises(RecipeError, match="pretrain.data: 5 of its images are near-copies"):
+    with pytest.raises(RecipeError, match="pretrain.data: 5 of its 35 images are copies or near-copies"):
         check(write_recipe(tmp_path / "r", tiny_recipe(pretrain={"data": pub, "steps": 1})))
     np.savez(tmp_path / "public.npz", train_images=other[:30], train_labels=labels[:30], test_images=other[:4],
              test_labels=labels[:4], class_names=np.array(["no_lesion", "lesion"]))  # fmt: skip
@@ -478,3 +520,28 @@ def test_a_run_recorded_with_every_data_field_resumes_and_publishes_a_valid_reci
     published.write_text(public_recipe(same_dir))
     assert "ct_window" not in published.read_text()
     assert load_recipe(published).data.source == "phantom"
+
+
+def test_the_trainer_draws_poisson_batches_of_the_whole_training_set(tmp_path: Path, monkeypatch) -> None:
+    """What reaches the DP step is a Poisson sample of all N examples: batch sizes vary around
+    B = qN, every example is drawn, and about q·T times (not, say, always the first |B|)."""
+    import numpy as np
+
+    seen: list[list[int]] = []
+    real = train_module.dp_step
+    checked, run_dir = _fresh_run(tmp_path, "poisson", training__steps=40, privacy__noise_seed=5)
+    rows = {checked.images.train_images[i].tobytes(): i for i in range(len(checked.images.train_labels))}
+
+    def recording(private, scheduler, x0, labels, *args, **kwargs):
+        seen.append([rows[x.numpy().tobytes()] for x in x0])
+        return real(private, scheduler, x0, labels, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "dp_step", recording)
+    train_module.train(checked.recipe, checked.images, run_dir, progress=False)
+    n, q, steps = 64, 16 / 64, 40
+    sizes = [len(b) for b in seen]
+    assert len(seen) == steps and len(set(sizes)) > 3 and abs(np.mean(sizes) - q * n) < 3
+    counts = np.bincount([i for b in seen for i in b], minlength=n)
+    assert counts.min() >= 1 and abs(counts.mean() - q * steps) < 1.5
+    assert any(max(b) >= len(b) for b in seen if b)  # not a prefix of the training set
+    assert abs(np.mean([i for b in seen for i in b]) - (n - 1) / 2) < 4

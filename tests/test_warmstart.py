@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import tiny_recipe
+from conftest import opacus_epsilon, tiny_recipe
 
 from synthfactory import warmstart
-from synthfactory.privacy import calibrate_noise, epsilon_of
+from synthfactory.ledger import RunLedger
+from synthfactory.privacy import calibrate_noise
 from synthfactory.publish import _fmt
 from synthfactory.recipe import WarmStartConfig
 from synthfactory.records import PrivacyRecord
@@ -44,33 +45,54 @@ def test_one_example_moves_the_query_by_at_most_sqrt2(clip):
 
 
 def test_noise_is_sigma_sqrt2_on_every_coordinate():
+    """The sums and the counts each carry noise of std σ·√2 (checked apart: the 3 counts are few
+    beside the 192 sum coordinates, and a count released without noise must show)."""
     cfg = WarmStartConfig(image_size=8, noise_multiplier=3.0)
     x, y = _images(30)
     exact = warmstart.query(x, y, 3, WarmStartConfig(image_size=8, noise_multiplier=1e-12), torch.Generator())
     sums, counts = [], []
-    for seed in range(200):
+    for seed in range(400):
         s, c = warmstart.query(x, y, 3, cfg, torch.Generator().manual_seed(seed))
         sums.append((s - exact[0]).flatten())
         counts.append(c - exact[1])
-    noise = torch.cat([torch.stack(sums).flatten(), torch.stack(counts).flatten()])
-    assert noise.std().item() == pytest.approx(3.0 * math.sqrt(2), rel=0.03)
-    assert abs(noise.mean().item()) < 0.05
+    sums, counts = torch.stack(sums), torch.stack(counts)  # [400, 192], [400, 3]
+    assert sums.std().item() == pytest.approx(3.0 * math.sqrt(2), rel=0.03)
+    for k in range(3):  # every class's count, 400 draws: the std's standard error is 3.5 %
+        assert counts[:, k].std().item() == pytest.approx(3.0 * math.sqrt(2), rel=0.15)
+        assert abs(counts[:, k].mean().item()) < 0.7
+    assert abs(sums.mean().item()) < 0.05
 
 
 def test_the_query_is_answered_once_per_run(tmp_path):
     """A second attempt of the stage reads the stored answer instead of asking again (which
-    would spend ε twice); the answer is drawn from a secret seed, so two answers differ."""
+    would spend ε twice); the answer is drawn from a secret seed, so two answers differ; each
+    answer is in its run's ledger before it is stored, and an answer the ledger does not name is
+    refused."""
+    from synthfactory.ledger import LedgerRefused
+
     recipe = check(
         _write(tmp_path, tiny_recipe(warm_start={"noise_multiplier": 2.0, "image_size": 8}))
     ).recipe
     x, y = _images(40)
-    path = tmp_path / "c.npz"
-    first = warmstart.answered_once(path, x, y, recipe, 3)
-    again = warmstart.answered_once(path, x, y, recipe, 3)
+
+    def asker(name: str) -> warmstart.Asker:
+        return warmstart.Asker(
+            tmp_path / f"{name}.npz", RunLedger(tmp_path / f"{name}.jsonl"), name, "data-x"
+        )
+
+    first = warmstart.answered_once(asker("c"), x, y, recipe, 3)
+    again = warmstart.answered_once(asker("c"), x, y, recipe, 3)
     np.testing.assert_array_equal(first.means, again.means)
-    other = warmstart.answered_once(tmp_path / "d.npz", x, y, recipe, 3)
+    entry = RunLedger(tmp_path / "c.jsonl").read().warm_start()
+    assert entry.history == ((2.0, 1.0, 1),) and entry.detail["answer_sha256"] == warmstart.answer_digest(
+        first
+    )
+    other = warmstart.answered_once(asker("d"), x, y, recipe, 3)
     assert not np.array_equal(first.means, other.means)
     assert first.noise_source.startswith("secret")
+    (tmp_path / "d.npz").write_bytes((tmp_path / "c.npz").read_bytes())  # an answer d's ledger never held
+    with pytest.raises(LedgerRefused, match="no entry in the ledger"):
+        warmstart.answered_once(asker("d"), x, y, recipe, 3)
 
 
 def _write(tmp_path, recipe: dict):
@@ -93,19 +115,20 @@ def test_reported_epsilon_includes_the_warm_start_and_sigma_is_resolved(tmp_path
     r = checked.recipe
     q, steps, delta = priv["sample_rate"], priv["steps_taken"], r.privacy.delta
     assert priv["accountant_history"][0] == [1.5, 1.0, 1]
-    assert priv["epsilon"] == pytest.approx(epsilon_of(priv["accountant_history"], delta, "rdp"))
-    dp_sgd_alone = epsilon_of([priv["accountant_history"][-1]], delta, "rdp")
+    assert priv["epsilon"] == pytest.approx(opacus_epsilon(priv["accountant_history"], delta, "rdp"))
+    dp_sgd_alone = opacus_epsilon([priv["accountant_history"][-1]], delta, "rdp")
     assert dp_sgd_alone < priv["epsilon"] <= r.privacy.target_epsilon
     without = calibrate_noise(r.privacy.target_epsilon, delta, q, steps, "rdp")
     assert priv["noise_multiplier"] > without
-    assert priv["noise_multiplier"] == pytest.approx(checked.plan["noise_multiplier"])
-    assert priv["warm_start"]["epsilon_alone"] == pytest.approx(epsilon_of([(1.5, 1.0, 1)], delta, "rdp"))
+    assert priv["noise_multiplier"] == pytest.approx(checked.schedule.noise_multiplier)
+    assert priv["warm_start"]["epsilon_alone"] == pytest.approx(opacus_epsilon([(1.5, 1.0, 1)], delta, "rdp"))
     assert (run_dir.central_images).is_file()
     privacy_part = environment(markdown=True, strict=True).get_template("dataset-card-privacy.md.j2")
     card = privacy_part.render(p=PrivacyRecord.read(run_dir.privacy), s={"n_samples": 8}, n=8, fmt=_fmt)
     assert "DP warm start" in card and "σ = 1.5" in card
-    origin = read_json(run_dir.pretrained / "unet" / "synthfactory_origin.json")
-    assert origin["trained_on_private_data"] and origin["accountant_history"] == [[1.5, 1.0, 1]]
+    carried = read_json(run_dir.pretrained / "unet" / "synthfactory_ledger.json")
+    assert [m["history"] for m in carried["mechanisms"]] == [[[1.5, 1.0, 1]]]
+    assert carried["datasets"][0]["items"] == sorted(checked.images.item_ids())
 
 
 def test_augment_keeps_range_and_shape():
@@ -128,30 +151,71 @@ def test_class_counts_share_the_total_by_weight():
     assert class_counts(7, np.ones(3)).sum() == 7
 
 
+def _unbalanced_npz(tmp_path, n: tuple[int, int]) -> dict:
+    """A private npz set with n[0] images of one class and n[1] of the other (phantom pixels)."""
+    from synthfactory.data.phantom import phantom_images
+
+    imgs = [phantom_images("mri", label, k, 16, seed=5) for label, k in enumerate(n)]
+    u8 = ((np.concatenate(imgs) + 1) * 127.5).round().astype(np.uint8)
+    labels = np.repeat([0, 1], n)
+    np.savez(tmp_path / "private.npz", train_images=u8, train_labels=labels, test_images=u8[::4],
+             test_labels=labels[::4], class_names=np.array(["no_lesion", "lesion"]))  # fmt: skip
+    return {
+        "source": "npz",
+        "path": str(tmp_path / "private.npz"),
+        "image_size": 16,
+        "classes": ["no_lesion", "lesion"],
+    }
+
+
 def test_samples_follow_the_dp_class_counts(tmp_path):
     """sampling.class_proportions: dp_counts draws the same total, shared by the warm start's
-    noisy counts (read from the run's stored answer, not from the private labels)."""
+    noisy counts (read from the run's stored answer, not from the private labels). The classes
+    are unbalanced (3:1), so equal classes would show."""
     from synthfactory.sample import class_counts
 
-    ws = {"noise_multiplier": 1.0, "image_size": 8, "steps": 2, "expected_batch_size": 8}
-    recipe = tiny_recipe(
-        warm_start=ws,
-        sampling={
-            "images_per_class": 6,
-            "ddim_steps": 2,
-            "seed": 0,
-            "batch_size": 8,
-            "class_proportions": "dp_counts",
-        },
-    )
-    recipe["data"]["phantom"] = {"n_train": 90, "n_heldout": 32, "seed": 3}
+    ws = {"noise_multiplier": 0.5, "image_size": 8, "steps": 2, "expected_batch_size": 8}
+    sampling = {
+        "images_per_class": 6,
+        "ddim_steps": 2,
+        "seed": 0,
+        "batch_size": 8,
+        "class_proportions": "dp_counts",
+    }
+    recipe = tiny_recipe(warm_start=ws, sampling=sampling, data=_unbalanced_npz(tmp_path, (72, 24)))
     checked = check(_write(tmp_path, recipe))
     run_dir = create_run(checked, tmp_path / "runs")
     for stage in ("data", "pretrain", "train", "sample"):
         run_stage(stage, checked, run_dir, StageOptions(progress=False))
     counts = warmstart.load(run_dir.central_images).counts
     labels = np.load(run_dir.samples / "labels.npy")
-    assert list(np.bincount(labels, minlength=2)) == list(class_counts(12, counts))
+    got = list(np.bincount(labels, minlength=2))
+    assert got == list(class_counts(12, counts)) and got[0] >= 2 * got[1]
+
+
+def test_dp_counts_without_their_ledger_entry_are_refused(tmp_path):
+    """The sampler reads the noisy counts only when the generator's own ledger names that very
+    answer: a changed answer file is refused, and no sample store is written."""
+    from synthfactory.recipe import RecipeError
+
+    ws = {"noise_multiplier": 0.5, "image_size": 8, "steps": 2, "expected_batch_size": 8}
+    sampling = {
+        "images_per_class": 3,
+        "ddim_steps": 2,
+        "seed": 0,
+        "batch_size": 8,
+        "class_proportions": "dp_counts",
+    }
+    checked = check(_write(tmp_path, tiny_recipe(warm_start=ws, sampling=sampling, training__steps=1)))
+    run_dir = create_run(checked, tmp_path / "runs")
+    for stage in ("data", "pretrain", "train"):
+        run_stage(stage, checked, run_dir, StageOptions(progress=False))
+    central = warmstart.load(run_dir.central_images)
+    central.counts = np.array([60.0, 4.0], np.float32)  # not the answer the ledger holds
+    warmstart.save(run_dir.central_images, central)
+    with pytest.raises(RecipeError, match="no entry in the ledger"):
+        run_stage("sample", checked, run_dir, StageOptions(progress=False))
+    assert not run_dir.samples.exists()
 
 
 def test_dp_counts_need_a_warm_start(tmp_path):

@@ -19,17 +19,33 @@ import time
 import numpy as np
 
 from ..data import ImageSet
-from ..model import load_generator, load_unet, uses_ema
+from ..ledger import RunLedger, read_artifact, require_covered, write_artifact
+from ..model import load_generator, load_unet, seeded_unet, uses_ema
 from ..recipe import PrivacyConfig, Recipe
 from ..records import PrivacyRecord
 from ..rundir import RunDir, atomic_directory, read_json, write_json_atomic
-from ..train import initial_model, train
+from ..train import train
 from .canary import audit_scores, canary_scores, draw_inclusion, make_canaries, with_canaries
 from .membership import denoising_losses
 
 
+def _inherit_ledger(run_dir: RunDir, sub: RunDir) -> None:
+    """The audit model's run ledger starts with what the released model's pre-training rests on
+    (the warm start's query, the ledgers a checkpoint or release brought): the same answers, read
+    again, so they compose into the audit model's ε as well."""
+    if not run_dir.pretrained.is_dir():
+        return
+    carried = require_covered(
+        run_dir.pretrained / "unet", RunLedger(run_dir.ledger).read(), "the pre-training"
+    )
+    sub_ledger = RunLedger(sub.ledger)
+    if carried.mechanisms and not carried.ids() <= sub_ledger.read().ids():
+        sub_ledger.bring_in(carried, via=f"the pre-training of run {run_dir.run_id}")
+
+
 def _share_pretraining(run_dir: RunDir, sub: RunDir) -> None:
     """The audit model starts where the released one started: from the public pre-training."""
+    _inherit_ledger(run_dir, sub)
     if run_dir.pretrained.is_dir() and not sub.pretrained.is_dir():
         shutil.copytree(run_dir.pretrained, sub.pretrained)
 
@@ -53,10 +69,11 @@ def _canary_pretraining(
 ) -> None:
     """The public pre-trained weights for the canary model: the same, with m fresh class
     embeddings (one per canary) inserted before the null class."""
+    _inherit_ledger(run_dir, sub)
     if not run_dir.pretrained.is_dir() or sub.pretrained.is_dir():
         return
     old = load_unet(run_dir.pretrained / "unet").state_dict()
-    model = initial_model(recipe, image_size, n_real + m, None)
+    model = seeded_unet(recipe, image_size, n_real + m)
     state = model.state_dict()
     for name, value in old.items():
         if name == "class_embedding.weight":
@@ -68,6 +85,7 @@ def _canary_pretraining(
     model.load_state_dict(state)
     with atomic_directory(sub.pretrained) as tmp:
         model.save_pretrained(tmp / "unet")
+        write_artifact(tmp / "unet", read_artifact(run_dir.pretrained / "unet"))
         shutil.copy(run_dir.pretrained / "pretrain.json", tmp / "pretrain.json")
 
 
@@ -128,7 +146,8 @@ def run_canary_audit(recipe: Recipe, run_dir: RunDir, images: ImageSet, progress
         "privacy_of_this_result": (
             "the canary model is a second DP training run on the same private images at the "
             f"accountant ε above (δ {privacy.delta:g}); publishing these figures with the "
-            "dataset composes with the released model's guarantee (basic composition: the ε add up)"
+            "dataset composes with the released model's guarantee (basic composition: the ε add up, "
+            "and so do the δ)"
             if privacy.private
             else "NOT PRIVATE: the canary model was trained without DP on the private images; "
             "these figures are not covered by any ε"

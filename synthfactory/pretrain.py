@@ -1,0 +1,170 @@
+"""The stage before DP-SGD, written to checkpoints/pretrained/ (unet/ with its ledger,
+pretrain.json): public pre-training, then the DP warm start, in that order, as the recipe asks.
+
+- Public pre-training: `pretrain.checkpoint` loaded, or `pretrain.data` (declared public and
+  screened by public.py) trained on without DP. What either brings in is written to the run's
+  ledger *before* it is used: the ledger of a synthfactory checkpoint, or of the synthfactory
+  release the data came from; each of its mechanisms composes into this run's ε unless its data
+  is shown to be disjoint from this run's (ledger.verdict), and a run that is to be private is
+  refused when a mechanism that composes carries no DP guarantee.
+- The DP warm start (warmstart.py): its query answered once, ledger first, then trained on.
+
+`planned_ledger` is what this stage will write, known before anything runs: `validate`, `plan`
+and the σ a run is created with read it; training reads the ledger the stage did write.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import warmstart
+from .data import ImageSet
+from .ledger import (
+    DataIdentity,
+    Ledger,
+    Mechanism,
+    RunLedger,
+    Verdict,
+    read_artifact,
+    verdict,
+    write_artifact,
+)
+from .model import load_unet, null_class, resolve_device, seeded_unet, weights_sha256
+from .privacy_record import data_description
+from .recipe import Recipe
+from .rundir import RunDir, atomic_directory, write_json_atomic
+from .steps import plain_training
+
+
+@dataclass
+class PublicData:
+    """`pretrain.data` as the run uses it: the images, what they are to this run (a synthfactory
+    release composes; anything else is declared public by the recipe) and the near-copy screen's
+    record (public.py)."""
+
+    images: ImageSet
+    verdict: Verdict
+    screen: dict
+
+
+def checkpoint_verdict(recipe: Recipe, images: ImageSet) -> Verdict | None:
+    """What `pretrain.checkpoint` is to this run (LedgerRefused where it may not start it)."""
+    if recipe.pretrain is None or recipe.pretrain.checkpoint is None:
+        return None
+    carried = read_artifact(recipe.pretrain.checkpoint)
+    return verdict(carried, "the checkpoint", images.item_ids(), recipe.private)
+
+
+def planned_ledger(recipe: Recipe, images: ImageSet, brought: list[Verdict]) -> Ledger:
+    """The ledger this run's pre-training stage will have written when DP-SGD starts: its data,
+    the ledgers `brought` in (a checkpoint's, a release's), and the warm start's query if the
+    recipe asks for one."""
+    own = DataIdentity("planned", "this run's private data", len(images.item_ids()), images.item_ids())
+    ledger = Ledger(datasets={own.key: own}, own_data=own.key)
+    for v in brought:
+        ledger.merge(v.ledger, via="planned")
+    if recipe.warm_start is not None:
+        ledger.add(
+            Mechanism("planned:warm_start", "warm_start", "planned", own.key,
+                      tuple(warmstart.history(recipe.warm_start)), recipe.privacy.noise_seed is None)
+        )  # fmt: skip
+    return ledger
+
+
+def pretrain(
+    recipe: Recipe, images: ImageSet, public: PublicData | None, run_dir: RunDir, progress: bool = True
+) -> dict:
+    """Run the stage and write checkpoints/pretrained/ (the weights with the run's ledger as it
+    stands, and pretrain.json). Returns pretrain.json."""
+    device = resolve_device(recipe.training.device)
+    ledger = RunLedger(run_dir.ledger)
+    own = ledger.own_data(images.item_ids(), data_description(recipe, images))
+    model = seeded_unet(recipe, images.image_size, len(images.class_names))
+    record: dict = {"kind": "warm_start", "statement": None}
+    if recipe.pretrain is not None:
+        record = _public_stage(model, recipe, images, public, ledger, device, progress)
+    if recipe.warm_start is not None:
+        asker = warmstart.Asker(run_dir.central_images, ledger, run_dir.run_id, own.key)
+        record["warm_start"] = warmstart.train_on_answer(model, recipe, images, asker, device, progress)
+    model.to("cpu").eval()
+    with atomic_directory(run_dir.pretrained) as tmp:
+        model.save_pretrained(tmp / "unet")
+        write_artifact(tmp / "unet", ledger.read())
+        write_json_atomic(tmp / "pretrain.json", record)
+    return record
+
+
+def _public_stage(
+    model, recipe: Recipe, images: ImageSet, public: PublicData | None, ledger: RunLedger, device, progress
+) -> dict:
+    """Load `pretrain.checkpoint` into the model, or train it on `pretrain.data` without DP; the
+    ledger each brings is written first. Returns pretrain.json's record."""
+    cfg = recipe.pretrain
+    assert cfg is not None
+    if cfg.checkpoint is not None:
+        use = checkpoint_verdict(recipe, images)
+        assert use is not None
+        if use.ledger.mechanisms:
+            ledger.bring_in(use.ledger, via="pretrain.checkpoint")
+        model.load_state_dict(load_unet(cfg.checkpoint).state_dict())
+        digest = weights_sha256(Path(cfg.checkpoint))
+        return {
+            "kind": "checkpoint",
+            "checkpoint": str(cfg.checkpoint),  # internal (pretrain.json); no card prints it
+            "weights_sha256": digest,
+            "origin": use.kind,
+            "statement": f"initial weights from a checkpoint (weights sha256 {digest[:12]}): {use.statement}",
+        }
+    assert public is not None
+    if public.verdict.ledger.mechanisms:
+        ledger.bring_in(public.verdict.ledger, via="pretrain.data")
+    return _train_on_public(model, recipe, images, public, device, progress)
+
+
+def _train_on_public(model, recipe: Recipe, images: ImageSet, public: PublicData, device, progress) -> dict:
+    """Non-private training on the declared-public images (class-conditional when their classes
+    are the private ones, else with the null label)."""
+    cfg = recipe.pretrain
+    n_classes = len(images.class_names)
+    data = public.images
+    conditional = data.class_names == images.class_names
+    labels = torch.from_numpy(data.train_labels)
+    if not conditional:
+        labels = torch.full_like(labels, null_class(recipe, n_classes))
+    x_all = torch.from_numpy(data.train_images)
+    n = len(x_all)
+    batch = min(cfg.expected_batch_size, n)
+
+    def draw(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randperm(n, generator=gen)[:batch]
+        return x_all[idx], labels[idx]
+
+    plain_training(model, recipe, n_classes, device, (cfg.steps, cfg.learning_rate, cfg.seed), draw, progress)
+    release = public.verdict.kind == "composed"
+    statement = (
+        f"pre-training without DP on {n} images from the {cfg.data.source} source, "
+        + (
+            "a synthfactory release (its ledger composed into ε; see ledger)"
+            if release
+            else "declared public by the recipe"
+        )
+        + f" ({cfg.steps} steps; "
+        + ("class-conditional" if conditional else "class-agnostic, null label")
+        + "); screened against every private image, training and held-out: no copy or near-copy found"
+    )
+    return {
+        "kind": "data",
+        "source": cfg.data.source,
+        "path": str(cfg.data.path) if getattr(cfg.data, "path", None) else None,  # internal
+        "n_images": n,
+        "classes": data.class_names,
+        "class_conditional": conditional,
+        "steps": cfg.steps,
+        "manifest_sha256": data.manifest_sha256(),
+        "from_release": release,
+        "screen": public.screen,
+        "statement": statement,
+    }
