@@ -26,6 +26,8 @@ import yaml
 from PIL import Image
 
 from . import __version__
+from .data.folder import SYNTHETIC_MARKER
+from .ledger import ARTIFACT_FILE, LedgerRefused, read_artifact, write_artifact
 from .records import RELEASE_SCHEMA, AuditRecord, PrivacyRecord, ReleaseRecord
 from .rundir import RunDir, atomic_directory
 from .sample import Samples, StoreImages
@@ -212,12 +214,18 @@ def write_hf(released: ReleasedSet, folder: Path) -> None:
 
 
 def write_png(released: ReleasedSet, folder: Path) -> None:
-    """png/<class>/<sample index>.png, 8-bit grayscale."""
+    """png/<class>/<sample index>.png, 8-bit grayscale, each with a text chunk naming synthfactory
+    and the run (a synthfactory image found without its release's ledger is then recognised)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(SYNTHETIC_MARKER, released.run_id)
+    info.add_text("Software", f"synthfactory {__version__} (synthetic image)")
     for name in released.class_names:
         (folder / "png" / name).mkdir(parents=True, exist_ok=True)
     for k, (label, idx) in enumerate(zip(released.labels, released.sample_index, strict=True)):
         Image.fromarray(released.image(k), mode="L").save(
-            folder / "png" / released.class_names[label] / f"{idx:06d}.png"
+            folder / "png" / released.class_names[label] / f"{idx:06d}.png", pnginfo=info
         )
 
 
@@ -305,4 +313,19 @@ def release(run_dir: RunDir, formats: list[str], report_dir: Path | None = None)
         if not released.private:
             info["warning"] = privacy.warning or "NOT PRIVATE"
         ReleaseRecord.model_validate(info).write(tmp / "release.json")
+        write_release_ledger(run_dir, tmp, formats)
     return final, info
+
+
+FORMAT_FOLDERS = {"hf": "dataset", "png": "png", "dicom": "dicom"}
+
+
+def write_release_ledger(run_dir: RunDir, folder: Path, formats: list[str]) -> None:
+    """The generator's ledger, public form (mechanisms and data descriptions; no source item, no
+    answer hash), in the release folder and in each format's folder, so that any part of the
+    release used as a data source brings its lineage (public.py)."""
+    carried = read_artifact(run_dir.final_checkpoint / "unet")
+    if carried is None:
+        raise LedgerRefused(f"{run_dir.final_checkpoint}: the generator carries no {ARTIFACT_FILE}")
+    for sub in ["", *(FORMAT_FOLDERS[f] for f in formats if f in FORMAT_FOLDERS)]:
+        write_artifact(folder / sub, carried, public=True)

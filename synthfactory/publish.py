@@ -16,6 +16,7 @@ places (`HF_TOKEN`, `hf auth login`); synthfactory never prints or stores it.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from datetime import datetime, timezone
@@ -290,7 +291,29 @@ __all__ = [
 
 # --- the generator as a model repository ---------------------------------------------------------
 
-MODEL_FILES = ("model_index.json", "unet/", "unet_ema/", "scheduler/")  # not synthfactory_origin.json
+MODEL_FILES = ("model_index.json", "unet/", "unet_ema/", "scheduler/")
+INTERNAL_FILES = ("synthfactory_origin.json", "synthfactory_ledger.json")  # replaced by the public ledger
+
+
+def withheld_warning(run_dir: RunDir, force_withheld: bool) -> list[str]:
+    """The generator can draw again what the audit withheld from the dataset: each sample comes
+    from a public seed (the release's sample_seed; the gaps in sample_index mark the withheld
+    ones), and the recipe is published. Publishing the generator of such a run asks for
+    `force_withheld` and says so on the card."""
+    audit = AuditRecord.read(run_dir.audit_json)
+    withheld = audit.summary["n_samples"] - audit.summary["n_released"]
+    if not withheld:
+        return []
+    why = (
+        f"the memorization audit withheld {withheld} of this run's {audit.summary['n_samples']} samples "
+        "from its dataset as suspected copies; this generator (covered by ε) draws them again from their "
+        "seeds (the gaps in the dataset's sample_index), so publishing it undoes that screen"
+    )
+    if not force_withheld:
+        raise PublishRefused(
+            f"{why}. Pass --force-withheld to publish the generator anyway (its card will say so)"
+        )
+    return [f"{why[0].upper()}{why[1:]}; published anyway (--force-withheld)."]
 
 
 def model_card(run_dir: RunDir, warnings: list[str] | None = None) -> str:
@@ -329,7 +352,16 @@ def model_card(run_dir: RunDir, warnings: list[str] | None = None) -> str:
         ema=uses_ema(run_dir.final_checkpoint),
         version=__version__,
         run_id=run_dir.run_id,
+        withheld=_withheld(run_dir),
     )
+
+
+def _withheld(run_dir: RunDir) -> int:
+    """How many samples the audit kept out of the run's dataset (what its generator can draw)."""
+    if not run_dir.audit_json.exists():
+        return 0
+    s = AuditRecord.read(run_dir.audit_json).summary
+    return int(s["n_samples"] - s["n_released"])
 
 
 def publish_model(
@@ -340,22 +372,33 @@ def publish_model(
     force_not_private: bool = False,
     force_blocked: bool = False,
     token: str | None = None,
+    force_withheld: bool = False,
 ) -> dict:
-    """Push the run's pipeline (checkpoints/final without synthfactory's origin records) and its
-    model card to `repo_id` (a model repository), in one commit. Same refusal rules as the
-    dataset. Returns what was pushed; also written to publish_model.json in the run directory."""
+    """Push the run's pipeline (checkpoints/final, each model folder with the public form of its
+    ledger instead of the internal one) and its model card to `repo_id` (a model repository), in
+    one commit. The dataset's refusal rules, and one more: a run whose audit withheld samples asks
+    for `force_withheld` (withheld_warning). Returns what was pushed; also written to
+    publish_model.json in the run directory."""
     from huggingface_hub import CommitOperationAdd
 
+    from .ledger import ARTIFACT_FILE, read_artifact
+
     warnings = check_publishable(run_dir, force_not_private, force_blocked)
+    warnings += withheld_warning(run_dir, force_withheld)
     final = run_dir.final_checkpoint
     if not (final / "model_index.json").is_file():
         raise PublishRefused(f"{final}: no model_index.json (trained before pipelines were saved); retrain")
     files = sorted(
         p for p in final.rglob("*")
         if p.is_file() and p.relative_to(final).as_posix().startswith(MODEL_FILES)
-        and p.name != "synthfactory_origin.json"
+        and p.name not in INTERNAL_FILES
     )  # fmt: skip
     ops = [CommitOperationAdd(p.relative_to(final).as_posix(), p.read_bytes()) for p in files]
+    for unet in ("unet", "unet_ema"):
+        carried = read_artifact(final / unet) if (final / unet / ARTIFACT_FILE).is_file() else None
+        if carried is not None:
+            public = json.dumps(carried.to_json(public=True), indent=2).encode()
+            ops.append(CommitOperationAdd(f"{unet}/{ARTIFACT_FILE}", public))
     ops.append(CommitOperationAdd("README.md", model_card(run_dir, warnings).encode()))
     api, repo = open_repo(repo_id, "model", private, revision, token)
     commit = api.create_commit(

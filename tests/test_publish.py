@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -122,23 +123,51 @@ def test_cards_name_the_weights_the_checkpoint_samples_with(released) -> None:
         assert model_words in model_card(run_dir)
 
 
-def test_public_reports_hold_no_per_sample_figure(released) -> None:
-    """The report folder (which may be committed or published) keeps every statistic but no
-    sample's nearest training image, distance or score; the run directory keeps them."""
+def _keys_and_strings(obj, path=""):
+    """Every (dotted key, value) of a JSON object, leaves only."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _keys_and_strings(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _keys_and_strings(v, f"{path}[{i}]")
+    else:
+        yield path, obj
+
+
+def test_public_reports_hold_aggregates_only(released) -> None:
+    """The report folder and the release (which may be committed or published) keep every
+    aggregate statistic but no sample's nearest training image, distance or score, no minimum or
+    maximum (one image's score), no local path and no hash of the private data; the run directory
+    keeps the per-sample figures."""
     _, run_dir = released
     report = Path(run_dir.info()["stages"]["audit"]["report"])
     public, internal = read_json(report / "audit.json"), read_json(run_dir.audit_json)
     assert "samples" not in public and len(internal["samples"]) == internal["summary"]["n_samples"]
     assert "not covered by ε" in public["privacy_of_this_report"]
     assert "manifest_sha256" in internal["data"] and "manifest_sha256" not in public["data"]
-    internal["data"].pop("manifest_sha256")
-    assert {k: v for k, v in internal.items() if k != "samples"} == {
-        k: v for k, v in public.items() if k != "privacy_of_this_report"
-    }
+    assert "nn_distance_min" in internal["summary"] and "nn_distance_min" not in public["summary"]
+    inner = {"1", "5", "25", "50", "75", "95", "99"}
+    for name, sp in public["spaces"].items():
+        assert set(sp["heldout_percentiles"]) == set(sp["synthetic_percentiles"]) == inner, name
+        assert {"0", "100"} <= set(internal["spaces"][name]["heldout_percentiles"])
+    for key, table in public["neighbour_ratios"].items():
+        assert not isinstance(table, dict) or set(table) == inner, key
+    root = str(run_dir.root.parents[1])
+    public_files = [report / "audit.json", run_dir.release_dir(True) / "release.json",
+                    run_dir.release_dir(True) / "synthfactory_ledger.json"]  # fmt: skip
+    for f in public_files:
+        for key, value in _keys_and_strings(read_json(f)):
+            assert not (isinstance(value, str) and root in value), (f.name, key)
+            assert not ("percentiles." in key and key.endswith((".0", ".100"))), (f.name, key)
+            assert not re.search(r"\.(items|nn_distance_min|answer_sha256|manifest_sha256)(\[|$)", key), (
+                f.name,
+                key,
+            )
     md = (report / "audit-summary.md").read_text()
     assert "## What ε covers" in md and "Not covered:" in md and "the generator's weights" in md
-    rel = read_json(run_dir.release_dir(True) / "release.json")
-    assert "nn_distance_min" not in json.dumps(rel) and rel["covered_by_epsilon"]
+    assert root not in md and "What the screen covers" in md
+    assert read_json(run_dir.release_dir(True) / "release.json")["covered_by_epsilon"]
 
 
 def test_a_seeded_run_is_released_and_published_as_not_private(tmp_path, hub) -> None:
@@ -227,6 +256,13 @@ def test_publish_model_pushes_the_pipeline_and_a_model_card(released, hub, tmp_p
         files
     )
     assert not [f for f in files if "synthfactory_origin" in f or f.endswith("synthfactory.json")]
+    # each model folder carries the public form of its ledger: the mechanisms, no data identity
+    pushed = json.loads(files["unet/synthfactory_ledger.json"])
+    internal = read_json(run_dir.final_checkpoint / "unet" / "synthfactory_ledger.json")
+    assert pushed["public"] and [m["id"] for m in pushed["mechanisms"]] == [
+        m["id"] for m in internal["mechanisms"]
+    ]
+    assert "items" in internal["datasets"][0] and all("items" not in d for d in pushed["datasets"])
     privacy = read_json(run_dir.privacy)
     card = ModelCard(files["README.md"].decode())
     assert card.data.library_name == "diffusers" and "differential-privacy" in card.data.tags
@@ -244,6 +280,41 @@ def test_publish_model_pushes_the_pipeline_and_a_model_card(released, hub, tmp_p
             for p in (pulled, here))  # fmt: skip
     np.testing.assert_array_equal(a, b)
     assert read_json(run_dir.root / "publish_model.json")["repo_id"] == "lab/gen"
+
+
+def test_publish_model_asks_for_a_flag_when_the_audit_withheld_samples(released, hub) -> None:
+    """The generator can draw again what the audit withheld (public seeds, the gaps in
+    sample_index): publishing it asks for --force-withheld, and its card then says so."""
+    from typer.testing import CliRunner
+
+    from synthfactory.cli import app
+
+    _, run_dir = released
+    audit = read_json(run_dir.audit_json)
+    audit["summary"] = {
+        **audit["summary"],
+        "n_flagged": 2,
+        "n_dropped": 2,
+        "n_released": audit["summary"]["n_samples"] - 2,
+    }
+    write_json_atomic(run_dir.audit_json, audit)
+    runner = CliRunner()
+    res = runner.invoke(app, ["publish", str(run_dir.root), "--repo-id", "lab/gen", "--model"])
+    assert (
+        res.exit_code == 3 and "withheld 2 of this run's" in res.output and "--force-withheld" in res.output
+    )
+    assert "lab/gen" not in hub.repos
+    res = runner.invoke(
+        app, ["publish", str(run_dir.root), "--repo-id", "lab/gen", "--model", "--force-withheld"]
+    )
+    assert res.exit_code == 0, res.output
+    card = hub.files("lab/gen")["README.md"].decode()
+    assert _first_line(card).startswith("**WARNING: The memorization audit withheld 2")
+    assert "withheld 2 of its samples" in card and "draws them again" in card
+    dataset_text = dataset_card(run_dir, {"lesion": 1})
+    assert (
+        "It applies to this dataset only" in dataset_text and "can draw again the 2 samples" in dataset_text
+    )
 
 
 def test_publish_model_refuses_a_non_private_run(released, hub) -> None:
@@ -378,6 +449,7 @@ def test_inspect_prints_the_lineage(released) -> None:
         and out["audit"]["samples_sha256"] == audit["samples_sha256"]
     )
     assert len(out["checkpoint"]["unet"]) == 64 and out["release"]["formats"] == ["hf", "png", "dicom"]
+    assert out["ledger"] == [f"dp_sgd of run {run_dir.run_id}: {privacy['steps_taken']} accountant steps"]
 
 
 def _first_line(card: str) -> str:

@@ -61,10 +61,13 @@ def space_histograms(audit: dict, background: dict, synth: dict) -> plt.Figure:
     names = list(audit["spaces"])
     fig, axes = plt.subplots(1, len(names), figsize=(4.0 * len(names), 3.2), dpi=100, squeeze=False)
     for ax, n in zip(axes[0], names, strict=True):
-        bg, sy = background[n], synth[n][1]
-        lo = float(min(bg.min(initial=np.inf), sy.min(initial=np.inf)))
-        hi = float(max(bg.max(initial=-np.inf), sy.max(initial=-np.inf)))
-        bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 50)
+        both = np.concatenate([background[n], synth[n][1]])
+        # the axis spans the 1st to 99th percentile, outliers in the end bins: the public figure
+        # shows no one image's extreme score
+        lo, hi = (float(np.percentile(both, q)) for q in (1, 99)) if len(both) else (0.0, 1.0)
+        hi = hi if hi > lo else lo + 1.0
+        bg, sy = np.clip(background[n], lo, hi), np.clip(synth[n][1], lo, hi)
+        bins = np.linspace(lo, hi, 50)
         ax.hist(bg, bins=bins, alpha=0.6, density=True, label=f"held-out → train (n={len(bg)})")
         ax.hist(sy, bins=bins, alpha=0.6, density=True, label=f"synthetic → train (n={len(sy)})")
         ax.axvline(audit["spaces"][n]["threshold"], color="k", linestyle="--", label="global threshold")
@@ -139,8 +142,23 @@ def public_audit(audit: dict) -> dict:
     all images but one test which candidate completes it; it stays in the run directory)."""
     out = {k: v for k, v in audit.items() if k != "samples"}
     out["data"] = {k: v for k, v in audit["data"].items() if k != "manifest_sha256"}
+    out["summary"] = {k: v for k, v in audit["summary"].items() if k not in PER_SAMPLE_SUMMARY}
+    out["spaces"] = {n: _aggregates_only(sp) for n, sp in audit["spaces"].items()}
+    out["neighbour_ratios"] = _aggregates_only(audit["neighbour_ratios"])
     out["privacy_of_this_report"] = NOT_COVERED_NOTE
     return out
+
+
+PER_SAMPLE_SUMMARY = ("nn_distance_min",)  # one sample's distance to one private image
+EXTREMES = ("0", "100")  # a minimum or a maximum is one image's score, not an aggregate
+
+
+def _aggregates_only(block: dict) -> dict:
+    """A block of the audit with every `*_percentiles` table cut to its inner percentiles."""
+    return {
+        k: {q: v for q, v in val.items() if q not in EXTREMES} if k.endswith("percentiles") else val
+        for k, val in block.items()
+    }
 
 
 def covers_lines(p: dict) -> list[str]:
