@@ -1,15 +1,22 @@
 """Privacy mutation check: break one privacy property at a time in a copy of the package and
-show that the test suite notices.
+show that the tests named for it notice, for the right reason.
 
-Each mutation rewrites a few lines of a temporary copy of `synthfactory/` (the exact lines must
-be there once, so a refactor that moves them fails this script loudly instead of silently testing
-nothing), puts that copy first on PYTHONPATH (torchrun subprocesses inherit it), and runs the
-tests most likely to catch it with `pytest -x`. A mutation is caught when at least one test fails;
-the script prints one line per mutation and exits 1 if any survived (or could not be applied).
+1. Baseline: every named test runs on an unmutated copy of `synthfactory/` and must pass (a test
+   that fails there could not tell a mutation from anything else).
+2. Each mutation rewrites a few lines of a fresh copy (the exact lines must be there once, so a
+   refactor that moves them fails this script loudly instead of silently testing nothing), puts
+   that copy first on PYTHONPATH (torchrun subprocesses inherit it), and runs its named tests. It
+   is caught only when *every* named test fails (an error in collection, or a named test that
+   passes, is not a catch).
+3. The real data must be there (`../shared/data`, or SYNTHFACTORY_SHARED_DATA): without it some
+   tests skip, and a skipped test catches nothing; the script stops with one line instead.
+
+The script prints one line per mutation and exits 1 if any survived (or could not be applied).
 
     python tests/privacy_mutations.py               # all of them (`make mutations`, run by CI)
     python tests/privacy_mutations.py --list
     python tests/privacy_mutations.py no-clipping noise-twice
+    python tests/privacy_mutations.py -j 1          # one at a time (default: 2 side by side)
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +42,7 @@ class Mutation:
     what: str
     file: str  # under synthfactory/
     edits: tuple[tuple[str, str], ...]  # (exact old text, new text)
-    tests: tuple[str, ...]  # pytest arguments
+    tests: tuple[str, ...]  # the test functions (pytest node ids) that must each fail
 
 
 OPTIMIZER_BUILT = "    acc = create_accountant(mechanism=accountant)\n    dp_optimizer.attach_step_hook("
@@ -45,8 +53,12 @@ def after_optimizer(code: str) -> tuple[str, str]:
     return OPTIMIZER_BUILT, code + OPTIMIZER_BUILT
 
 
-PRIVACY = ("tests/test_privacy.py",)
+P = "tests/test_privacy.py::"
+T = "tests/test_train.py::"
+W = "tests/test_warmstart.py::"
+L = "tests/test_ledger.py::"
 MUTATIONS = [
+    # --- DP-SGD: clipping, noise, sampling, the accountant ----------------------------------------
     Mutation(
         "no-clipping",
         "per-example gradients summed without clipping",
@@ -61,7 +73,10 @@ MUTATIONS = [
                 "    dp_optimizer.clip_and_accumulate = types.MethodType(_unclipped, dp_optimizer)\n"
             ),
         ),
-        PRIVACY,
+        (
+            P + "test_each_example_is_clipped_before_summing",
+            P + "test_one_example_moves_the_clipped_sum_by_at_most_c",
+        ),
     ),
     Mutation(
         "k-rows-clipped-separately",
@@ -73,7 +88,7 @@ MUTATIONS = [
                 "                p.grad_sample = p.grad_sample",
             ),
         ),
-        PRIVACY,
+        (P + "test_k_rows_are_folded_into_one_gradient_per_example_before_clipping",),
     ),
     Mutation(
         "k-rows-clipped-separately-vmap",
@@ -85,14 +100,14 @@ MUTATIONS = [
                 "        shaped = [r.reshape(n * k, 1, *r.shape[1:]) for r in rows]\n        n = n * k",
             ),
         ),
-        PRIVACY,
+        (P + "test_k_rows_are_folded_into_one_gradient_per_example_before_clipping",),
     ),
     Mutation(
         "bf16-norms",
         "per-example norms taken on bf16 gradients (no cast to fp32)",
         "privacy.py",
         (("    return grad_sample.to(p.dtype)", "    return grad_sample"),),
-        ("tests/test_privacy.py::test_one_example_moves_the_clipped_sum_by_at_most_c",),
+        (P + "test_one_example_moves_the_clipped_sum_by_at_most_c",),
     ),
     Mutation(
         "noise-twice",
@@ -109,7 +124,7 @@ MUTATIONS = [
                 "    dp_optimizer.add_noise = _twice\n"
             ),
         ),
-        PRIVACY,
+        (P + "test_noise_has_the_calibrated_scale",),
     ),
     Mutation(
         "no-noise",
@@ -123,7 +138,7 @@ MUTATIONS = [
                 "    dp_optimizer.add_noise = _noiseless\n"
             ),
         ),
-        PRIVACY,
+        (P + "test_noise_has_the_calibrated_scale",),
     ),
     Mutation(
         "noise-on-every-rank",
@@ -143,14 +158,14 @@ MUTATIONS = [
     Mutation(
         "empty-batch-not-counted",
         "an empty Poisson batch skipped: no step, not counted by the accountant",
-        "train.py",
+        "steps.py",
         (
             (
                 '    if n == 0:\n        private.empty_step()\n        return float("nan")',
                 '    if n == 0:\n        return float("nan")',
             ),
         ),
-        PRIVACY,
+        (P + "test_empty_poisson_batch_steps_with_noise_and_is_counted",),
     ),
     Mutation(
         "accountant-q-differs",
@@ -162,7 +177,7 @@ MUTATIONS = [
                 "acc.get_optimizer_hook_fn(sample_rate=expected_batch_size / (n_train + 1))",
             ),
         ),
-        PRIVACY + ("tests/test_train.py",),
+        (P + "test_accountant_counts_every_step",),
     ),
     Mutation(
         "sampler-q-differs",
@@ -174,7 +189,34 @@ MUTATIONS = [
                 "num_samples=n_train, sample_rate=min(1.0, 2 * sample_rate), generator=sample_generator",
             ),
         ),
-        PRIVACY,
+        (P + "test_poisson_sampler_varies_batch_size_around_q_n",),
+    ),
+    Mutation(
+        "poisson-batch-is-a-prefix",
+        "the trainer steps on the first |B| examples instead of the Poisson batch's",
+        "train.py",
+        (
+            (
+                "        idx = torch.as_tensor(next(batches), dtype=torch.long)",
+                "        idx = torch.arange(len(next(batches)))",
+            ),
+        ),
+        (T + "test_the_trainer_draws_poisson_batches_of_the_whole_training_set",),
+    ),
+    Mutation(
+        "epsilon-at-10x-delta",
+        "ε evaluated at 10 δ (under-reported)",
+        "privacy.py",
+        (
+            (
+                "        return float(acc.get_epsilon(delta=delta))",
+                "        return float(acc.get_epsilon(delta=10 * delta))",
+            ),
+        ),
+        (
+            P + "test_epsilon_is_opacus_at_recorded_histories",
+            T + "test_privacy_record_comes_from_the_accountant",
+        ),
     ),
     Mutation(
         "accountant-restarted-on-resume",
@@ -182,63 +224,36 @@ MUTATIONS = [
         "train.py",
         (
             (
-                '    start = saved["accountant_history"] if saved else job.plan["prior_history"]',
-                '    start = job.plan["prior_history"]',
+                "    state.private.accountant.history = [tuple(h) for h in state.start_history]",
+                "    state.private.accountant.history = []",
             ),
         ),
-        ("tests/test_train.py",),
+        (T + "test_killed_run_resumes_to_the_same_model_and_epsilon",),
     ),
-    Mutation(
-        "composition-dropped",
-        "a run started from another DP run's weights forgets that run's accountant history",
-        "train.py",
-        (
-            (
-                '    start = saved["accountant_history"] if saved else job.plan["prior_history"]',
-                '    start = saved["accountant_history"] if saved else []',
-            ),
-        ),
-        ("tests/test_train.py",),
-    ),
-    Mutation(
-        "nonprivate-checkpoint-accepted",
-        "a non-private model of the same private data accepted as pre-training",
-        "origin.py",
-        (
-            (
-                '    if not origin.get("private"):\n        if not for_private_run:',
-                "    if False:\n        if not for_private_run:",
-            ),
-        ),
-        ("tests/test_train.py",),
-    ),
-    Mutation(
-        "near-copies-accepted",
-        "public pre-training data with near-copies of private images accepted",
-        "run.py",
-        (("        if near:\n", "        if False:\n"),),
-        ("tests/test_train.py",),
-    ),
+    # --- the DP secret and what is private ---------------------------------------------------------
     Mutation(
         "dp-seed-not-secret",
         "the DP noise and sampling seeded with a constant instead of an OS secret",
         "train.py",
         (("broadcast_int(secrets.randbits(62), dist)", "broadcast_int(12345, dist)"),),
-        ("tests/test_train.py",),
+        (T + "test_unseeded_runs_draw_different_secret_batches_and_noise",),
     ),
     Mutation(
         "seeded-run-private",
         "a run with privacy.noise_seed claims the DP guarantee",
         "recipe.py",
         (("return self.privacy.enabled and self.privacy.noise_seed is None", "return self.privacy.enabled"),),
-        ("tests/test_train.py", "tests/test_publish.py"),
+        (
+            T + "test_a_seeded_run_is_not_private",
+            "tests/test_publish.py::test_a_seeded_run_is_released_and_published_as_not_private",
+        ),
     ),
     Mutation(
         "dp-secret-kept",
         "checkpoints/train_state.pt (the DP secret) kept after training",
         "train.py",
         (("        run_dir.train_state.unlink(missing_ok=True)", "        pass"),),
-        ("tests/test_train.py",),
+        (T + "test_a_finished_run_keeps_no_dp_secret_and_is_not_trained_again",),
     ),
     Mutation(
         "resume-state-per-rank",
@@ -247,6 +262,198 @@ MUTATIONS = [
         (("    saved = broadcast_object(own_copy, dist)", "    saved = own_copy"),),
         ("tests/test_distributed.py::test_resume_where_one_rank_has_no_state_file_takes_rank_0s",),
     ),
+    # --- the ledger: composition, lineage, data identity -------------------------------------------
+    Mutation(
+        "composition-dropped",
+        "a run started from a DP checkpoint of its data leaves that checkpoint's ledger out",
+        "pretrain.py",
+        (
+            (
+                '        if use.ledger.mechanisms:\n            ledger.bring_in(use.ledger, via="pretrain.checkpoint")',
+                '        if False:\n            ledger.bring_in(use.ledger, via="pretrain.checkpoint")',
+            ),
+        ),
+        (T + "test_pretrain_checkpoint_of_a_dp_run_on_the_same_data_composes",),
+    ),
+    Mutation(
+        "nonprivate-checkpoint-accepted",
+        "a non-private model of the same private data accepted as pre-training",
+        "ledger.py",
+        (("    if unguarded and for_private_run:", "    if False:"),),
+        (T + "test_pretrain_checkpoint_without_a_dp_guarantee_on_the_same_data_is_refused",),
+    ),
+    Mutation(
+        "data-overlap-ignored",
+        "an ancestor's data never compared with this run's: every DP checkpoint passes as other data",
+        "ledger.py",
+        (("        return ds is None or not ds.disjoint_from(items)", "        return ds is None"),),
+        (
+            L + "test_the_same_images_at_another_size_compose",
+            L + "test_a_chain_brings_the_first_runs_history",
+        ),
+    ),
+    Mutation(
+        "identity-from-pixels",
+        "case 1: data identity from the preprocessed pixels (another image size passes as other data)",
+        "data/common.py",
+        (
+            (
+                '                "item": raw.items[i],',
+                '                "item": image_sha256(arrays[split][j]),',
+            ),
+        ),
+        (L + "test_the_same_images_at_another_size_compose",),
+    ),
+    Mutation(
+        "chain-loses-ancestors",
+        "case 2: a checkpoint carries only its own run's mechanisms, not its ancestors'",
+        "train.py",
+        (
+            (
+                "            write_artifact(tmp / name, ledger)",
+                "            write_artifact(tmp / name, Ledger(ledger.datasets, ledger.own(), ledger.own_data))",
+            ),
+        ),
+        (L + "test_a_chain_brings_the_first_runs_history",),
+    ),
+    Mutation(
+        "release-ledger-ignored",
+        "case 3: a synthfactory release used as public pre-training data, its ledger ignored",
+        "public.py",
+        (
+            (
+                '    return verdict(ledger, "the synthfactory release", private.item_ids(), recipe.private)',
+                '    return Verdict("external", "declared public by the recipe")',
+            ),
+        ),
+        (L + "test_a_release_used_as_public_data_composes",),
+    ),
+    # --- declared-public data ----------------------------------------------------------------------
+    Mutation(
+        "near-copies-accepted",
+        "public pre-training data with near-copies of private images accepted (the screen refuses nothing)",
+        "public.py",
+        (("    if refused.any():", "    if False:"),),
+        (
+            T + "test_public_data_with_near_copies_of_private_images_is_refused",
+            L + "test_declared_public_near_copies_are_refused_for_training_and_held_out_images",
+        ),  # fmt: skip
+    ),
+    Mutation(
+        "exact-copy-check-train-only",
+        "the exact-copy check on public data looks at the private training split only",
+        "public.py",
+        (
+            (
+                '    private_hashes = {m["sha256"] for m in private.manifest}',
+                '    private_hashes = {m["sha256"] for m in private.manifest if m["split"] == "train"}',
+            ),
+        ),
+        (T + "test_public_data_holding_an_exact_copy_of_a_held_out_image_is_refused",),
+    ),
+    # --- the warm start, and what reads its answer -----------------------------------------------
+    Mutation(
+        "warm-start-not-composed",
+        "the warm start's query recorded without its accountant entry (ε under-reported)",
+        "warmstart.py",
+        (("        history=tuple(history(cfg)),", "        history=(),"),),
+        (W + "test_reported_epsilon_includes_the_warm_start_and_sigma_is_resolved",),
+    ),
+    Mutation(
+        "warm-start-noise-not-scaled-to-sensitivity",
+        "the warm start's noise std σ instead of σ·√2 (its sensitivity is √2)",
+        "warmstart.py",
+        (("    std = cfg.noise_multiplier * math.sqrt(2.0)", "    std = cfg.noise_multiplier"),),
+        (W + "test_noise_is_sigma_sqrt2_on_every_coordinate",),
+    ),
+    Mutation(
+        "warm-start-counts-without-noise",
+        "the warm start's class counts released without noise",
+        "warmstart.py",
+        (
+            (
+                "    counts = counts + std * torch.randn(counts.shape, generator=generator, dtype=torch.float64)",
+                "    counts = counts",
+            ),
+        ),
+        (W + "test_noise_is_sigma_sqrt2_on_every_coordinate",),
+    ),
+    Mutation(
+        "warm-start-no-clipping",
+        "the warm start's images not clipped to C before the sum",
+        "warmstart.py",
+        (("    x = x * scale[:, None] / c", "    x = x / c"),),
+        (W + "test_one_example_moves_the_query_by_at_most_sqrt2",),
+    ),
+    Mutation(
+        "warm-start-asked-twice",
+        "the warm start's query answered again when its stage re-runs (ε spent twice)",
+        "warmstart.py",
+        (
+            (
+                "    if asker.path.is_file():\n        central = load(asker.path)",
+                "    if False:\n        central = load(asker.path)",
+            ),
+        ),
+        (W + "test_the_query_is_answered_once_per_run",),
+    ),
+    Mutation(
+        "answer-stored-before-its-entry",
+        "item 2: the warm start's answer written to disk before its ledger entry",
+        "warmstart.py",
+        (
+            (
+                "    asker.ledger.record(entry)  # first: the answer is counted before it exists anywhere else\n"
+                "    save(asker.path, central)",
+                "    save(asker.path, central)\n    asker.ledger.record(entry)",
+            ),
+        ),
+        (L + "test_a_warm_start_killed_while_its_entry_is_written_leaves_no_answer",),
+    ),
+    Mutation(
+        "stage-order-not-checked",
+        "item 2: a stage runs although a stage it reads from has not finished",
+        "run.py",
+        (
+            (
+                "    missing = [s for s in needs(stage, checked.recipe) if not run_dir.is_done(s)]",
+                "    missing = []",
+            ),
+        ),
+        (L + "test_a_killed_warm_start_is_counted_and_nothing_goes_on_without_it",),
+    ),
+    Mutation(
+        "pretrained-weights-not-required",
+        "item 2: DP-SGD starts without the pre-training stage's weights and their ledger",
+        "train.py",
+        (
+            (
+                "    if has_pretraining(recipe):\n        if not (run_dir.pretrained",
+                "    if False:\n        if not (run_dir.pretrained",
+            ),
+        ),
+        (L + "test_a_killed_warm_start_is_counted_and_nothing_goes_on_without_it",),
+    ),
+    Mutation(
+        "dp-counts-ignored",
+        "sampling.class_proportions: dp_counts ignored (always equal classes)",
+        "sample.py",
+        (('    if cfg.class_proportions == "equal" or run_dir is None:', "    if True:"),),
+        (W + "test_samples_follow_the_dp_class_counts",),
+    ),
+    Mutation(
+        "dp-counts-not-checked",
+        "item 2: the sampler uses noisy counts the generator's ledger does not name",
+        "sample.py",
+        (
+            (
+                "    warmstart.covered_answer(carried.warm_start() if carried else None, central, run_dir.central_images)\n",
+                "",
+            ),
+        ),
+        (W + "test_dp_counts_without_their_ledger_entry_are_refused",),
+    ),
+    # --- what leaves ---------------------------------------------------------------------------
     Mutation(
         "release-column-from-audit",
         "the released dataset carries a column set by the audit",
@@ -261,40 +468,14 @@ MUTATIONS = [
                 '            "sample_index": int(released.sample_index[i]),\n            "audit_verdict": "passed",\n',
             ),
         ),
-        ("tests/test_export.py",),
+        ("tests/test_export.py::test_release_holds_only_audited_passed_samples",),
     ),
     Mutation(
-        "warm-start-not-composed",
-        "the warm start's query left out of the history DP-SGD composes with (ε under-reported)",
-        "train.py",
-        (('(rec.get("warm_start") or {}).get("accountant_history", [])', "[]"),),
-        ("tests/test_warmstart.py",),
-    ),
-    Mutation(
-        "warm-start-noise-not-scaled-to-sensitivity",
-        "the warm start's noise std σ instead of σ·√2 (its sensitivity is √2)",
-        "warmstart.py",
-        (("    std = cfg.noise_multiplier * math.sqrt(2.0)", "    std = cfg.noise_multiplier"),),
-        ("tests/test_warmstart.py",),
-    ),
-    Mutation(
-        "warm-start-no-clipping",
-        "the warm start's images not clipped to C before the sum",
-        "warmstart.py",
-        (("    x = x * scale[:, None] / c", "    x = x / c"),),
-        ("tests/test_warmstart.py",),
-    ),
-    Mutation(
-        "warm-start-asked-twice",
-        "the warm start's query answered again when its stage re-runs (ε spent twice)",
-        "warmstart.py",
-        (
-            (
-                "    if path.is_file():\n        central = load(path)",
-                "    if False:\n        central = load(path)",
-            ),
-        ),
-        ("tests/test_warmstart.py",),
+        "extremes-in-public-record",
+        "the public audit.json keeps each space's minimum and maximum score",
+        "audit/report.py",
+        (('EXTREMES = ("0", "100")', "EXTREMES = ()"),),
+        ("tests/test_publish.py::test_public_reports_hold_aggregates_only",),
     ),
 ]
 
@@ -313,47 +494,96 @@ def mutated_copy(m: Mutation, dest: Path) -> None:
     path.write_text(text)
 
 
-def run(m: Mutation, verbose: bool) -> tuple[str, str]:
+def _pytest(package: Path, tests: list[str], env: dict) -> subprocess.CompletedProcess:
+    """Run `tests` (node ids) with `package` (a folder holding synthfactory/) first on the path,
+    from that folder (`python -m` puts the working directory first on sys.path, before
+    PYTHONPATH), with the repository's pytest configuration."""
+    env = {**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(package), env.get("PYTHONPATH")]))}
+    config = ["-c", str(REPO / "pyproject.toml"), "--rootdir", str(REPO)]
+    cmd = [sys.executable, "-m", "pytest", *config, "-q", "-rfE", "--tb=line", "-p", "no:cacheprovider",
+           "--no-header", *(str(REPO / t) for t in tests)]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=package)
+
+
+def _imports_copy(package: Path, env: dict) -> str | None:
+    """None when `import synthfactory` in `package` takes the copy; else what it took."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import synthfactory; print(synthfactory.__file__)"],
+        capture_output=True, text=True, cwd=package,
+        env={**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(package), env.get("PYTHONPATH")]))},
+    )  # fmt: skip
+    return None if probe.stdout.startswith(str(package)) else (probe.stdout.strip() or probe.stderr[-300:])
+
+
+def outcomes(out: str) -> tuple[set[str], set[str]]:
+    """(failed, errored) node ids from pytest's short summary."""
+    failed = set(re.findall(r"^FAILED (\S+)", out, flags=re.M))
+    errored = set(re.findall(r"^ERROR (\S+)", out, flags=re.M))
+    return failed, errored
+
+
+def _named(node: str, found: set[str]) -> bool:
+    """Whether the test function `node` (tests/x.py::name) has a case among `found`."""
+    name = node.split("::")[-1]
+    return any(
+        f.split("::")[0].endswith(node.split("::")[0])
+        and re.match(rf"{re.escape(name)}(\[|$)", f.split("::")[-1])
+        for f in found
+    )
+
+
+def run(m: Mutation, env: dict, verbose: bool) -> tuple[str, str]:
     """('caught' | 'SURVIVED' | 'ERROR', detail)."""
     with tempfile.TemporaryDirectory(prefix=f"mutation-{m.name}-") as tmp:
         try:
             mutated_copy(m, Path(tmp))
         except LookupError as e:
             return "ERROR", str(e)
-        # Run from the copy's folder (`python -m` puts the working directory first on sys.path,
-        # before PYTHONPATH) with the repository's pytest configuration and tests.
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tmp, os.environ.get("PYTHONPATH")]))}
-        probe = subprocess.run(
-            [sys.executable, "-c", "import synthfactory; print(synthfactory.__file__)"],
-            capture_output=True, text=True, env=env, cwd=tmp,
-        )  # fmt: skip
-        if not probe.stdout.startswith(tmp):
-            imported = probe.stdout.strip() or probe.stderr[-300:]
-            return "ERROR", f"the mutated copy is not the one imported ({imported})"
-        config = ["-c", str(REPO / "pyproject.toml"), "--rootdir", str(REPO)]
-        tests = [str(REPO / t) for t in m.tests]
-        cmd = [
-            sys.executable,
-            "-m",
-            "pytest",
-            *config,
-            "-x",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "--no-header",
-            *tests,
-        ]
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
+        wrong = _imports_copy(Path(tmp), env)
+        if wrong is not None:
+            return "ERROR", f"the mutated copy is not the one imported ({wrong})"
+        res = _pytest(Path(tmp), list(m.tests), env)
     out = res.stdout + res.stderr
     if verbose:
         print(out)
-    failed = re.findall(r"^FAILED (\S+)", out, flags=re.M)
-    if res.returncode == 1 and failed:
-        return "caught", f"by {failed[0][failed[0].find('tests/') :]}"
-    if res.returncode == 0:
-        return "SURVIVED", "every selected test passed"
-    return "ERROR", f"pytest exit {res.returncode}: {out.strip().splitlines()[-1] if out.strip() else ''}"
+    failed, errored = outcomes(out)
+    if errored:
+        return "ERROR", f"errors, not failures: {sorted(errored)[0]}"
+    missed = [t for t in m.tests if not _named(t, failed)]
+    if not missed:
+        return "caught", "by " + ", ".join(t.split("::")[-1] for t in m.tests)
+    if failed:
+        return "SURVIVED", f"{missed[0].split('::')[-1]} passed (other tests failed: {sorted(failed)[0]})"
+    return "SURVIVED", f"every named test passed ({res.returncode})"
+
+
+def baseline(chosen: list[Mutation], env: dict, jobs: int) -> str | None:
+    """None when every named test passes on an unmutated copy; else why not. The tests are split
+    into `jobs` shares run side by side."""
+    tests = sorted({t for m in chosen for t in m.tests})
+    shares = [tests[i::jobs] for i in range(jobs) if tests[i::jobs]]
+    with tempfile.TemporaryDirectory(prefix="mutation-baseline-") as tmp:
+        shutil.copytree(
+            REPO / "synthfactory", Path(tmp) / "synthfactory", ignore=shutil.ignore_patterns("__pycache__")
+        )
+        wrong = _imports_copy(Path(tmp), env)
+        if wrong is not None:
+            return f"the copy is not the one imported ({wrong})"
+        with ThreadPoolExecutor(jobs) as pool:
+            results = list(pool.map(lambda share: _pytest(Path(tmp), share, env), shares))
+    out = "".join(r.stdout + r.stderr for r in results)
+    failed, errored = outcomes(out)
+    skipped = re.search(r"(\d+) skipped", out)
+    codes = sorted({r.returncode for r in results})
+    if codes != [0] or failed or errored:
+        return f"pytest exit {codes}: {sorted(failed | errored)[:3]}"
+    if skipped:
+        return f"{skipped.group(1)} named tests skipped on the unmutated copy: a skipped test catches nothing"
+    return None
+
+
+def shared_data() -> Path:
+    return Path(os.environ.get("SYNTHFACTORY_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
 def main() -> int:
@@ -363,24 +593,45 @@ def main() -> int:
     parser.add_argument("names", nargs="*", help="mutations to run (default: all)")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="print pytest's output")
+    parser.add_argument(
+        "-j", "--jobs", type=int, default=min(2, os.cpu_count() or 1), help="mutations run side by side"
+    )
     args = parser.parse_args()
     if args.list:
         for m in MUTATIONS:
-            print(f"{m.name:34s} {m.what}")
+            print(f"{m.name:44s} {m.what}")
         return 0
-    chosen = [m for m in MUTATIONS if not args.names or m.name in args.names]
     unknown = set(args.names) - {m.name for m in MUTATIONS}
     if unknown:
         parser.error(f"unknown mutations: {sorted(unknown)}")
-    bad = 0
-    for m in chosen:
-        started = time.perf_counter()
-        verdict, detail = run(m, args.verbose)
-        bad += verdict != "caught"
-        print(
-            f"{verdict:8s} {m.name:34s} {time.perf_counter() - started:6.0f} s  {m.what}: {detail}",
-            flush=True,
-        )
+    if not shared_data().is_dir():
+        print(f"error: the real data folder {shared_data()} is absent (set SYNTHFACTORY_SHARED_DATA): "
+              "without it tests skip, and a skipped test catches no mutation", file=sys.stderr)  # fmt: skip
+        return 2
+    env = {
+        **os.environ,
+        "SYNTHFACTORY_REQUIRE_SHARED_DATA": "1",
+        "SYNTHFACTORY_SHARED_DATA": str(shared_data()),
+    }
+    if args.jobs > 1:  # one thread per job: the tests' models are tiny, the jobs share the cores
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    chosen = [m for m in MUTATIONS if not args.names or m.name in args.names]
+    started = time.perf_counter()
+    problem = baseline(chosen, env, args.jobs)
+    if problem is not None:
+        print(f"error: baseline: the named tests do not all pass unmutated: {problem}", file=sys.stderr)
+        return 1
+    print(f"baseline  {len({t for m in chosen for t in m.tests})} named tests pass unmutated "
+          f"({time.perf_counter() - started:.0f} s)", flush=True)  # fmt: skip
+
+    def one(m: Mutation) -> str:
+        t0 = time.perf_counter()
+        verdict, detail = run(m, env, args.verbose)
+        print(f"{verdict:8s} {m.name:44s} {time.perf_counter() - t0:5.0f} s  {m.what}: {detail}", flush=True)
+        return verdict
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        bad = sum(v != "caught" for v in pool.map(one, chosen))
     print(f"{len(chosen) - bad} of {len(chosen)} mutations caught", flush=True)
     return 1 if bad else 0
 
