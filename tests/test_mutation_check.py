@@ -17,7 +17,10 @@ from conftest import REPO
 def test_it_stops_without_the_shared_data(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "SYNTHFACTORY_SHARED_DATA": str(tmp_path / "absent")}
     res = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "privacy_mutations.py")], capture_output=True, text=True, env=env
+        [sys.executable, str(REPO / "tests" / "privacy_mutations.py")],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert res.returncode == 2 and "is absent" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
