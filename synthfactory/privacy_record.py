@@ -103,10 +103,20 @@ def _plain_steps(own: Mechanism | None) -> int:
     return int((own.detail if own else {}).get("steps", 0))
 
 
+SCREENED = (
+    "that the data declared public for pre-training passed the screen against the private images "
+    "(training and held-out): the screen reads them before training"
+)
+
+
 def _not_covered(pretrained: dict | None) -> list[str]:
-    if (pretrained or {}).get("from_release"):
-        return [*NOT_COVERED_BY_EPSILON, FROM_A_RELEASE]
-    return list(NOT_COVERED_BY_EPSILON)
+    pretrained = pretrained or {}
+    out = list(NOT_COVERED_BY_EPSILON)
+    if pretrained.get("kind") == "data":
+        out.append(SCREENED)
+    if pretrained.get("from_release"):
+        out.append(FROM_A_RELEASE)
+    return out
 
 
 def _mechanism(recipe: Recipe) -> str:

@@ -290,6 +290,7 @@ def test_public_pretraining_then_dp_fine_tuning_of_a_subset(tmp_path: Path) -> N
     )
     assert rec["pretraining"]["manifest_sha256"] == checked.public.images.manifest_sha256()
     assert rec["pretraining"]["screen"]["n_refused"] == 0 and rec["pretraining"]["screen"]["n_public"] == 40
+    assert any("passed the screen against the private images" in x for x in rec["not_covered_by_epsilon"])
 
 
 def test_public_data_containing_private_images_is_refused(tmp_path: Path) -> None:
