@@ -3,17 +3,19 @@ many genuine public images it refuses, and how many disguised copies of private 
 and held-out) it catches, at several margins beyond the most extreme background score.
 
     python benchmarks/public_screen.py [--sets ct,us,us_psfhs,mri] [--per-kind 20] [--smoke]
-        [--margins 0,0.25,0.5,0.75]
+        [--margins shipped,0,0.5,0.6]
 
 Per set: the private images of a shipped recipe (training and held-out, as its recipe reads them)
 and a public set from ../shared/data read with the same size and preprocessing; copies of
 `per-kind` private training images and `per-kind` held-out images, each disguised with PIL (not
 the audit's own warps): an exact copy, a 1-pixel translation (black fill), a left-right flip, a
-brightness offset of +0.05 on the [-1, 1] scale, +1 grey level, and, beyond what the screen is
-claimed to catch, JPEG at quality 75 and a 2-pixel translation with a flip. `--smoke` uses each
+brightness offset of +0.05 on the [-1, 1] scale, +1 grey level, turns by 90° and 180°, an
+upside-down flip, an inversion, gamma 0.6, and, beyond what the screen is claimed to catch, JPEG
+at quality 75, a 2-pixel translation with a flip, an 8° rotation (black corners) and a 1.15 zoom
+(resize and centre crop). `--smoke` uses each
 recipe's --smoke subsets (a few hundred images, a small background: the hard case for false
-refusals). The margin the product uses (public.SCREEN_MARGIN) was chosen on these figures: the
-smallest with no refused genuine image on any set.
+refusals). The margins the product uses (public.SCREEN_MARGINS) were chosen on these figures: per
+space, the smallest with no refused genuine image on any set.
 """
 
 from __future__ import annotations
@@ -59,14 +61,28 @@ def _jpeg(im: Image.Image, quality: int) -> Image.Image:
     return Image.open(io.BytesIO(buf.getvalue())).convert("L")
 
 
+def _zoom(im: Image.Image, factor: float) -> Image.Image:
+    w, h = im.size
+    big = im.resize((round(w * factor), round(h * factor)), Image.Resampling.BICUBIC)
+    left, top = (big.width - w) // 2, (big.height - h) // 2
+    return big.crop((left, top, left + w, top + h))
+
+
 KINDS = {
     "exact": lambda im: im,
     "shift_1px": lambda im: _shift(im, 1, 0),
     "flip": ImageOps.mirror,
     "brightness_+0.05": lambda im: im.point(lambda v: min(255, v + 6)),  # +0.05 on [-1, 1] = 6.4 levels
     "grey_+1": lambda im: im.point(lambda v: min(255, v + 1)),
+    "rotate_90": lambda im: im.transpose(Image.Transpose.ROTATE_90),
+    "rotate_180": lambda im: im.transpose(Image.Transpose.ROTATE_180),
+    "flip_vertical": ImageOps.flip,
+    "invert": ImageOps.invert,
+    "gamma_0.6": lambda im: im.point(lambda v: round(255 * (v / 255) ** 0.6)),
     "jpeg_75 (beyond claim)": lambda im: _jpeg(im, 75),
     "shift_2px_flip (beyond claim)": lambda im: ImageOps.mirror(_shift(im, 2, 1)),
+    "rotate_8 (beyond claim)": lambda im: im.rotate(8, resample=Image.Resampling.BILINEAR),
+    "zoom_1.15 (beyond claim)": lambda im: _zoom(im, 1.15),
 }
 
 
@@ -87,7 +103,11 @@ def run_set(name: str, data: Path, per_kind: int, smoke: bool, margins: list[flo
     if public_block is None:
         pub_cfg = recipe.pretrain.data
     else:
-        block = {**public_block, "path": str(data / public_block["path"]), "image_size": recipe.data.image_size}
+        block = {
+            **public_block,
+            "path": str(data / public_block["path"]),
+            "image_size": recipe.data.image_size,
+        }
         if smoke:
             block |= {"max_train_images": 200, "max_heldout_images": 20}
         pub_cfg = replace_data(recipe, block)
@@ -108,6 +128,7 @@ def run_set(name: str, data: Path, per_kind: int, smoke: bool, margins: list[flo
           f"{len(scores.background['pixel_l2'])}; searches {seconds:.0f} s")  # fmt: skip
     for margin in margins:
         refused, by_rule, thresholds = screen_flags(scores, margin)
+        margin = "the shipped per-space margins" if margin is None else margin
         fr = refused[:n]
         t_part, h_part = refused[n : n + len(kinds)], refused[n + len(kinds) :]
         per = ", ".join(
@@ -115,7 +136,9 @@ def run_set(name: str, data: Path, per_kind: int, smoke: bool, margins: list[flo
             for k in KINDS
         )
         ths = ", ".join(f"{k} {v:.4g}" for k, v in thresholds.items())
-        print(f"- margin {margin:g}: genuine public refused {int(fr.sum())}/{n}; copies caught (train+held-out): {per}; thresholds {ths}")
+        print(
+            f"- margin {margin}: genuine public refused {int(fr.sum())}/{n}; copies caught (train+held-out): {per}; thresholds {ths}"
+        )
 
 
 def replace_data(recipe, block: dict):
@@ -133,9 +156,9 @@ def main() -> None:
     ap.add_argument("--sets", default="ct,us,us_psfhs,mri")
     ap.add_argument("--per-kind", type=int, default=20)
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--margins", default="0,0.25,0.5,0.75")
+    ap.add_argument("--margins", default="shipped,0,0.5,0.6", help="'shipped': public.SCREEN_MARGINS")
     args = ap.parse_args()
-    margins = [float(m) for m in args.margins.split(",")]
+    margins = [None if m == "shipped" else float(m) for m in args.margins.split(",")]
     for name in args.sets.split(","):
         run_set(name, args.data, args.per_kind, args.smoke, margins)
 

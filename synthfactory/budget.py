@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -89,25 +90,32 @@ def probe(recipe: Recipe, n_classes: int, batch: int = 64, steps: int = 3, warmu
 
 def planned_prior(recipe: Recipe, images=None) -> list[tuple[float, float, int]]:
     """The accountant history DP-SGD will compose with: the planned ledger of the pre-training
-    stage (pretrain.planned_ledger). Without the images (`--n-train`), every mechanism a
-    checkpoint's ledger carries is taken to compose (its data cannot be compared)."""
-    from .ledger import LedgerRefused, read_artifact
+    stage (pretrain.planned_ledger), with what a checkpoint or a synthfactory release used as
+    data brings. Without the images (`--n-train`), every mechanism they carry is taken to compose
+    (their data cannot be compared)."""
+    from .data import DataError, load_images
+    from .ledger import LedgerRefused, find_release_ledger, read_artifact
     from .pretrain import checkpoint_verdict, planned_ledger
+    from .public import PublicDataRefused, release_verdict
     from .recipe import RecipeError
     from .warmstart import history
 
+    data = recipe.pretrain.data if recipe.pretrain else None
     try:
         if images is not None:
-            brought = [v for v in [checkpoint_verdict(recipe, images)] if v is not None]
-            return planned_ledger(recipe, images, brought).history(images.item_ids())
-        carried = (
-            read_artifact(recipe.pretrain.checkpoint)
-            if recipe.pretrain and recipe.pretrain.checkpoint
-            else None
-        )
-    except LedgerRefused as e:
-        raise RecipeError(f"pretrain.checkpoint: {e}") from None
-    prior = [h for m in (carried.mechanisms if carried else []) for h in m.history]
+            brought = [checkpoint_verdict(recipe, images)]
+            if data is not None:
+                brought.append(release_verdict(recipe, load_images(data, recipe.modality), images))
+            ledger = planned_ledger(recipe, images, [v for v in brought if v is not None])
+            return ledger.history(images.item_ids())
+        checkpoint = recipe.pretrain.checkpoint if recipe.pretrain else None
+        carried = [read_artifact(checkpoint)] if checkpoint is not None else []
+        path = getattr(data, "path", None) if data is not None else None
+        found = find_release_ledger(Path(path)) if path else None
+    except (LedgerRefused, PublicDataRefused, DataError) as e:
+        raise RecipeError(f"pretrain: {e}") from None
+    carried += [found[1]] if found else []
+    prior = [h for ledger in carried if ledger for m in ledger.mechanisms for h in m.history]
     return prior + (history(recipe.warm_start) if recipe.warm_start else [])
 
 

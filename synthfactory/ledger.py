@@ -36,6 +36,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .distributed import launched
 from .privacy import epsilon_of
 from .rundir import enclosing_run_dir, write_json_atomic
 
@@ -56,34 +57,45 @@ class LedgerRefused(ValueError):
 
 @dataclass(frozen=True)
 class DataIdentity:
-    """One private data set, as the ledger names it. `key` is random (it links mechanisms to their
-    data within a ledger and says nothing of the data); `items` are its source items where known."""
+    """One data set, as the ledger names it. `key` is random (it links mechanisms to their data
+    within a ledger and says nothing of the data); `items` are its source items (by content and by
+    place) where known. `declared_public`: data a recipe declared public (its items are no secret,
+    so even a public ledger keeps them)."""
 
     key: str
     description: str
     n_items: int
     items: frozenset[str] | None = None
+    declared_public: bool = False
 
     def disjoint_from(self, items: frozenset[str]) -> bool:
-        """Shown to share no source item with `items` (False when its items are not known here)."""
-        return self.items is not None and not (self.items & items)
+        """Shown to share no source item with `items` (never when its items are not known here, or
+        when there are none to compare)."""
+        return bool(self.items) and bool(items) and not (self.items & items)
 
     def to_json(self, public: bool) -> dict:
-        out = {"key": self.key, "description": self.description, "n_items": self.n_items}
-        if not public and self.items is not None:
-            out["items"] = sorted(self.items)
+        out: dict = {"key": self.key, "description": self.description}
+        if self.declared_public:
+            out["declared_public"] = True
+        if not public or self.declared_public:  # how many distinct items a private set has is not public
+            out["n_items"] = self.n_items
+            if self.items is not None:
+                out["items"] = sorted(self.items)
         return out
 
     @classmethod
-    def from_json(cls, d: dict) -> DataIdentity:
-        items = d.get("items")
+    def from_json(cls, d: dict, public: bool = False) -> DataIdentity:
+        """From JSON; a public ledger's private data sets are read without items, whatever the
+        file says (a public ledger cannot prove data disjoint)."""
+        declared = bool(d.get("declared_public"))
+        items = d.get("items") if declared or not public else None
         return cls(d["key"], d.get("description", ""), int(d.get("n_items", 0)),
-                   frozenset(items) if items is not None else None)  # fmt: skip
+                   frozenset(items) if items is not None else None, declared)  # fmt: skip
 
 
-def new_data_identity(items: Iterable[str], description: str) -> DataIdentity:
+def new_data_identity(items: Iterable[str], description: str, declared_public: bool = False) -> DataIdentity:
     items = frozenset(items)
-    return DataIdentity(f"data-{secrets.token_hex(6)}", description, len(items), items)
+    return DataIdentity(f"data-{secrets.token_hex(6)}", description, len(items), items, declared_public)
 
 
 @dataclass(frozen=True)
@@ -93,7 +105,9 @@ class Mechanism:
     guarantee. `via` says how an ancestor's mechanism came into this ledger (None: this run's own)."""
 
     id: str
-    kind: str  # "warm_start", "dp_sgd" or "non_private"
+    kind: (
+        str  # "warm_start", "dp_sgd", "non_private", or "public_data" (pre-training on data declared public)
+    )
     run_id: str
     data: str  # a DataIdentity key
     history: tuple[tuple[float, float, int], ...]
@@ -152,13 +166,26 @@ class Ledger:
         return [m for m in self.mechanisms if m.via is None]
 
     def composes(self, m: Mechanism, items: frozenset[str]) -> bool:
-        """Whether `m` composes into a run whose private items are `items` (see the module)."""
+        """Whether `m` composes into a run whose private items are `items` (see the module).
+        Pre-training on data declared public never composes: it is no DP mechanism (see
+        `public_overlap`)."""
+        if m.kind == "public_data":
+            return False
         ds = self.datasets.get(m.data)
         return ds is None or not ds.disjoint_from(items)
 
     def composed(self, items: frozenset[str], exclude: Iterable[str] = ()) -> list[Mechanism]:
         skip = set(exclude)
         return [m for m in self.mechanisms if m.id not in skip and self.composes(m, items)]
+
+    def public_overlap(self, items: frozenset[str]) -> list[Mechanism]:
+        """Pre-training on data declared public whose items are not shown disjoint from `items`:
+        an artifact's weights trained without DP on what may be this run's images (the run that
+        declared that data public screened it against *its* private images only)."""
+        return [
+            m for m in self.mechanisms
+            if m.kind == "public_data" and not (self.datasets.get(m.data) and self.datasets[m.data].disjoint_from(items))
+        ]  # fmt: skip
 
     def history(self, items: frozenset[str], exclude: Iterable[str] = ()) -> History:
         """The accountant history of everything that composes into a run on `items`."""
@@ -183,7 +210,8 @@ class Ledger:
 
     @classmethod
     def from_json(cls, d: dict) -> Ledger:
-        datasets = {x["key"]: DataIdentity.from_json(x) for x in d.get("datasets", [])}
+        public = bool(d.get("public"))
+        datasets = {x["key"]: DataIdentity.from_json(x, public) for x in d.get("datasets", [])}
         out = cls(datasets=datasets)
         for m in d.get("mechanisms", []):
             out.add(Mechanism.from_json(m))
@@ -223,6 +251,8 @@ class RunLedger:
         return self.path.is_file()
 
     def _append(self, events: list[dict]) -> None:
+        if not launched().main:  # under torchrun rank 0 keeps the ledger; the others read it
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new = not self.path.exists()
         if not new:
@@ -283,6 +313,10 @@ class RunLedger:
         self._append([{"event": "dataset", **ds.to_json(public=False), "own": True}])
         return ds
 
+    def record_dataset(self, ds: DataIdentity) -> None:
+        """Name a data set other than the run's own (data declared public), before it is used."""
+        self._append([{"event": "dataset", **ds.to_json(public=False)}])
+
     def record(self, m: Mechanism) -> None:
         """Write a mechanism (or a DP-SGD mechanism's steps so far) before its answer is used."""
         self._append([{"event": "mechanism", **m.to_json()}])
@@ -326,31 +360,77 @@ def write_artifact(folder: Path, ledger: Ledger, public: bool = False) -> None:
     write_json_atomic(Path(folder) / ARTIFACT_FILE, ledger.to_json(public))
 
 
+WEIGHTS_MARKER = "synthfactory_run"  # a key in the safetensors metadata of every UNet synthfactory saves
+
+
+def mark_weights(folder: Path, run_id: str) -> None:
+    """Write the run id into the safetensors metadata of a saved model folder, so that weights
+    separated from their ledger are still recognised as synthfactory's (and refused)."""
+    from safetensors.torch import load_file, save_file
+
+    for f in Path(folder).glob("*.safetensors"):
+        save_file(load_file(f), f, metadata={"format": "pt", WEIGHTS_MARKER: run_id})
+
+
+def weights_marker(folder: Path) -> str | None:
+    """The run id synthfactory wrote into a model folder's weights, if any."""
+    from safetensors import safe_open
+
+    for f in Path(folder).glob("*.safetensors"):
+        with safe_open(f, framework="pt") as fh:
+            run = (fh.metadata() or {}).get(WEIGHTS_MARKER)
+        if run:
+            return run
+    return None
+
+
 def read_artifact(folder: Path) -> Ledger | None:
-    """The ledger an artifact carries: its own file, a legacy origin file (read as a mechanism of
-    unknown data), or, for a folder inside a run directory, that run's ledger; None for a folder
-    synthfactory did not write."""
+    """The ledger an artifact carries: its own file; else the ledger of the run directory it lies
+    in (the nearest folder holding ledger.jsonl: a run, or an audit model's run inside one);
+    else a legacy origin file inside its run directory; None for a folder synthfactory did not
+    write. Raises LedgerRefused for synthfactory weights whose lineage cannot be told."""
     folder = Path(folder)
     own = folder / ARTIFACT_FILE
     if own.is_file():
         return Ledger.from_json(json.loads(own.read_text()))
-    legacy = folder / LEGACY_ORIGIN_FILE
-    if legacy.is_file():
-        return _from_legacy_origin(json.loads(legacy.read_text()))
+    for parent in [folder.resolve(), *folder.resolve().parents]:
+        if (parent / "ledger.jsonl").is_file():
+            return RunLedger(parent / "ledger.jsonl").read()
     run = enclosing_run_dir(folder)
-    if run is None:
-        return None
-    if not (run / "ledger.jsonl").is_file():
+    if (folder / LEGACY_ORIGIN_FILE).is_file():
+        return _from_legacy_origin(json.loads((folder / LEGACY_ORIGIN_FILE).read_text()), folder, run)
+    if run is not None:
         raise LedgerRefused(
-            f"{folder} lies in the run directory {run} but carries no ledger, and that run has none: "
-            "what it was trained on cannot be told"
+            f"{folder} lies in the run directory {run}, which has no ledger: what it was trained on "
+            "cannot be told"
         )
-    return RunLedger(run / "ledger.jsonl").read()
+    marked = weights_marker(folder)
+    if marked is not None:
+        raise LedgerRefused(
+            f"{folder}: the weights of synthfactory run {marked} without their {ARTIFACT_FILE}: what "
+            "they were trained on cannot be told; use the folder as the run wrote it"
+        )
+    return None
 
 
-def _from_legacy_origin(origin: dict) -> Ledger:
-    """An origin file of an older synthfactory: its data is known only by a manifest hash of the
-    preprocessed pixels, so it can never be shown disjoint (it composes, or is refused)."""
+def _from_legacy_origin(origin: dict, folder: Path, run: Path | None) -> Ledger:
+    """An origin file of an older synthfactory. Its data is known only by a manifest hash of the
+    preprocessed pixels (never shown disjoint: it composes, or is refused), and it kept no
+    ancestor that it had taken for other data: it is read only inside its run directory, and
+    refused where that run started from a checkpoint it did not compose."""
+    if run is None:
+        raise LedgerRefused(
+            f"{folder}: a checkpoint of an older synthfactory, moved out of its run directory: its "
+            "lineage cannot be told (older checkpoints did not carry their ancestors); use it from "
+            "its run directory, or retrain"
+        )
+    pretrain = run / "checkpoints" / "pretrained" / "pretrain.json"
+    record = json.loads(pretrain.read_text()) if pretrain.is_file() else {}
+    if record.get("kind") == "checkpoint" and record.get("origin") != "composed":
+        raise LedgerRefused(
+            f"{folder}: its run {run.name} (an older synthfactory) started from a checkpoint it took for "
+            f"{record.get('origin')}; that checkpoint's lineage was not kept: retrain"
+        )
     if not origin.get("trained_on_private_data"):
         return Ledger()
     run_id = origin.get("run_id", "unknown")
@@ -395,6 +475,14 @@ def verdict(artifact: Ledger | None, what: str, items: frozenset[str], for_priva
     if artifact is None:
         return Verdict(
             "external", f"{what}: not written by synthfactory; declared public by the recipe", what=what
+        )
+    unscreened = artifact.public_overlap(items)
+    if unscreened and for_private_run:
+        m = unscreened[0]
+        raise LedgerRefused(
+            f"{what} carries run {m.run_id}'s pre-training WITHOUT DP on data it declared public, and that "
+            "data is not shown to hold none of this run's images (it was screened against that run's "
+            "private images only); it cannot start a private run"
         )
     if not artifact.mechanisms:
         return Verdict("public", f"{what}: saw no private image", artifact, what)
@@ -463,7 +551,12 @@ def lineage(ledger: Ledger, items: frozenset[str], delta: float | None, accounta
     for m in ledger.mechanisms:
         ds = ledger.datasets.get(m.data)
         composes = ledger.composes(m, items)
-        if m.via is None:
+        if m.kind == "public_data":
+            why = ("pre-training without DP on data declared public, screened against this run's private "
+                   "images: no DP mechanism, nothing composes" if m.via is None else
+                   "an ancestor's pre-training without DP on data it declared public, shown to share no "
+                   "source item with this run's images")  # fmt: skip
+        elif m.via is None:
             why = "this run's own mechanism"
         elif composes:
             why = "its data is not shown to be other than this run's: composed"

@@ -28,6 +28,9 @@ from .ledger import (
     Mechanism,
     RunLedger,
     Verdict,
+    mark_weights,
+    new_data_identity,
+    new_id,
     read_artifact,
     verdict,
     write_artifact,
@@ -85,21 +88,23 @@ def pretrain(
     model = seeded_unet(recipe, images.image_size, len(images.class_names))
     record: dict = {"kind": "warm_start", "statement": None}
     if recipe.pretrain is not None:
-        record = _public_stage(model, recipe, images, public, ledger, device, progress)
+        record = _public_stage(model, recipe, images, public, ledger, device, progress, run_dir.run_id)
     if recipe.warm_start is not None:
         asker = warmstart.Asker(run_dir.central_images, ledger, run_dir.run_id, own.key)
         record["warm_start"] = warmstart.train_on_answer(model, recipe, images, asker, device, progress)
     model.to("cpu").eval()
     with atomic_directory(run_dir.pretrained) as tmp:
         model.save_pretrained(tmp / "unet")
+        mark_weights(tmp / "unet", run_dir.run_id)
         write_artifact(tmp / "unet", ledger.read())
         write_json_atomic(tmp / "pretrain.json", record)
     return record
 
 
 def _public_stage(
-    model, recipe: Recipe, images: ImageSet, public: PublicData | None, ledger: RunLedger, device, progress
-) -> dict:
+    model, recipe: Recipe, images: ImageSet, public: PublicData | None, ledger: RunLedger, device, progress,
+    run_id: str,
+) -> dict:  # fmt: skip
     """Load `pretrain.checkpoint` into the model, or train it on `pretrain.data` without DP; the
     ledger each brings is written first. Returns pretrain.json's record."""
     cfg = recipe.pretrain
@@ -121,7 +126,23 @@ def _public_stage(
     assert public is not None
     if public.verdict.ledger.mechanisms:
         ledger.bring_in(public.verdict.ledger, via="pretrain.data")
+    _record_public_data(ledger, recipe, public, run_id)
     return _train_on_public(model, recipe, images, public, device, progress)
+
+
+def _record_public_data(ledger: RunLedger, recipe: Recipe, public: PublicData, run_id: str) -> None:
+    """The pre-training on data declared public, as a ledger entry with that data's identity: no
+    DP mechanism (nothing composes), but a later run on other private data, which this run's
+    screen never compared it with, must see what these weights were trained on without DP."""
+    data = new_data_identity(
+        public.images.item_ids(), f"data declared public by recipe '{recipe.name}' ({recipe.pretrain.data.source} source)",
+        declared_public=True,
+    )  # fmt: skip
+    ledger.record_dataset(data)
+    what = f"pre-training without DP for {recipe.pretrain.steps} steps on {len(public.images.train_labels)} images"
+    ledger.record(
+        Mechanism(new_id(run_id, "public_data"), "public_data", run_id, data.key, (), False, {"what": what})
+    )
 
 
 def _train_on_public(model, recipe: Recipe, images: ImageSet, public: PublicData, device, progress) -> dict:

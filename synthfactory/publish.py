@@ -7,7 +7,8 @@ was not private, or whose audit decided `block`, is not published unless forced 
 flag, and the card's first line then says so.
 
 Order of the push, so that an interrupted push leaves nothing half-said: (1) create the repository
-(private unless asked otherwise), (2) one commit with the card, the audit summary and the recipe,
+(private unless asked otherwise), (2) one commit with the card, the audit summary, the recipe and
+the public ledger (synthfactory_ledger.json),
 (3) `DatasetDict.push_to_hub`, which uploads the Parquet shards and merges its `dataset_info` /
 `configs` metadata into that card. Nothing local is modified; a rerun repeats every step
 idempotently and completes an interrupted push. The token comes from huggingface_hub's usual
@@ -168,6 +169,15 @@ def release_dataset(
     return dd
 
 
+def _public_ledger(run_dir: RunDir) -> bytes:
+    """The generator's ledger in its public form (ledger.py): what a run that pre-trains on the
+    pushed dataset composes."""
+    from .ledger import read_artifact
+
+    carried = read_artifact(run_dir.final_checkpoint / "unet")
+    return json.dumps(carried.to_json(public=True), indent=2).encode()
+
+
 def size_category(n: int) -> str:
     """The Hub's `size_categories` value for n rows (its tags: n<1K, 1K<n<10K, ..., n>1T)."""
     tiers = ["1K", "10K", "100K", "1M", "10M", "100M", "1B", "10B", "100B", "1T"]
@@ -251,6 +261,7 @@ def publish(
                 CommitOperationAdd("README.md", card.encode()),
                 CommitOperationAdd("privacy_audit/audit-summary.md", summary.read_bytes()),
                 CommitOperationAdd("recipe.yaml", public_recipe(run_dir).encode()),
+                CommitOperationAdd("synthfactory_ledger.json", _public_ledger(run_dir)),
             ],
             commit_message=f"synthfactory {run_dir.run_id}: dataset card, audit summary, recipe",
         )

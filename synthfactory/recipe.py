@@ -430,7 +430,8 @@ class PretrainConfig(_Strict):
     )
     """A data source the recipe declares public: trained without DP before the private stage. It is
     screened against every private image, training and held-out, in the audit's pixel-L2, shift/flip-NCC
-    and low-pass spaces: an image that is a copy or near-copy is refused (public.py). A synthfactory
+    and low-pass spaces and a rank descriptor over rotations, flips and inversions: an image that is a
+    copy or near-copy is refused (public.py). A synthfactory
     release is recognised by its `synthfactory_ledger.json` and composes into this run's ε. Other class
     names than the private ones: class-agnostic pre-training with the null label."""
     checkpoint: Path | None = None

@@ -52,7 +52,16 @@ from .distributed import (
     from_env,
     max_parameter_spread,
 )
-from .ledger import Ledger, LedgerRefused, Mechanism, RunLedger, new_id, require_covered, write_artifact
+from .ledger import (
+    Ledger,
+    LedgerRefused,
+    Mechanism,
+    RunLedger,
+    mark_weights,
+    new_id,
+    require_covered,
+    write_artifact,
+)
 from .model import (
     build_noise_scheduler,
     count_parameters,
@@ -145,11 +154,12 @@ def ledger_before_training(recipe: Recipe, images: ImageSet, run_dir: RunDir) ->
             )
         require_covered(run_dir.pretrained / "unet", ledger, "the pre-trained weights")
     own = ledger.training()
-    if own is not None and not run_dir.train_state.exists() and not run_dir.privacy.exists():
+    if own is not None and not run_dir.train_state.exists():
         raise LedgerRefused(
             f"{run_dir.root}: the ledger records {own.steps} training steps of this run, but their "
-            "resumable state (checkpoints/train_state.pt) is gone: those steps cannot be replayed "
-            "with the same noise; start a new run"
+            "resumable state (checkpoints/train_state.pt) is gone (training finished, or was cut): those "
+            "steps cannot be replayed with the same noise, and training again would spend ε twice; "
+            "start a new run"
         )
     return ledger
 
@@ -202,6 +212,7 @@ def save_final(
     with atomic_directory(folder) as tmp:
         pipe.save_pretrained(tmp)  # model_index.json, unet/, unet_ema/, scheduler/ (safetensors)
         for name in ("unet", "unet_ema") if ema is not None else ("unet",):
+            mark_weights(tmp / name, info["run_id"])
             write_artifact(tmp / name, ledger)
         write_json_atomic(tmp / "synthfactory.json", info)
 
@@ -599,6 +610,7 @@ def _finish(job: _Job, state: TrainState, trainable: dict, seconds: float) -> Tr
             "use_ema": job.recipe.sampling.use_ema and state.ema is not None,
             "ema_decay": job.recipe.training.ema_decay,
             "steps": state.step,
+            "run_id": run_dir.run_id,
         }
         save_final(model, state.ema, job.scheduler, run_dir.final_checkpoint, info, ledger)
         PrivacyRecord.model_validate(record).write(run_dir.privacy)

@@ -328,6 +328,32 @@ MUTATIONS = [
         ),
         (L + "test_a_release_used_as_public_data_composes",),
     ),
+    Mutation(
+        "place-ignored",
+        "data identity by content only: the same rows stored at another size pass as other data",
+        "data/common.py",
+        (
+            (
+                '        return frozenset(m["item"] for m in self.manifest) | {\n            m["place"] for m in self.manifest if "place" in m\n        }',
+                '        return frozenset(m["item"] for m in self.manifest)',
+            ),
+        ),
+        (L + "test_the_same_rows_stored_at_another_size_compose",),
+    ),
+    Mutation(
+        "ancestor-public-data-ignored",
+        "an ancestor's pre-training on data it declared public never compared with this run's images",
+        "ledger.py",
+        (("    if unscreened and for_private_run:", "    if False:"),),
+        (L + "test_an_ancestors_public_data_holding_this_runs_images_is_refused",),
+    ),
+    Mutation(
+        "weights-marker-ignored",
+        "synthfactory weights stripped of their ledger taken for an outside checkpoint (public)",
+        "ledger.py",
+        (("    if marked is not None:", "    if False:"),),
+        (L + "test_weights_without_their_ledger_are_refused_not_taken_for_public",),
+    ),
     # --- declared-public data ----------------------------------------------------------------------
     Mutation(
         "near-copies-accepted",
@@ -338,6 +364,18 @@ MUTATIONS = [
             T + "test_public_data_with_near_copies_of_private_images_is_refused",
             L + "test_declared_public_near_copies_are_refused_for_training_and_held_out_images",
         ),  # fmt: skip
+    ),
+    Mutation(
+        "screen-without-turns-and-inversions",
+        "the public-data screen without its rank descriptor over rotations, flips and inversions",
+        "public.py",
+        (
+            (
+                'SCREEN_SPACES = ("pixel_l2", "shift_flip_ncc", "lowpass_l2", "rank_d4")',
+                'SCREEN_SPACES = ("pixel_l2", "shift_flip_ncc", "lowpass_l2")',
+            ),
+        ),
+        (L + "test_declared_public_near_copies_are_refused_for_training_and_held_out_images",),
     ),
     Mutation(
         "exact-copy-check-train-only",

@@ -107,6 +107,26 @@ def test_a_release_used_as_public_data_composes(tmp_path: Path) -> None:
                                                                   privacy__target_epsilon=20.0)))  # fmt: skip
         assert checked.public.verdict.kind == "composed", name
         assert list(checked.schedule.prior) == [tuple(h) for h in _history(src)], name
+    from synthfactory import budget
+
+    assert budget.planned_prior(checked.recipe, checked.images) == [tuple(h) for h in _history(src)]
+    other_checked, other = _trained(
+        tmp_path, "other", stages=("pretrain", "train", "sample"), training__steps=3
+    )
+    run_remaining(other_checked, other, StageOptions(progress=False, audit_root=tmp_path / "pa2"))
+    pooled = tmp_path / "pooled"
+    shutil.copytree(release / "png", pooled)
+    for f in (other.release_dir(True) / "png").rglob("*.png"):
+        shutil.copy(f, pooled / f.parent.name / f"other-{f.name}")
+    public = {
+        "source": "folder",
+        "path": str(pooled),
+        "heldout_fraction": 0.2,
+        "image_size": 16,
+        "classes": ["no_lesion", "lesion"],
+    }
+    with pytest.raises(RecipeError, match=f"synthfactory images of run {other.run_id}.*does not hold"):
+        check(write_recipe(tmp_path / "pooled-recipe", tiny_recipe(pretrain={"data": public, "steps": 1})))
     loose = tmp_path / "loose"
     shutil.copytree(release / "png", loose)
     (loose / "synthfactory_ledger.json").unlink()
@@ -201,6 +221,10 @@ NEAR_COPIES = {
     "horizontal flip": lambda u8: np.asarray(ImageOps.mirror(Image.fromarray(u8, mode="L"))),
     "+0.05 brightness": lambda u8: np.clip(u8.astype(int) + 6, 0, 255).astype(np.uint8),  # 0.05 on [-1, 1]
     "+1 grey level": lambda u8: np.clip(u8.astype(int) + 1, 0, 255).astype(np.uint8),
+    "turned by 90°": lambda u8: np.rot90(u8).copy(),
+    "upside down": lambda u8: u8[::-1].copy(),
+    "inverted": lambda u8: 255 - u8,
+    "gamma 0.6": lambda u8: np.round(255 * (u8 / 255) ** 0.6).astype(np.uint8),
 }
 
 
@@ -281,3 +305,127 @@ def test_every_model_folder_carries_its_ledger(tiny_run) -> None:
         assert [m.kind for m in carried.mechanisms] == ["dp_sgd"]
         (data,) = carried.datasets.values()
         assert data.items == checked.images.item_ids() and len(data.items) == 96
+
+
+def _npz(path: Path, images: np.ndarray, labels: np.ndarray) -> dict:
+    """A private npz set (train and a test split of every 4th image), read at 16 px."""
+    np.savez(path, train_images=images, train_labels=labels, test_images=images[::4], test_labels=labels[::4],
+             class_names=np.array(["no_lesion", "lesion"]))  # fmt: skip
+    return {"source": "npz", "path": str(path), "image_size": 16, "classes": ["no_lesion", "lesion"]}
+
+
+def _phantom_u8(size: int, n: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    from synthfactory.data.phantom import phantom_images
+
+    imgs = np.concatenate([phantom_images("mri", c, n // 2, size, seed=8) for c in (0, 1)])
+    return ((imgs + 1) * 127.5).round().astype(np.uint8), np.repeat([0, 1], n // 2)
+
+
+def test_the_same_rows_stored_at_another_size_compose(tmp_path: Path) -> None:
+    """The same images stored in two files at two sizes (as the 64 and 128 px copies of a data set)
+    share no byte, but the same places (split, length, row): a run on one composes a DP run on the
+    other."""
+    import torch
+    import torch.nn.functional as F
+
+    big, labels = _phantom_u8(32)
+    small = (
+        F.interpolate(torch.from_numpy(big[:, None]).float(), size=16, mode="area")[:, 0]
+        .round()
+        .byte()
+        .numpy()
+    )
+    a_data, c_data = _npz(tmp_path / "at32.npz", big, labels), _npz(tmp_path / "at16.npz", small, labels)
+    _, a = _trained(tmp_path, "a", data=a_data, training__steps=2)
+    checked = check(write_recipe(tmp_path / "c", tiny_recipe(
+        data=c_data, pretrain={"checkpoint": str(a.final_checkpoint / "unet")}, privacy__target_epsilon=20.0)))  # fmt: skip
+    assert [v.kind for v in checked.brought] == ["composed"]
+    assert list(checked.schedule.prior) == [tuple(h) for h in _history(a)]
+
+
+def test_an_ancestors_public_data_holding_this_runs_images_is_refused(tmp_path: Path) -> None:
+    """Run A (DP on phantoms) pre-trains on data it declares public, screened against A's own
+    images only; that data is run C's private set. C may not start from A's weights: they were
+    trained without DP on C's images."""
+    u8, labels = _phantom_u8(16)
+    y = _npz(tmp_path / "y.npz", u8, labels)
+    _, a = _trained(tmp_path, "a", pretrain={"data": y, "steps": 1}, training__steps=1)
+    assert [m["kind"] for m in read_json(a.privacy)["ledger"]] == ["public_data", "dp_sgd"]
+    with pytest.raises(RecipeError, match="pre-training WITHOUT DP on data it declared public"):
+        check(
+            write_recipe(
+                tmp_path / "c", tiny_recipe(data=y, pretrain={"checkpoint": str(a.final_checkpoint / "unet")})
+            )
+        )
+    # on other private data (phantoms of another seed) A's weights are fine, their lineage kept
+    other = check(
+        write_recipe(
+            tmp_path / "o",
+            tiny_recipe(data__phantom__seed=9, pretrain={"checkpoint": str(a.final_checkpoint / "unet")}),
+        )
+    )
+    assert [v.kind for v in other.brought] == ["other_data"]
+
+
+def test_weights_without_their_ledger_are_refused_not_taken_for_public(tiny_run, tmp_path: Path) -> None:
+    """synthfactory's weights carry a marker in their safetensors metadata: copied out without
+    their ledger they are refused; inside a run directory the run's own ledger stands in."""
+    from synthfactory.ledger import ARTIFACT_FILE, weights_marker
+
+    _, src = tiny_run
+    assert weights_marker(src.final_checkpoint / "unet") == src.run_id
+    stripped = tmp_path / "stripped"
+    shutil.copytree(src.final_checkpoint / "unet", stripped)
+    (stripped / ARTIFACT_FILE).unlink()
+    with pytest.raises(LedgerRefused, match="without their synthfactory_ledger.json"):
+        read_artifact(stripped)
+    inside = tmp_path / "runs" / src.run_id
+    shutil.copytree(src.root, inside)
+    (inside / "checkpoints" / "final" / "unet" / ARTIFACT_FILE).unlink()
+    assert (
+        read_artifact(inside / "checkpoints" / "final" / "unet").ids()
+        == RunLedger(inside / "ledger.jsonl").read().ids()
+    )
+
+
+def test_an_older_checkpoint_whose_lineage_was_not_kept_is_refused(tmp_path: Path) -> None:
+    """An origin file of an older synthfactory did not carry the ancestors its run took for other
+    data: copied out of its run directory, or from a run that started from such a checkpoint, it is
+    refused."""
+    from synthfactory.ledger import LEGACY_ORIGIN_FILE
+
+    folder = tmp_path / "old" / "unet"
+    folder.mkdir(parents=True)
+    (folder / LEGACY_ORIGIN_FILE).write_text(json.dumps({"trained_on_private_data": False, "statement": "x"}))
+    with pytest.raises(LedgerRefused, match="older synthfactory, moved out of its run directory"):
+        read_artifact(folder)
+    run = tmp_path / "run"
+    (run / "checkpoints" / "pretrained").mkdir(parents=True)
+    (run / "run.json").write_text("{}")
+    (run / "recipe.yaml").write_text("name: x\n")
+    (run / "checkpoints" / "pretrained" / "pretrain.json").write_text(
+        json.dumps({"kind": "checkpoint", "origin": "other_data"})
+    )
+    shutil.copytree(folder, run / "checkpoints" / "final" / "unet")
+    with pytest.raises(LedgerRefused, match="lineage was not kept"):
+        read_artifact(run / "checkpoints" / "final" / "unet")
+
+
+def test_a_public_ledger_cannot_prove_data_disjoint() -> None:
+    """Items written into a public ledger by hand are not read; and no item set proves nothing."""
+    from synthfactory.ledger import DataIdentity, Ledger
+
+    public = {"public": True, "datasets": [{"key": "d", "description": "x", "items": []}],
+              "mechanisms": [{"id": "m", "kind": "dp_sgd", "run_id": "r", "data": "d", "history": [[1.0, 0.5, 2]], "private": True}]}  # fmt: skip
+    ledger = Ledger.from_json(public)
+    assert ledger.datasets["d"].items is None and ledger.history(frozenset({"a"})) == [(1.0, 0.5, 2)]
+    assert not DataIdentity("k", "", 0, frozenset()).disjoint_from(frozenset({"a"}))
+
+
+def test_a_finished_run_whose_checkpoint_is_gone_is_not_trained_again(tmp_path: Path) -> None:
+    """Training steps in the ledger without their resumable state (here: the run finished and its
+    final checkpoint was moved away) are never trained again: ε would be spent twice."""
+    checked, run_dir = _trained(tmp_path, "done", training__steps=2)
+    shutil.move(run_dir.final_checkpoint, tmp_path / "moved")
+    with pytest.raises(LedgerRefused, match="spend ε twice"):
+        train_module.train(checked.recipe, checked.images, run_dir, progress=False)

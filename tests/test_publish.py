@@ -164,6 +164,8 @@ def test_public_reports_hold_aggregates_only(released) -> None:
                 f.name,
                 key,
             )
+    for d in read_json(run_dir.release_dir(True) / "synthfactory_ledger.json")["datasets"]:
+        assert "n_items" not in d  # distinct items against images would count the duplicates
     md = (report / "audit-summary.md").read_text()
     assert "## What ε covers" in md and "Not covered:" in md and "the generator's weights" in md
     assert root not in md and "What the screen covers" in md
@@ -369,7 +371,11 @@ def test_push_to_standin_hub_then_load_dataset(released, hub, tmp_path, capsys) 
     release_before = _tree_hash(run_dir.release_dir(True))
     out = publish(run_dir, "hospital/synthetic-mri", max_shard_size="1KB")  # several shards
     files = hub.files("hospital/synthetic-mri")
-    assert {"README.md", "privacy_audit/audit-summary.md", "recipe.yaml"} <= set(files)
+    assert {"README.md", "privacy_audit/audit-summary.md", "recipe.yaml", "synthfactory_ledger.json"} <= set(
+        files
+    )
+    pushed = json.loads(files["synthfactory_ledger.json"])
+    assert pushed["public"] and all("items" not in d for d in pushed["datasets"])
     shards = [p for p in files if p.startswith("data/train-") and p.endswith(".parquet")]
     assert len(shards) >= 2, shards
     assert not [p for p in files if "internal" in p or p.endswith(".html")]

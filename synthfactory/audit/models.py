@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from ..data import ImageSet
-from ..ledger import RunLedger, read_artifact, require_covered, write_artifact
+from ..ledger import RunLedger, mark_weights, read_artifact, require_covered, write_artifact
 from ..model import load_generator, load_unet, seeded_unet, uses_ema
 from ..recipe import PrivacyConfig, Recipe
 from ..records import PrivacyRecord
@@ -85,6 +85,7 @@ def _canary_pretraining(
     model.load_state_dict(state)
     with atomic_directory(sub.pretrained) as tmp:
         model.save_pretrained(tmp / "unet")
+        mark_weights(tmp / "unet", sub.run_id)
         write_artifact(tmp / "unet", read_artifact(run_dir.pretrained / "unet"))
         shutil.copy(run_dir.pretrained / "pretrain.json", tmp / "pretrain.json")
 

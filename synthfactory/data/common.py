@@ -1,10 +1,13 @@
 """What every data source hands on: an ImageSet of float32 images in [-1, 1], labels, class
 names and a manifest with, per image, a SHA-256 of its pixels and the identity of its source item.
 
-The source item (`item_id`) names what the image was made from, not its pixels: a file's bytes, a
-DICOM SOP Instance UID and frame, a NIfTI file and volume, an npz array row's raw bytes, a phantom's
-seed and index. It survives re-preprocessing: the same images at another size are the same people,
-and the privacy ledger (ledger.py) compares runs by it.
+The source item names what the image was made from, not its pixels, twice over: by content
+(`item`: a file's bytes, a DICOM SOP Instance UID and frame, a NIfTI file and volume, an npz or
+`datasets` row's raw bytes, a phantom's seed and index) and, where a source has one, by place
+(`place`: an npz or `datasets` split, its length and the row; a file's class folder and name; a
+NIfTI file name and volume). It survives re-preprocessing, and the place survives a copy stored at
+another size (the same rows in a 64 px and a 128 px file): the same images are the same people. The
+privacy ledger (ledger.py) takes two data sets for disjoint only when they share neither.
 
 Preprocessing here is per image only (pad to a square, resize, fixed scaling). Nothing computes
 a statistic over the private set, so preprocessing spends no privacy budget.
@@ -39,15 +42,28 @@ class RawSplit:
     labels: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     groups: list[str | None] = field(default_factory=list)  # patient (see `group_key`), if known
-    items: list[str] = field(default_factory=list)  # source-item identity (see `item_id`)
-    marked: list[str] = field(default_factory=list)  # sources that carry synthfactory's synthetic marker
+    items: list[str] = field(default_factory=list)  # source-item identity by content (see `item_id`)
+    places: list[str | None] = field(default_factory=list)  # and by place, where the source has one
+    marked: list[tuple[str, str]] = field(
+        default_factory=list
+    )  # (source, run id) of synthfactory's own images
 
-    def add(self, image: np.ndarray, label: str, source: str, group: str | None = None, *, item: str) -> None:
+    def add(
+        self,
+        image: np.ndarray,
+        label: str,
+        source: str,
+        group: str | None = None,
+        *,
+        item: str,
+        place: str | None = None,
+    ) -> None:
         self.images.append(image)
         self.labels.append(label)
         self.sources.append(source)
         self.groups.append(group)
         self.items.append(item)
+        self.places.append(place)
 
 
 def item_id(kind: str, *parts: object) -> str:
@@ -89,7 +105,9 @@ class ImageSet:
     manifest: list[dict]  # one entry per image: split, index, label, sha256, source, item
     skipped: list[dict] = field(default_factory=list)  # files a source could not read, and why
     preprocessing: list[str] = field(default_factory=list)  # what was done to the pixels
-    synthfactory_marked: list[str] = field(default_factory=list)  # sources marked as synthfactory output
+    synthfactory_marked: list[tuple[str, str]] = field(
+        default_factory=list
+    )  # (source, run id) of its own images
 
     def manifest_sha256(self) -> str:
         """One hash for the whole manifest; it names the data without copying any image."""
@@ -101,9 +119,11 @@ class ImageSet:
         return {m["sha256"] for m in self.manifest if m["split"] == "train"}
 
     def item_ids(self) -> frozenset[str]:
-        """The source items of every image, training and held-out: this data set's identity in
-        the privacy ledger (both splits: held-out images are private too)."""
-        return frozenset(m["item"] for m in self.manifest)
+        """The source items of every image, training and held-out, by content and by place: this
+        data set's identity in the privacy ledger (both splits: held-out images are private too)."""
+        return frozenset(m["item"] for m in self.manifest) | {
+            m["place"] for m in self.manifest if "place" in m
+        }
 
     def group_counts(self) -> dict | None:
         """Patients (groups) per split and held-out images of training patients; None without
@@ -252,6 +272,8 @@ def build_image_set(
                 "source": raw.sources[i],
                 "item": raw.items[i],
             }
+            if raw.places and raw.places[i] is not None:
+                entry["place"] = raw.places[i]
             if raw.groups and raw.groups[i] is not None:
                 entry["group"] = raw.groups[i]
             manifest.append(entry)

@@ -109,6 +109,16 @@ def dataset_frames(
     return out
 
 
+def _provenance_run(ds: pydicom.Dataset) -> str:
+    """The run id in a synthfactory DICOM file's private block ('' if it cannot be read)."""
+    from ..dicom_export import read_provenance
+
+    try:
+        return str(read_provenance(ds)["run_id"])
+    except (KeyError, ValueError):
+        return ""
+
+
 def patient_of(path: str | Path) -> str | None:
     """The file's patient as a `group_key`: PatientID, else StudyInstanceUID, else None (also
     for a file that is not readable DICOM: it is skipped when its pixels are read)."""
@@ -188,7 +198,7 @@ def read_dicom_folder(
                 str(ds.get("Manufacturer", "")) == "synthfactory"
                 and str(ds.get("ConversionType", "")) == "SYN"
             ):
-                raw.marked.append(str(rel))
+                raw.marked.append((str(rel), _provenance_run(ds)))
             uid = str(ds.get("SOPInstanceUID", "") or "").strip()
             instance = ("uid", uid) if uid else ("file", file_sha256(f))
             for k, img in enumerate(frames):

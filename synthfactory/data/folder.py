@@ -34,10 +34,11 @@ def _class_files(root: Path) -> list[tuple[str, str]]:
 SYNTHETIC_MARKER = "synthfactory-run"  # the PNG text key synthfactory's releases carry
 
 
-def is_marked(path: str) -> bool:
-    """Whether an image file carries synthfactory's synthetic marker (a PNG text chunk)."""
+def marker_run(path: str) -> str | None:
+    """The run id in synthfactory's synthetic marker (a PNG text chunk) of an image file, if any."""
     with Image.open(path) as im:
-        return SYNTHETIC_MARKER in getattr(im, "text", {}) or SYNTHETIC_MARKER in im.info
+        text = {**im.info, **getattr(im, "text", {})}
+    return str(text[SYNTHETIC_MARKER]) if SYNTHETIC_MARKER in text else None
 
 
 def read_image_file(path: str) -> np.ndarray:
@@ -71,9 +72,12 @@ def read_folder(cfg: FolderData) -> tuple[RawSplit, RawSplit, list[str], list[di
             try:
                 image = read_image_file(f)
                 item = item_id("file", file_sha256(f))
-                raw.add(image, label, str(Path(f).relative_to(path)), groups.get(f), item=item)
-                if is_marked(f):
-                    raw.marked.append(str(Path(f).relative_to(path)))
+                place = item_id("file-place", label, Path(f).stem)  # a re-encoded copy keeps its name
+                rel = str(Path(f).relative_to(path))
+                raw.add(image, label, rel, groups.get(f), item=item, place=place)
+                run = marker_run(f)
+                if run is not None:
+                    raw.marked.append((rel, run))
             except (UnidentifiedImageError, OSError, ValueError) as e:
                 skipped.append({"file": f, "reason": f"{type(e).__name__}: {e}"})
         splits.append(raw)

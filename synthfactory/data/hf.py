@@ -42,8 +42,9 @@ def read_hf(path: Path, train_split: str, heldout_split: str) -> tuple[RawSplit,
             arr = to_grayscale(arr) if arr.ndim == 3 else arr
             if arr.dtype not in (np.uint8, np.uint16):
                 arr = np.clip(arr, 0, 255).astype(np.uint8)
-            raw.add(uint_to_unit_range(arr), names[row["label"]], f"{split}[{i}]", item=item)
+            place = item_id("row", split, len(dd[split]), i)
+            raw.add(uint_to_unit_range(arr), names[row["label"]], f"{split}[{i}]", item=item, place=place)
             if marked:
-                raw.marked.append(f"{split}[{i}]")
+                raw.marked.append((f"{split}[{i}]", str(row["run_id"])))
         splits.append(raw)
     return splits[0], splits[1], names

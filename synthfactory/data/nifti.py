@@ -94,6 +94,7 @@ def read_nifti(cfg: NiftiData, modality: str) -> tuple[RawSplit, RawSplit, list[
             rel = Path(f).relative_to(root) if Path(f).is_relative_to(root) else Path(f)
             # one item per volume: slices along another axis (or resampled) share its voxels
             item = item_id("nifti", file_sha256(f), spec.volume)
+            place = item_id("nifti-place", Path(f).name.split(".nii")[0], spec.volume)
             for k in take:
                 if labelled and k not in labelled:
                     continue
@@ -107,6 +108,7 @@ def read_nifti(cfg: NiftiData, modality: str) -> tuple[RawSplit, RawSplit, list[
                     f"{rel}#slice{k}",
                     groups[f],
                     item=item,
+                    place=place,
                 )
         splits.append(raw)
     names = sorted({r["label"] for r in rows})

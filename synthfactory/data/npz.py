@@ -66,6 +66,9 @@ def _read_npz(path: Path, train_split: str, heldout_split: str) -> tuple[RawSpli
                 group = None if groups is None else group_key(groups[i])
                 row = np.ascontiguousarray(images[i])
                 item = item_id("array-row", row.dtype.str, row.shape, bytes_sha256(row.data))
-                raw.add(_scale(row), names[labels[i]], f"{path.name}:{split}[{i}]", group, item=item)
+                place = item_id("row", split, len(images), i)  # the same row of a copy at another size
+                raw.add(
+                    _scale(row), names[labels[i]], f"{path.name}:{split}[{i}]", group, item=item, place=place
+                )
             splits.append(raw)
     return splits[0], splits[1], names
