@@ -4,7 +4,8 @@
   beside it, on the real training split; both tested on the real held-out split. Model selection
   (early stopping) uses a validation split of each one's *own* training data, never the real test
   split (DPImageBench's rule). Reported: accuracy, macro one-vs-rest AUC, per-class recall, the
-  TSTR/TRTR ratio, and each classifier's training curve.
+  TSTR/TRTR ratio, bootstrap 95 % intervals (over patients where ids exist) and each
+  classifier's training curve.
 - Fidelity: Fréchet distance and precision/recall/density/coverage (Naeem et al. 2020, k nearest
   neighbours) between synthetic and real held-out images, in the feature space of the TRTR
   classifier's penultimate layer. Why that space: it is available offline (no download), it is
@@ -190,6 +191,49 @@ def classification_metrics(probs: np.ndarray, y: np.ndarray, class_names: list[s
     }
 
 
+def bootstrap_intervals(
+    tstr_pred: np.ndarray, trtr_pred: np.ndarray, y: np.ndarray, groups: np.ndarray | None, n: int, seed: int
+) -> dict:
+    """95 % percentile intervals of TSTR and TRTR accuracy and of above chance, both classifiers
+    scored on the same resample of the held-out split (scipy.stats.bootstrap, paired). With
+    patient ids the resampled unit is the patient (a cluster bootstrap: slices of one patient are
+    not independent); without, the image. The interval covers the test set's sampling only, not
+    the DP noise of training (for that, the shipped recipes report two DP runs)."""
+    from scipy.stats import bootstrap
+
+    units = np.unique(groups, return_inverse=True)[1] if groups is not None else np.arange(len(y))
+    n_units, n_classes = int(units.max()) + 1, int(y.max()) + 1
+    # Per unit: correct answers of each classifier and images per class; a resample sums units.
+    tstr_hits = np.bincount(units, weights=tstr_pred == y, minlength=n_units)
+    trtr_hits = np.bincount(units, weights=trtr_pred == y, minlength=n_units)
+    per_class = np.zeros((n_units, n_classes))
+    np.add.at(per_class, (units, y), 1.0)
+
+    def stats(idx: np.ndarray, axis: int = -1) -> np.ndarray:
+        size = per_class[idx].sum(-2)  # [..., classes]
+        total = size.sum(-1)
+        tstr, trtr = tstr_hits[idx].sum(axis) / total, trtr_hits[idx].sum(axis) / total
+        chance = size.max(-1) / total
+        with np.errstate(divide="ignore", invalid="ignore"):
+            skill = np.where(trtr > chance, (tstr - chance) / (trtr - chance), np.nan)
+        return np.stack([tstr, trtr, skill])
+
+    res = bootstrap(
+        (np.arange(n_units),), stats, n_resamples=n, vectorized=True, method="percentile",
+        confidence_level=0.95, random_state=np.random.default_rng(seed),
+    )  # fmt: skip
+    lo, hi = res.confidence_interval
+    names = ("tstr_accuracy", "trtr_accuracy", "tstr_over_trtr_above_chance")
+    return {
+        "confidence_level": 0.95,
+        "resamples": n,
+        "unit": "patient" if groups is not None else "image",
+        "n_units": n_units,
+        **{k: [float(a), float(b)] for k, a, b in zip(names, lo, hi, strict=True)},
+        "covers": "the held-out split's sampling only, not the DP noise of training",
+    }
+
+
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance between Gaussian fits of two feature sets."""
     mu_a, mu_b = a.mean(0), b.mean(0)
@@ -255,6 +299,12 @@ def evaluate_arrays(
     tstr_probs, _ = predict(tstr_model, test_x)
     trtr = {**classification_metrics(trtr_probs, test_y, names), "classifier": trtr_info}
     tstr = {**classification_metrics(tstr_probs, test_y, names), "classifier": tstr_info}
+    intervals = None
+    if cfg.bootstrap_resamples:
+        intervals = bootstrap_intervals(
+            tstr_probs.argmax(1), trtr_probs.argmax(1), test_y, images.heldout_groups(),
+            cfg.bootstrap_resamples, cfg.classifier.seed,
+        )  # fmt: skip
 
     # Fidelity in the TRTR classifier's feature space.
     pick = random_subset(len(test_feats), cfg.max_real_features, cfg.classifier.seed + 1)
@@ -297,6 +347,7 @@ def evaluate_arrays(
         "trtr": trtr,
         "tstr_over_trtr_accuracy": ratio,
         "tstr_over_trtr_above_chance": skill,
+        "intervals": intervals,
         "fidelity": fidelity,
         "diversity": diversity,
     }

@@ -255,6 +255,9 @@ class EvaluationRecord(Record):
     """TSTR accuracy over TRTR accuracy."""
     tstr_over_trtr_above_chance: Number | None = None
     """The same ratio above chance (None where TRTR is at chance)."""
+    intervals: dict[str, Any] | None = None
+    """Bootstrap 95 % intervals of TSTR, TRTR and above chance over the held-out split (None when
+    `evaluation.bootstrap_resamples` is 0)."""
     fidelity: dict[str, Any]
     """Fréchet distances: synthetic vs real, real train vs held-out."""
 

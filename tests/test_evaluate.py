@@ -8,7 +8,7 @@ import pytest
 
 from synthfactory.audit import quantize
 from synthfactory.data import load_images
-from synthfactory.evaluate import evaluate_arrays, frechet_distance, prdc
+from synthfactory.evaluate import bootstrap_intervals, evaluate_arrays, frechet_distance, prdc
 from synthfactory.metrics import auc_one_vs_rest
 from synthfactory.recipe import ClassifierConfig, EvaluationConfig, PhantomData
 
@@ -91,3 +91,28 @@ def test_auc_frechet_and_prdc_on_known_inputs() -> None:
     far = prdc(a[:500], a[500:1000] + 100.0, k=5)
     assert same["precision"] > 0.8 and same["recall"] > 0.8 and same["coverage"] > 0.8
     assert far["precision"] == far["recall"] == far["coverage"] == far["density"] == 0.0
+
+
+def test_bootstrap_intervals_cover_the_estimate_and_resample_patients() -> None:
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 100)
+    trtr = np.where(rng.random(300) < 0.9, y, (y + 1) % 3)
+    tstr = np.where(rng.random(300) < 0.6, y, (y + 1) % 3)
+    by_image = bootstrap_intervals(tstr, trtr, y, None, 1000, seed=0)
+    assert by_image["unit"] == "image" and by_image["n_units"] == 300
+    for key, point in [("tstr_accuracy", (tstr == y).mean()), ("trtr_accuracy", (trtr == y).mean())]:
+        lo, hi = by_image[key]
+        assert lo < point < hi and hi - lo < 0.2
+    skill = ((tstr == y).mean() - 1 / 3) / ((trtr == y).mean() - 1 / 3)
+    lo, hi = by_image["tstr_over_trtr_above_chance"]
+    assert lo < skill < hi
+    # Ten slices per patient, each patient all right or all wrong for TSTR: resampling images
+    # would treat 300 correlated slices as independent; the patient bootstrap is much wider.
+    groups = np.array([f"p{i // 10}" for i in range(300)])
+    right = np.repeat(rng.random(30) < 0.6, 10)
+    tstr = np.where(right, y, (y + 1) % 3)
+    by_patient = bootstrap_intervals(tstr, trtr, y, groups, 1000, seed=0)
+    naive = bootstrap_intervals(tstr, trtr, y, None, 1000, seed=0)
+    assert by_patient["unit"] == "patient" and by_patient["n_units"] == 30
+    width = lambda r: r["tstr_accuracy"][1] - r["tstr_accuracy"][0]  # noqa: E731
+    assert width(by_patient) > 2 * width(naive)

@@ -146,6 +146,14 @@ class ImageSet:
         held = sorted((m["index"], m.get("group")) for m in self.manifest if m["split"] == "heldout")
         return np.array([g is not None and g in train for _, g in held], dtype=bool)
 
+    def heldout_groups(self) -> np.ndarray | None:
+        """Per held-out image, its patient's group key (its own index where it has none); None
+        when the source gives no patient ids."""
+        if not any("group" in m for m in self.manifest):
+            return None
+        held = sorted((m["index"], m.get("group")) for m in self.manifest if m["split"] == "heldout")
+        return np.array([g if g is not None else f"image:{i}" for i, g in held])
+
     @property
     def image_size(self) -> int:
         return int(self.train_images.shape[-1])
