@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
-from .recipe import ModelConfig, Recipe
+from .recipe import LoraSettings, ModelConfig, Recipe
 
 
 def build_unet(cfg: ModelConfig, image_size: int, num_classes: int) -> UNet2DModel:
@@ -53,6 +53,46 @@ def seeded_unet(recipe: Recipe, image_size: int, n_classes: int) -> UNet2DModel:
     with torch.random.fork_rng():
         torch.manual_seed(recipe.training.seed)
         return build_unet(recipe.model, image_size, num_class_embeds(recipe, n_classes))
+
+
+def add_lora(model: UNet2DModel, cfg: LoraSettings) -> UNet2DModel:
+    """LoRA adapters (peft's `inject_adapter_in_model`, as diffusers' `add_adapter` does for its
+    conditional UNets) on the modules `cfg.target_modules` names; only the adapters are then
+    trainable, and at the start (B = 0) the model computes what it did before."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()} | {n for n, _ in model.named_modules()}
+    present = [t for t in cfg.target_modules if any(n == t or n.endswith("." + t) for n in names)]
+    if not present:
+        raise ValueError(f"training.lora.target_modules: {cfg.target_modules} name no module of this UNet")
+    config = LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha or cfg.rank, target_modules=present, lora_dropout=0.0
+    )
+    return inject_adapter_in_model(config, model)
+
+
+def lora_layers(model: torch.nn.Module) -> dict:
+    """The modules peft put an adapter on, by name."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+
+
+def plain_unet(model: UNet2DModel) -> UNet2DModel:
+    """The UNet as diffusers saves and loads it: each adapter's update (alpha/r · B·A, peft's
+    `get_delta_weight`) merged into its base weight, the adapters gone. A model without adapters
+    is returned as it is."""
+    layers = lora_layers(model)
+    if not layers:
+        return model
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if ".lora_" not in k}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for adapter in layer.active_adapters:
+                state[f"{name}.base_layer.weight"] += layer.get_delta_weight(adapter)
+    plain = UNet2DModel.from_config(model.config)
+    plain.load_state_dict({k.replace(".base_layer.", "."): v for k, v in state.items()})
+    return plain
 
 
 def weights_sha256(folder: Path) -> str:

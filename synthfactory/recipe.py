@@ -304,6 +304,22 @@ class TimestepSampling(_Strict):
     """`lognormal`: standard deviation of ln σ."""
 
 
+class LoraSettings(_Strict):
+    """LoRA adapters (peft) on the pre-trained UNet: the DP stage trains only the low-rank factors
+    (and `training.trainable`), and the final checkpoint merges them into a plain UNet2DModel."""
+
+    rank: int = Field(ge=1, le=256)
+    """r: the rank of each adapter (B·A, B zero at the start)."""
+    alpha: float | None = Field(None, gt=0)
+    """lora_alpha: the update is scaled by alpha / rank; default rank (scale 1)."""
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["conv1", "conv2", "time_emb_proj", "to_q", "to_k", "to_v", "to_out.0"],
+        min_length=1,
+    )
+    """Module names (peft's suffix match) that get an adapter; names the model lacks are passed
+    over (attention-free UNets have no `to_q`), but at least one must be there."""
+
+
 class TrainingConfig(_Strict):
     steps: int | None = Field(None, ge=1, le=MAX_STEPS, json_schema_extra={"smoke": 2})
     """Optimizer steps (give exactly one of `steps` and `epochs`); at most 10,000,000."""
@@ -332,7 +348,10 @@ class TrainingConfig(_Strict):
     for none."""
     trainable: Literal["all"] | list[str] = "all"
     """`all`, or glob patterns of parameter names trained in the DP stage, e.g. `["*attentions*",
-    "class_embedding.*"]` (DP-LDM-style); the others stay as pre-trained."""
+    "class_embedding.*"]` (DP-LDM-style); the others stay as pre-trained. With `lora`: the
+    parameters trained beside the adapters (`[]` for the adapters alone)."""
+    lora: LoraSettings | None = None
+    """LoRA adapters for the DP stage (needs pre-trained weights: `pretrain` or `warm_start`)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`cpu`, `cuda`, or `auto` (CUDA when present)."""
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -343,7 +362,12 @@ class TrainingConfig(_Strict):
     def _check(self) -> TrainingConfig:
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("steps: give exactly one of 'steps' or 'epochs'")
-        if isinstance(self.trainable, list) and not self.trainable:
+        if self.lora is not None and self.trainable == "all":
+            raise ValueError(
+                "trainable: with training.lora, list the parameters trained beside the adapters "
+                "(e.g. ['class_embedding.*']), or [] for the adapters alone"
+            )
+        if self.lora is None and isinstance(self.trainable, list) and not self.trainable:
             raise ValueError("trainable: 'all', or a non-empty list of parameter-name patterns")
         return self
 
@@ -515,6 +539,9 @@ class EvaluationConfig(_Strict):
     """Real images in the fidelity metrics (random subset)."""
     prdc_k: int = Field(5, ge=1)
     """k of precision/recall/density/coverage."""
+    bootstrap_resamples: int = Field(2000, ge=0, json_schema_extra={"smoke": 200})
+    """Resamples of the held-out split (of its patients where ids exist) for the 95 % intervals
+    of TSTR, TRTR and above chance; 0: none."""
 
 
 class ThresholdRule(_Strict):
@@ -695,6 +722,11 @@ class Recipe(_Strict):
                     "pretrain.data.classes: differ from data.classes, so pre-training is "
                     "class-agnostic (the null label), which needs training.label_dropout > 0"
                 )
+        if self.training.lora is not None and self.pretrain is None and self.warm_start is None:
+            raise ValueError(
+                "training.lora: adapters on a randomly initialised UNet learn nothing the full "
+                "model would not; add a pretrain or warm_start block, or drop lora"
+            )
         if self.sampling.class_proportions == "dp_counts" and self.warm_start is None:
             raise ValueError(
                 "sampling.class_proportions: dp_counts takes the class counts from the warm start; "

@@ -63,10 +63,13 @@ from .ledger import (
     write_artifact,
 )
 from .model import (
+    add_lora,
     build_noise_scheduler,
     count_parameters,
     load_unet,
+    lora_layers,
     null_class,
+    plain_unet,
     resolve_device,
     seeded_unet,
 )
@@ -127,6 +130,8 @@ def trainable_names(model: torch.nn.Module, patterns) -> list[str]:
     names = [n for n, _ in model.named_parameters()]
     if patterns == "all":
         return names
+    if not patterns:  # adapters alone (training.lora)
+        return []
     missing = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
     if missing:
         raise ValueError(f"patterns {missing} match no parameter (names look like {names[:3]})")
@@ -205,9 +210,15 @@ def save_final(
     `ClassConditionalPipeline` folder, moved in atomically; each UNet folder carries the run's
     ledger (every mechanism its weights rest on, ancestors included)."""
     ema_model = None
-    if ema is not None:
+    if ema is not None and lora_layers(model):  # the EMA weights, merged as the last ones are
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+        ema_model = plain_unet(model)
+        ema.restore(model.parameters())
+    elif ema is not None:
         ema_model = UNet2DModel.from_config(model.config)
         ema.copy_to(ema_model.parameters())
+    model = plain_unet(model)
     pipe = ClassConditionalPipeline(model, scheduler, ema_model, info["use_ema"], info["null_class"])
     with atomic_directory(folder) as tmp:
         pipe.save_pretrained(tmp)  # model_index.json, unet/, unet_ema/, scheduler/ (safetensors)
@@ -477,15 +488,25 @@ def _trainable_model(job: _Job) -> tuple[UNet2DModel, dict]:
     model = seeded_unet(job.recipe, job.images.image_size, job.n_classes)
     if has_pretraining(job.recipe):
         model.load_state_dict(load_unet(job.run_dir.pretrained / "unet").state_dict())
+    of = count_parameters(model)
+    lora = job.recipe.training.lora
     names = trainable_names(model, job.recipe.training.trainable)
+    if lora is not None:
+        with torch.random.fork_rng():  # the adapters' A: seeded, like the rest of the model
+            torch.manual_seed(job.recipe.training.seed)
+            model = add_lora(model, lora)
+        names += [n for n, _ in model.named_parameters() if ".lora_" in n]
     for name, p in model.named_parameters():
         p.requires_grad_(name in names)
     model.to(job.device)
     trainable = {
         "patterns": job.recipe.training.trainable,
         "parameters": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
-        "of": count_parameters(model),
+        "of": of,
     }
+    if lora is not None:
+        trainable["lora"] = {"rank": lora.rank, "alpha": lora.alpha or lora.rank,
+                             "modules": len(lora_layers(model)), "merged_into_final_weights": True}  # fmt: skip
     return model, trainable
 
 

@@ -54,7 +54,7 @@ def reference_per_example_grads(model, scheduler, x0, labels, t, noise) -> dict[
 
 
 def private_for(model, n_train=100, batch=4, sigma=0.0, clip=1.0, steps=10, mode="hooks"):
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     return make_private(
         model,
         opt,
@@ -277,7 +277,7 @@ def test_k_rows_are_folded_into_one_gradient_per_example_before_clipping(mode: s
     rows = make_rows(x0, y, scheduler, Draws(k=k), torch.Generator().manual_seed(4))
     ref = brute_force_example_grads(model, rows, n, k)
 
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     private = make_private(
         model,
         opt,
