@@ -193,16 +193,19 @@ def classification_metrics(probs: np.ndarray, y: np.ndarray, class_names: list[s
 
 def bootstrap_intervals(
     tstr_pred: np.ndarray, trtr_pred: np.ndarray, y: np.ndarray, groups: np.ndarray | None, n: int, seed: int
-) -> dict:
+) -> dict | None:
     """95 % percentile intervals of TSTR and TRTR accuracy and of above chance, both classifiers
     scored on the same resample of the held-out split (scipy.stats.bootstrap, paired). With
     patient ids the resampled unit is the patient (a cluster bootstrap: slices of one patient are
     not independent); without, the image. The interval covers the test set's sampling only, not
-    the DP noise of training (for that, the shipped recipes report two DP runs)."""
+    the DP noise of training (for that, the shipped recipes report two DP runs). None with
+    fewer than two held-out units."""
     from scipy.stats import bootstrap
 
     units = np.unique(groups, return_inverse=True)[1] if groups is not None else np.arange(len(y))
     n_units, n_classes = int(units.max()) + 1, int(y.max()) + 1
+    if n_units < 2:  # one held-out patient: nothing to resample
+        return None
     # Per unit: correct answers of each classifier and images per class; a resample sums units.
     tstr_hits = np.bincount(units, weights=tstr_pred == y, minlength=n_units)
     trtr_hits = np.bincount(units, weights=trtr_pred == y, minlength=n_units)

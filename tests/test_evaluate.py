@@ -116,3 +116,4 @@ def test_bootstrap_intervals_cover_the_estimate_and_resample_patients() -> None:
     assert by_patient["unit"] == "patient" and by_patient["n_units"] == 30
     width = lambda r: r["tstr_accuracy"][1] - r["tstr_accuracy"][0]  # noqa: E731
     assert width(by_patient) > 2 * width(naive)
+    assert bootstrap_intervals(tstr, trtr, y, np.array(["p0"] * 300), 100, seed=0) is None  # one patient
