@@ -61,7 +61,7 @@ def add_lora(model: UNet2DModel, cfg: LoraSettings) -> UNet2DModel:
     trainable, and at the start (B = 0) the model computes what it did before."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()} | {n for n, _ in model.named_modules()}
+    names = [n for n, _ in model.named_modules()]
     present = [t for t in cfg.target_modules if any(n == t or n.endswith("." + t) for n in names)]
     if not present:
         raise ValueError(f"training.lora.target_modules: {cfg.target_modules} name no module of this UNet")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import tiny_recipe, write_recipe
 from test_privacy import TINY, batch_for, draw_diffusion_noise, private_for, reference_per_example_grads
-from test_train import _fresh_run
+from test_train import PUBLIC_PHANTOMS, _fresh_run
 
 from synthfactory.model import (
     add_lora,
@@ -77,16 +77,10 @@ def test_the_merged_unet_computes_what_the_adapted_one_does() -> None:
 
 
 def test_dp_fine_tuning_with_lora_moves_only_adapted_weights_and_counts_them(tmp_path: Path) -> None:
-    public = {
-        "source": "phantom",
-        "image_size": 16,
-        "classes": ["no_lesion", "lesion"],
-        "phantom": {"n_train": 40, "n_heldout": 8, "seed": 11},
-    }
     checked, run_dir = _fresh_run(
         tmp_path,
         "lora",
-        pretrain={"data": public, "steps": 3, "expected_batch_size": 8},
+        pretrain={"data": PUBLIC_PHANTOMS, "steps": 3, "expected_batch_size": 8},
         training__steps=3,
         training__learning_rate=0.01,
         training__lora={"rank": 2, "target_modules": ["conv1", "to_q", "to_v"]},

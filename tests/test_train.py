@@ -251,17 +251,20 @@ def test_lognormal_timesteps_follow_the_noise_level_distribution() -> None:
     assert abs(u.float().mean().item() - 499.5) < 10
 
 
+# Another phantom draw, declared public: the pre-training data of the fine-tuning tests.
+PUBLIC_PHANTOMS = {
+    "source": "phantom",
+    "image_size": 16,
+    "classes": ["no_lesion", "lesion"],
+    "phantom": {"n_train": 40, "n_heldout": 8, "seed": 11},
+}
+
+
 def test_public_pretraining_then_dp_fine_tuning_of_a_subset(tmp_path: Path) -> None:
-    public = {
-        "source": "phantom",
-        "image_size": 16,
-        "classes": ["no_lesion", "lesion"],
-        "phantom": {"n_train": 40, "n_heldout": 8, "seed": 11},
-    }
     checked, run_dir = _fresh_run(
         tmp_path,
         "pre",
-        pretrain={"data": public, "steps": 3, "expected_batch_size": 8},
+        pretrain={"data": PUBLIC_PHANTOMS, "steps": 3, "expected_batch_size": 8},
         training__steps=2,
         training__trainable=["*attentions*", "class_embedding.*"],
     )

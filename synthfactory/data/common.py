@@ -140,15 +140,15 @@ class ImageSet:
     def heldout_of_training_patients(self) -> np.ndarray | None:
         """Per held-out image, whether its patient (the manifest's `group`) also has training
         images; None when the source gives no patient ids."""
-        if not any("group" in m for m in self.manifest):
+        groups = self.heldout_groups()
+        if groups is None:
             return None
         train = {m.get("group") for m in self.manifest if m["split"] == "train"} - {None}
-        held = sorted((m["index"], m.get("group")) for m in self.manifest if m["split"] == "heldout")
-        return np.array([g is not None and g in train for _, g in held], dtype=bool)
+        return np.array([g in train for g in groups], dtype=bool)
 
     def heldout_groups(self) -> np.ndarray | None:
-        """Per held-out image, its patient's group key (its own index where it has none); None
-        when the source gives no patient ids."""
+        """Per held-out image, its patient's group key (`image:<index>`, a patient of its own,
+        where it has none); None when the source gives no patient ids."""
         if not any("group" in m for m in self.manifest):
             return None
         held = sorted((m["index"], m.get("group")) for m in self.manifest if m["split"] == "heldout")
