@@ -55,6 +55,7 @@ def one_run(out: Path, overrides: list[str]) -> dict:
         "trtr_accuracy": ev["trtr"]["accuracy"],
         "above_chance": ev["tstr_over_trtr_above_chance"],
         "interval": (ev.get("intervals") or {}).get("tstr_over_trtr_above_chance"),
+        "above_chance_per_seed": ev.get("above_chance_per_seed"),
         "tstr_recall": ev["tstr"]["per_class_recall"],
         "n_released": ev["n_synthetic"],
     }
@@ -85,7 +86,8 @@ def main() -> None:
         recall = " ".join(f"{c} {v:.2f}" for c, v in r["tstr_recall"].items())
         stages = " ".join(f"{s} {v:.0f}" for s, v in r["stages"].items() if v is not None)
         print(
-            f"run {k}: above chance {r['above_chance']:.3f} (95 % {r['interval']}), TSTR "
+            f"run {k}: above chance {r['above_chance']:.3f} (classifier seeds "
+            f"{', '.join(format(v, '.2f') for v in r['above_chance_per_seed'] or [])}; 95 % {'–'.join(format(v, '.2f') for v in r['interval'] or [])}), TSTR "
             f"{r['tstr_accuracy']:.3f} / TRTR {r['trtr_accuracy']:.3f}, recall {recall}; ε {r['epsilon']:.3f}; "
             f"{r['seconds'] / 60:.1f} min ({stages} s)"
         )

@@ -79,10 +79,12 @@ def _print_summary(run_path: Path) -> None:
         echo(f"release    {found['release']}")
     ev = found.get("evaluation")
     if ev:
+        n_seeds = ev.get("classifier_seeds", 1)
         echo(
             f"utility    TSTR {ev['tstr']:.3f} / TRTR {ev['trtr']:.3f} = {ev['ratio']:.2f} "
             f"(chance {ev['chance']:.3f}; "
-            f"above chance {'n/a' if ev.get('above_chance') is None else format(ev['above_chance'], '.2f')}); "
+            f"above chance {'n/a' if ev.get('above_chance') is None else format(ev['above_chance'], '.2f')}"
+            f"{f', mean of {n_seeds} classifier seeds' if n_seeds > 1 else ''}); "
             f"Fréchet distance {ev['fd']:.2f} (real vs real {ev['fd_real']:.2f})"
         )
 

@@ -1,7 +1,10 @@
 """Is the released synthetic set worth using? Utility, fidelity and diversity against real data.
 
 - TSTR / TRTR: one fixed CNN classifier (below) trained on the released synthetic set and,
-  beside it, on the real training split; both tested on the real held-out split. Model selection
+  beside it, on the real training split; both tested on the real held-out split, each trained
+  with `evaluation.classifier_seeds` seeds and reported as the mean with every seed beside it (one
+  classifier trained on a few hundred synthetic images can put the same samples anywhere between
+  0.26 and 1.00 above chance: the seed alone decides where the real images of a class fall). Model selection
   (early stopping) uses a validation split of each one's *own* training data, never the real test
   split (DPImageBench's rule). Reported: accuracy, macro one-vs-rest AUC, per-class recall, the
   TSTR/TRTR ratio, bootstrap 95 % intervals (over patients where ids exist) and each
@@ -195,7 +198,8 @@ def bootstrap_intervals(
     tstr_pred: np.ndarray, trtr_pred: np.ndarray, y: np.ndarray, groups: np.ndarray | None, n: int, seed: int
 ) -> dict | None:
     """95 % percentile intervals of TSTR and TRTR accuracy and of above chance, both classifiers
-    scored on the same resample of the held-out split (scipy.stats.bootstrap, paired). With
+    scored on the same resample of the held-out split (scipy.stats.bootstrap, paired); with
+    predictions of several classifier seeds ([seeds, n]) a unit's hits are their mean. With
     patient ids the resampled unit is the patient (a cluster bootstrap: slices of one patient are
     not independent); without, the image. The interval covers the test set's sampling only, not
     the DP noise of training (for that, the shipped recipes report two DP runs). None with
@@ -207,8 +211,9 @@ def bootstrap_intervals(
     if n_units < 2:  # one held-out patient: nothing to resample
         return None
     # Per unit: correct answers of each classifier and images per class; a resample sums units.
-    tstr_hits = np.bincount(units, weights=tstr_pred == y, minlength=n_units)
-    trtr_hits = np.bincount(units, weights=trtr_pred == y, minlength=n_units)
+    # Predictions may be [seeds, n]: a unit's hits are then the mean over the classifier seeds.
+    tstr_hits = np.bincount(units, weights=(np.atleast_2d(tstr_pred) == y).mean(0), minlength=n_units)
+    trtr_hits = np.bincount(units, weights=(np.atleast_2d(trtr_pred) == y).mean(0), minlength=n_units)
     per_class = np.zeros((n_units, n_classes))
     np.add.at(per_class, (units, y), 1.0)
 
@@ -278,6 +283,61 @@ class EvaluationResult:
     path: Path
 
 
+def above_chance(tstr: float, trtr: float, chance: float) -> float:
+    """(TSTR − chance)/(TRTR − chance): 0 for a classifier no better than always answering the
+    majority class (which the plain ratio can hide on an imbalanced test split), 1 for TSTR = TRTR;
+    NaN where TRTR itself is at chance."""
+    return (tstr - chance) / (trtr - chance) if trtr > chance else float("nan")
+
+
+@dataclass
+class _Fit:
+    """One classifier seed: TRTR and TSTR trained with it, and their answers on the test split."""
+
+    seed: int
+    trtr_model: Classifier
+    trtr_probs: np.ndarray
+    tstr_probs: np.ndarray
+    test_feats: np.ndarray
+    info: dict
+
+
+def _fit_pair(
+    real_x, real_y, synth_x, synth_y, test_x, n_classes: int, cfg: EvaluationConfig, seed: int
+) -> _Fit:
+    classifier = cfg.classifier.model_copy(update={"seed": seed})
+    trtr_model, trtr_info = train_classifier(real_x, real_y, n_classes, classifier, cfg.val_fraction)
+    tstr_model, tstr_info = train_classifier(synth_x, synth_y, n_classes, classifier, cfg.val_fraction)
+    trtr_probs, test_feats = predict(trtr_model, test_x)
+    tstr_probs = predict(tstr_model, test_x)[0]
+    return _Fit(seed, trtr_model, trtr_probs, tstr_probs, test_feats, {"trtr": trtr_info, "tstr": tstr_info})
+
+
+def _over_seeds(fits: list[_Fit], which: str, y: np.ndarray, names: list[str]) -> dict:
+    """The classifier's figures averaged over the seeds (accuracy, macro AUC, per-class recall),
+    each seed's own beside them, and the first seed's training curve."""
+    runs = [classification_metrics(getattr(f, f"{which}_probs"), y, names) for f in fits]
+    return {
+        "accuracy": float(np.mean([r["accuracy"] for r in runs])),
+        "macro_auc": float(np.mean([r["macro_auc"] for r in runs])),
+        "per_class_recall": {n: float(np.mean([r["per_class_recall"][n] for r in runs])) for n in names},
+        "chance_accuracy": runs[0]["chance_accuracy"],
+        "classifier_seeds": [f.seed for f in fits],
+        "per_seed": [
+            {
+                "seed": f.seed,
+                "accuracy": r["accuracy"],
+                "macro_auc": r["macro_auc"],
+                "per_class_recall": r["per_class_recall"],
+                "epochs_run": f.info[which]["epochs_run"],
+                "best_val_accuracy": f.info[which]["best_val_accuracy"],
+            }
+            for f, r in zip(fits, runs, strict=True)
+        ],
+        "classifier": fits[0].info[which],
+    }
+
+
 def evaluate_arrays(
     synth_u8: np.ndarray, synth_y: np.ndarray, images: ImageSet, cfg: EvaluationConfig, threshold: float
 ) -> dict:
@@ -296,18 +356,16 @@ def evaluate_arrays(
     test_x = uint8_to_model_range(quantize(images.heldout_images))
     test_y = images.heldout_labels
 
-    trtr_model, trtr_info = train_classifier(real_x, real_y, n_classes, cfg.classifier, cfg.val_fraction)
-    tstr_model, tstr_info = train_classifier(synth_x, synth_y, n_classes, cfg.classifier, cfg.val_fraction)
-    trtr_probs, test_feats = predict(trtr_model, test_x)
-    tstr_probs, _ = predict(tstr_model, test_x)
-    trtr = {**classification_metrics(trtr_probs, test_y, names), "classifier": trtr_info}
-    tstr = {**classification_metrics(tstr_probs, test_y, names), "classifier": tstr_info}
+    seeds = [cfg.classifier.seed + i for i in range(cfg.classifier_seeds)]
+    fits = [_fit_pair(real_x, real_y, synth_x, synth_y, test_x, n_classes, cfg, s) for s in seeds]
+    trtr, tstr = _over_seeds(fits, "trtr", test_y, names), _over_seeds(fits, "tstr", test_y, names)
     intervals = None
     if cfg.bootstrap_resamples:
         intervals = bootstrap_intervals(
-            tstr_probs.argmax(1), trtr_probs.argmax(1), test_y, images.heldout_groups(),
-            cfg.bootstrap_resamples, cfg.classifier.seed,
+            np.stack([f.tstr_probs.argmax(1) for f in fits]), np.stack([f.trtr_probs.argmax(1) for f in fits]),
+            test_y, images.heldout_groups(), cfg.bootstrap_resamples, cfg.classifier.seed,
         )  # fmt: skip
+    trtr_model, test_feats = fits[0].trtr_model, fits[0].test_feats
 
     # Fidelity in the TRTR classifier's feature space.
     pick = random_subset(len(test_feats), cfg.max_real_features, cfg.classifier.seed + 1)
@@ -333,14 +391,12 @@ def evaluate_arrays(
         "nn_distance_median": float(np.median(nn_synth)),
     }
     ratio = tstr["accuracy"] / trtr["accuracy"] if trtr["accuracy"] > 0 else float("nan")
-    # Above chance: 0 for a classifier no better than always answering the majority class
-    # (which the plain ratio can hide on an imbalanced test split), 1 for TSTR = TRTR.
     chance = tstr["chance_accuracy"]
-    skill = (
-        (tstr["accuracy"] - chance) / (trtr["accuracy"] - chance)
-        if trtr["accuracy"] > chance
-        else float("nan")
-    )
+    skill = above_chance(tstr["accuracy"], trtr["accuracy"], chance)
+    per_seed = [
+        above_chance(a["accuracy"], b["accuracy"], chance)
+        for a, b in zip(tstr["per_seed"], trtr["per_seed"], strict=True)
+    ]
     return {
         "class_names": names,
         "n_synthetic": int(len(synth_y)),
@@ -350,6 +406,7 @@ def evaluate_arrays(
         "trtr": trtr,
         "tstr_over_trtr_accuracy": ratio,
         "tstr_over_trtr_above_chance": skill,
+        "above_chance_per_seed": per_seed,
         "intervals": intervals,
         "fidelity": fidelity,
         "diversity": diversity,

@@ -248,13 +248,16 @@ class EvaluationRecord(Record):
     private: bool | None = None
     """Whether the run carries the DP guarantee."""
     tstr: dict[str, Any]
-    """Train on synthetic, test on real: accuracy, chance accuracy, ..."""
+    """Train on synthetic, test on real: accuracy, chance accuracy, ... (the mean over the
+    classifier seeds; each seed's figures under `per_seed`)."""
     trtr: dict[str, Any]
-    """Train on real, test on real: accuracy, ..."""
+    """Train on real, test on real: accuracy, ... (as `tstr`)."""
     tstr_over_trtr_accuracy: Number
     """TSTR accuracy over TRTR accuracy."""
     tstr_over_trtr_above_chance: Number | None = None
     """The same ratio above chance (None where TRTR is at chance)."""
+    above_chance_per_seed: list[Number | None] | None = None
+    """Above chance of each classifier seed alone (TSTR and TRTR trained with that seed)."""
     intervals: dict[str, Any] | None = None
     """Bootstrap 95 % intervals of TSTR, TRTR and above chance over the held-out split (None when
     `evaluation.bootstrap_resamples` is 0)."""

@@ -393,6 +393,7 @@ def summary(run_dir: RunDir) -> dict:
             "ratio": ev.tstr_over_trtr_accuracy,
             "above_chance": ev.tstr_over_trtr_above_chance,
             "chance": ev.tstr["chance_accuracy"],
+            "classifier_seeds": len(ev.tstr.get("per_seed", [None])),
             "fd": ev.fidelity["frechet_distance"],
             "fd_real": ev.fidelity["frechet_distance_real_train_vs_heldout"],
         }

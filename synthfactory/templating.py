@@ -8,7 +8,8 @@ from __future__ import annotations
 def environment(markdown: bool = False, strict: bool = False):
     """A Jinja2 environment over synthfactory/templates: HTML autoescaped, Markdown verbatim (no
     trailing newline added); filter `pct`. `strict`: a name or key the context lacks is an error,
-    not an empty string (what goes public must not lose a figure silently)."""
+    not an empty string (what goes public must not lose a figure silently). Filters: `pct`, and
+    `fmt3` (three decimals, for a list of figures through `map`)."""
     from jinja2 import Environment, PackageLoader, StrictUndefined, Undefined
 
     env = Environment(
@@ -18,4 +19,5 @@ def environment(markdown: bool = False, strict: bool = False):
         undefined=StrictUndefined if strict else Undefined,
     )
     env.filters["pct"] = lambda x: f"{x:.0%}"
+    env.filters["fmt3"] = lambda x: "n/a" if x is None else f"{x:.3f}"
     return env
