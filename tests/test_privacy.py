@@ -203,12 +203,14 @@ def test_poisson_sampler_varies_batch_size_around_q_n() -> None:
 
 
 # (history, δ) → (RDP ε, PRV ε), recorded from Opacus 1.6's RDPAccountant and PRVAccountant:
-# the tiny test run, the CT recipe's DP-SGD, the warm start's query, and the demo's composition.
+# the tiny test run, the CT recipe's DP-SGD, the warm start's query, and the demo's composition
+# (before 2026-12-06: warm start σ 3; since: σ 1, DP-SGD σ as the shipped demo calibrates it).
 RECORDED_EPSILON = [
     ([(1.0, 0.25, 4)], 1e-3, 3.1706480492783853, 2.518466837395082),
     ([(0.64, 1024 / 34561, 150)], 1e-6, 10.126325658066921, 8.82104211303142),
     ([(3.0, 1.0, 1)], 1e-5, 1.3862750468052074, 1.2811651012490097),
     ([(3.0, 1.0, 1), (1.08, 512 / 2000, 30)], 1e-5, 9.978204657195745, 8.968545404886337),
+    ([(1.0, 1.0, 1), (1.182861328125, 512 / 2000, 30)], 1e-5, 9.993642299509665, 9.094563506906553),
 ]
 
 
