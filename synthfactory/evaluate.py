@@ -194,6 +194,14 @@ def classification_metrics(probs: np.ndarray, y: np.ndarray, class_names: list[s
     }
 
 
+def above_chance(tstr, trtr, chance):
+    """(TSTR − chance)/(TRTR − chance), elementwise: 0 for a classifier no better than always
+    answering the majority class (which the plain ratio can hide on an imbalanced test split), 1
+    for TSTR = TRTR; NaN where TRTR itself is at chance."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(trtr > chance, np.subtract(tstr, chance) / np.subtract(trtr, chance), np.nan)
+
+
 def bootstrap_intervals(
     tstr_pred: np.ndarray, trtr_pred: np.ndarray, y: np.ndarray, groups: np.ndarray | None, n: int, seed: int
 ) -> dict | None:
@@ -221,10 +229,7 @@ def bootstrap_intervals(
         size = per_class[idx].sum(-2)  # [..., classes]
         total = size.sum(-1)
         tstr, trtr = tstr_hits[idx].sum(axis) / total, trtr_hits[idx].sum(axis) / total
-        chance = size.max(-1) / total
-        with np.errstate(divide="ignore", invalid="ignore"):
-            skill = np.where(trtr > chance, (tstr - chance) / (trtr - chance), np.nan)
-        return np.stack([tstr, trtr, skill])
+        return np.stack([tstr, trtr, above_chance(tstr, trtr, size.max(-1) / total)])
 
     res = bootstrap(
         (np.arange(n_units),), stats, n_resamples=n, vectorized=True, method="percentile",
@@ -283,23 +288,15 @@ class EvaluationResult:
     path: Path
 
 
-def above_chance(tstr: float, trtr: float, chance: float) -> float:
-    """(TSTR − chance)/(TRTR − chance): 0 for a classifier no better than always answering the
-    majority class (which the plain ratio can hide on an imbalanced test split), 1 for TSTR = TRTR;
-    NaN where TRTR itself is at chance."""
-    return (tstr - chance) / (trtr - chance) if trtr > chance else float("nan")
-
-
 @dataclass
 class _Fit:
     """One classifier seed: TRTR and TSTR trained with it, and their answers on the test split."""
 
     seed: int
     trtr_model: Classifier
-    trtr_probs: np.ndarray
-    tstr_probs: np.ndarray
-    test_feats: np.ndarray
-    info: dict
+    test_feats: np.ndarray  # the TRTR classifier's penultimate features of the test split
+    probs: dict[str, np.ndarray]  # "trtr" / "tstr" → class probabilities on the test split
+    info: dict[str, dict]  # "trtr" / "tstr" → train_classifier's record
 
 
 def _fit_pair(
@@ -309,14 +306,14 @@ def _fit_pair(
     trtr_model, trtr_info = train_classifier(real_x, real_y, n_classes, classifier, cfg.val_fraction)
     tstr_model, tstr_info = train_classifier(synth_x, synth_y, n_classes, classifier, cfg.val_fraction)
     trtr_probs, test_feats = predict(trtr_model, test_x)
-    tstr_probs = predict(tstr_model, test_x)[0]
-    return _Fit(seed, trtr_model, trtr_probs, tstr_probs, test_feats, {"trtr": trtr_info, "tstr": tstr_info})
+    probs = {"trtr": trtr_probs, "tstr": predict(tstr_model, test_x)[0]}
+    return _Fit(seed, trtr_model, test_feats, probs, {"trtr": trtr_info, "tstr": tstr_info})
 
 
 def _over_seeds(fits: list[_Fit], which: str, y: np.ndarray, names: list[str]) -> dict:
     """The classifier's figures averaged over the seeds (accuracy, macro AUC, per-class recall),
     each seed's own beside them, and the first seed's training curve."""
-    runs = [classification_metrics(getattr(f, f"{which}_probs"), y, names) for f in fits]
+    runs = [classification_metrics(f.probs[which], y, names) for f in fits]
     return {
         "accuracy": float(np.mean([r["accuracy"] for r in runs])),
         "macro_auc": float(np.mean([r["macro_auc"] for r in runs])),
@@ -362,7 +359,7 @@ def evaluate_arrays(
     intervals = None
     if cfg.bootstrap_resamples:
         intervals = bootstrap_intervals(
-            np.stack([f.tstr_probs.argmax(1) for f in fits]), np.stack([f.trtr_probs.argmax(1) for f in fits]),
+            np.stack([f.probs["tstr"].argmax(1) for f in fits]), np.stack([f.probs["trtr"].argmax(1) for f in fits]),
             test_y, images.heldout_groups(), cfg.bootstrap_resamples, cfg.classifier.seed,
         )  # fmt: skip
     trtr_model, test_feats = fits[0].trtr_model, fits[0].test_feats
@@ -392,9 +389,9 @@ def evaluate_arrays(
     }
     ratio = tstr["accuracy"] / trtr["accuracy"] if trtr["accuracy"] > 0 else float("nan")
     chance = tstr["chance_accuracy"]
-    skill = above_chance(tstr["accuracy"], trtr["accuracy"], chance)
+    skill = float(above_chance(tstr["accuracy"], trtr["accuracy"], chance))
     per_seed = [
-        above_chance(a["accuracy"], b["accuracy"], chance)
+        float(above_chance(a["accuracy"], b["accuracy"], chance))
         for a, b in zip(tstr["per_seed"], trtr["per_seed"], strict=True)
     ]
     return {
