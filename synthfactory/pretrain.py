@@ -91,7 +91,10 @@ def pretrain(
         record = _public_stage(model, recipe, images, public, ledger, device, progress, run_dir.run_id)
     if recipe.warm_start is not None:
         asker = warmstart.Asker(run_dir.central_images, ledger, run_dir.run_id, own.key)
-        record["warm_start"] = warmstart.train_on_answer(model, recipe, images, asker, device, progress)
+        replay = public_examples(recipe, images, public) if recipe.warm_start.public_replay else None
+        record["warm_start"] = warmstart.train_on_answer(
+            model, recipe, images, asker, device, progress, replay
+        )
     model.to("cpu").eval()
     with atomic_directory(run_dir.pretrained) as tmp:
         model.save_pretrained(tmp / "unet")
@@ -145,6 +148,19 @@ def _record_public_data(ledger: RunLedger, recipe: Recipe, public: PublicData, r
     )
 
 
+def public_examples(
+    recipe: Recipe, images: ImageSet, public: PublicData | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The declared-public training images and the labels they are trained with: their own
+    classes when they are the private ones, else the null label (class-agnostic)."""
+    assert public is not None, "pretrain.data is needed (the recipe check says so)"
+    data = public.images
+    labels = torch.from_numpy(data.train_labels)
+    if data.class_names != images.class_names:
+        labels = torch.full_like(labels, null_class(recipe, len(images.class_names)))
+    return torch.from_numpy(data.train_images), labels
+
+
 def _train_on_public(model, recipe: Recipe, images: ImageSet, public: PublicData, device, progress) -> dict:
     """Non-private training on the declared-public images (class-conditional when their classes
     are the private ones, else with the null label)."""
@@ -152,10 +168,7 @@ def _train_on_public(model, recipe: Recipe, images: ImageSet, public: PublicData
     n_classes = len(images.class_names)
     data = public.images
     conditional = data.class_names == images.class_names
-    labels = torch.from_numpy(data.train_labels)
-    if not conditional:
-        labels = torch.full_like(labels, null_class(recipe, n_classes))
-    x_all = torch.from_numpy(data.train_images)
+    x_all, labels = public_examples(recipe, images, public)
     n = len(x_all)
     batch = min(cfg.expected_batch_size, n)
 

@@ -505,6 +505,10 @@ class WarmStartConfig(_Strict):
     """Augmentation: random translations up to ±shift px (full resolution)."""
     intensity: float = Field(0.1, ge=0, lt=1)
     """Augmentation: gain and offset up to ±this."""
+    public_replay: float = Field(0.0, ge=0, lt=1)
+    """Share of each batch drawn from `pretrain.data` (with the labels of the public stage) instead
+    of the class means, so that training on a few mean images does not overwrite what the public
+    stage learned. Needs `pretrain.data`; public images and the DP answer only: no further ε."""
     seed: Seed = 0
     """The pre-training's own randomness (not the mechanism's noise)."""
 
@@ -736,11 +740,8 @@ class Recipe(_Strict):
                 "sampling.class_proportions: dp_counts takes the class counts from the warm start; "
                 "add a warm_start block or use equal"
             )
-        if self.warm_start is not None and self.warm_start.image_size > self.data.image_size:
-            raise ValueError(
-                f"warm_start.image_size: {self.warm_start.image_size} exceeds data.image_size "
-                f"{self.data.image_size}"
-            )
+        if self.warm_start is not None:
+            self._check_warm_start(self.warm_start)
         if (
             self.privacy.enabled
             and self.privacy.noise_multiplicity > 1
@@ -751,6 +752,17 @@ class Recipe(_Strict):
                 "8192 rows per forward pass"
             )
         return self
+
+    def _check_warm_start(self, ws: WarmStartConfig) -> None:
+        if ws.public_replay and (self.pretrain is None or self.pretrain.data is None):
+            raise ValueError(
+                "warm_start.public_replay: replays images of pretrain.data; add a pretrain.data "
+                "block or set it to 0"
+            )
+        if ws.image_size > self.data.image_size:
+            raise ValueError(
+                f"warm_start.image_size: {ws.image_size} exceeds data.image_size {self.data.image_size}"
+            )
 
     @property
     def dp_sgd(self) -> bool:

@@ -227,15 +227,22 @@ def record(central: CentralImages, cfg: WarmStartConfig) -> dict:
         "noise": central.noise_source,
         "noisy_counts": [round(float(c), 1) for c in central.counts],
         "steps": cfg.steps,
+        "public_replay": cfg.public_replay,
         "statement": f"pre-training without DP-SGD for {cfg.steps} steps on the {len(central.counts)} "
-        "DP class-mean images of the warm start (covered by ε: the query is in the accountant)",
+        "DP class-mean images of the warm start (covered by ε: the query is in the accountant)"
+        + (
+            f", {cfg.public_replay:.0%} of each batch replayed from the public images"
+            if cfg.public_replay
+            else ""
+        ),
     }
 
 
-def train_on_answer(model, recipe: Recipe, images, asker: Asker, device, progress: bool) -> dict:
+def train_on_answer(model, recipe: Recipe, images, asker: Asker, device, progress: bool, replay=None) -> dict:
     """The warm start stage: answer the central-image query once (ledger first), then train the
-    model on the noisy class means, augmented, without DP-SGD (post-processing). Returns its
-    ledger entry's detail."""
+    model on the noisy class means, augmented, without DP-SGD (post-processing). `replay`: the
+    public stage's (images, labels), of which `public_replay` of each batch is drawn. Returns
+    its ledger entry's detail."""
     cfg = recipe.warm_start
     assert cfg is not None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would answer the query with its own noise
@@ -247,9 +254,15 @@ def train_on_answer(model, recipe: Recipe, images, asker: Asker, device, progres
     central = answered_once(asker, images.train_images, images.train_labels, recipe, n_classes)
     x, y = training_images(central, images.image_size)
 
+    n_public = round(cfg.public_replay * cfg.expected_batch_size) if replay is not None else 0
+
     def draw(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = torch.randint(0, len(x), (cfg.expected_batch_size,), generator=gen)
-        return augment(x[idx], cfg.shift, cfg.intensity, gen), y[idx]
+        idx = torch.randint(0, len(x), (cfg.expected_batch_size - n_public,), generator=gen)
+        xb, yb = augment(x[idx], cfg.shift, cfg.intensity, gen), y[idx]
+        if n_public:
+            pub = torch.randint(0, len(replay[0]), (n_public,), generator=gen)
+            xb, yb = torch.cat([xb, replay[0][pub]]), torch.cat([yb, replay[1][pub]])
+        return xb, yb
 
     plain_training(model, recipe, n_classes, device, (cfg.steps, cfg.learning_rate, cfg.seed), draw, progress)
     return record(central, cfg)

@@ -239,3 +239,51 @@ def test_the_warm_start_refuses_to_run_on_several_ranks(tmp_path, monkeypatch):
     with pytest.raises(RecipeError, match="one process"):
         run_stage("pretrain", checked, run_dir, StageOptions(progress=False))
     assert not (run_dir.central_images).exists()
+
+
+def test_public_replay_mixes_public_images_into_each_warm_start_batch(tmp_path, monkeypatch):
+    """With `warm_start.public_replay`, that share of every warm-start batch is public images
+    (pretrain.data, with the labels the public stage used) and the rest the DP class means;
+    pretrain.json says so."""
+    from test_train import PUBLIC_PHANTOMS
+
+    ws = {"noise_multiplier": 2.0, "image_size": 8, "steps": 2, "expected_batch_size": 8,
+          "public_replay": 0.25, "shift": 0, "intensity": 0.0}  # fmt: skip
+    checked = check(
+        _write(tmp_path, tiny_recipe(warm_start=ws, pretrain={"data": PUBLIC_PHANTOMS, "steps": 1}))
+    )
+    run_dir = create_run(checked, tmp_path / "runs")
+    run_stage("data", checked, run_dir, StageOptions(progress=False))
+    batches = []
+    real_training = warmstart.plain_training
+
+    def spy(model, recipe, n_classes, device, run, draw, progress):
+        batches.append(draw(torch.Generator().manual_seed(0)))
+        real_training(model, recipe, n_classes, device, run, draw, progress)
+
+    monkeypatch.setattr(warmstart, "plain_training", spy)
+    run_stage("pretrain", checked, run_dir, StageOptions(progress=False))
+    ((xb, yb),) = batches
+    public = checked.public.images
+    pub_x, pub_y = torch.from_numpy(public.train_images).flatten(1), torch.from_numpy(public.train_labels)
+    means, mean_y = warmstart.training_images(warmstart.load(run_dir.central_images), 16)
+    matches = [(pub_x == row).all(dim=1).nonzero().flatten() for row in xb.flatten(1)]
+    assert [len(m) > 0 for m in matches] == [False] * 6 + [True] * 2  # 25 % of 8 rows are public
+    assert all(yb[i] == pub_y[m[0]] for i, m in enumerate(matches) if len(m))
+    for row, label in zip(
+        xb[:6], yb[:6], strict=True
+    ):  # the others are the class means (no augmentation here)
+        assert torch.equal(row, means[label])
+    record = read_json(run_dir.pretrained / "pretrain.json")
+    assert (
+        record["warm_start"]["public_replay"] == 0.25
+        and "25% of each batch" in record["warm_start"]["statement"]
+    )
+
+
+def test_public_replay_needs_public_data(tmp_path):
+    from synthfactory.recipe import RecipeError, load_recipe
+
+    ws = {"noise_multiplier": 2.0, "image_size": 8, "public_replay": 0.5}
+    with pytest.raises(RecipeError, match="public_replay"):
+        load_recipe(_write(tmp_path, tiny_recipe(warm_start=ws)))
