@@ -161,6 +161,14 @@ def public_examples(
     return torch.from_numpy(data.train_images), labels
 
 
+def classes_from_null(model, n_classes: int) -> None:
+    """Set every class's row of the class embedding to the null label's row (index n_classes), the
+    only one a class-agnostic stage trained: each class then starts as the public prior."""
+    with torch.no_grad():
+        weight = model.class_embedding.weight
+        weight[:n_classes] = weight[n_classes]
+
+
 def _train_on_public(model, recipe: Recipe, images: ImageSet, public: PublicData, device, progress) -> dict:
     """Non-private training on the declared-public images (class-conditional when their classes
     are the private ones, else with the null label)."""
@@ -177,6 +185,9 @@ def _train_on_public(model, recipe: Recipe, images: ImageSet, public: PublicData
         return x_all[idx], labels[idx]
 
     plain_training(model, recipe, n_classes, device, (cfg.steps, cfg.learning_rate, cfg.seed), draw, progress)
+    from_null = not conditional and cfg.class_embeddings == "from_null"
+    if from_null:
+        classes_from_null(model, n_classes)
     release = public.verdict.kind == "composed"
     statement = (
         f"pre-training without DP on {n} images from the {cfg.data.source} source, "
@@ -187,6 +198,7 @@ def _train_on_public(model, recipe: Recipe, images: ImageSet, public: PublicData
         )
         + f" ({cfg.steps} steps; "
         + ("class-conditional" if conditional else "class-agnostic, null label")
+        + ("; every class's embedding then set to the null label's" if from_null else "")
         + "); screened against every private image, training and held-out: no copy or near-copy found"
     )
     return {
@@ -196,6 +208,7 @@ def _train_on_public(model, recipe: Recipe, images: ImageSet, public: PublicData
         "n_images": n,
         "classes": data.class_names,
         "class_conditional": conditional,
+        "class_embeddings": "from_null" if from_null else ("trained" if conditional else "random"),
         "steps": cfg.steps,
         "manifest_sha256": data.manifest_sha256(),
         "from_release": release,

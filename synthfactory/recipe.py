@@ -472,11 +472,18 @@ class PretrainConfig(_Strict):
     """Learning rate of the public stage."""
     seed: Seed = 0
     """Seed of the public stage."""
+    class_embeddings: Literal["random", "from_null"] = "random"
+    """After a class-agnostic public stage (other class names than the private ones), where the class
+    rows of the class embedding start: `random` (as initialised, never trained) or `from_null` (each
+    a copy of the null label's row, the one the public stage trained, so every class starts as the
+    public prior and the private stages move them apart)."""
 
     @model_validator(mode="after")
     def _check(self) -> PretrainConfig:
         if (self.data is None) == (self.checkpoint is None):
             raise ValueError("data: give exactly one of 'data' (public images) or 'checkpoint'")
+        if self.class_embeddings == "from_null" and self.data is None:
+            raise ValueError("class_embeddings: from_null follows a class-agnostic pretrain.data stage")
         return self
 
 
@@ -719,17 +726,7 @@ class Recipe(_Strict):
                 "set training.label_dropout > 0 or guidance_scale: 1.0"
             )
         if self.pretrain is not None and self.pretrain.data is not None:
-            pd = self.pretrain.data
-            if pd.image_size != self.data.image_size:
-                raise ValueError(
-                    f"pretrain.data.image_size: {pd.image_size} differs from data.image_size "
-                    f"{self.data.image_size}"
-                )
-            if pd.classes != self.data.classes and self.training.label_dropout == 0:
-                raise ValueError(
-                    "pretrain.data.classes: differ from data.classes, so pre-training is "
-                    "class-agnostic (the null label), which needs training.label_dropout > 0"
-                )
+            self._check_public_data(self.pretrain)
         if self.training.lora is not None and self.pretrain is None and self.warm_start is None:
             raise ValueError(
                 "training.lora: adapters on a randomly initialised UNet learn nothing the full "
@@ -752,6 +749,24 @@ class Recipe(_Strict):
                 "8192 rows per forward pass"
             )
         return self
+
+    def _check_public_data(self, pre: PretrainConfig) -> None:
+        pd = pre.data
+        if pd.image_size != self.data.image_size:
+            raise ValueError(
+                f"pretrain.data.image_size: {pd.image_size} differs from data.image_size "
+                f"{self.data.image_size}"
+            )
+        if pd.classes != self.data.classes and self.training.label_dropout == 0:
+            raise ValueError(
+                "pretrain.data.classes: differ from data.classes, so pre-training is "
+                "class-agnostic (the null label), which needs training.label_dropout > 0"
+            )
+        if pd.classes == self.data.classes and pre.class_embeddings == "from_null":
+            raise ValueError(
+                "pretrain.class_embeddings: from_null needs a class-agnostic public stage, but "
+                "pretrain.data has the private classes (class-conditional pre-training)"
+            )
 
     def _check_warm_start(self, ws: WarmStartConfig) -> None:
         if ws.public_replay and (self.pretrain is None or self.pretrain.data is None):

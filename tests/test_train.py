@@ -549,3 +549,51 @@ def test_the_trainer_draws_poisson_batches_of_the_whole_training_set(tmp_path: P
     assert counts.min() >= 1 and abs(counts.mean() - q * steps) < 1.5
     assert any(max(b) >= len(b) for b in seen if b)  # not a prefix of the training set
     assert abs(np.mean([i for b in seen for i in b]) - (n - 1) / 2) < 4
+
+
+@pytest.mark.parametrize("init", ["random", "from_null"])
+def test_class_agnostic_public_stage_can_start_every_class_at_the_null_label(
+    tmp_path: Path, init: str
+) -> None:
+    """After a class-agnostic public stage only the null label's embedding row was trained;
+    `pretrain.class_embeddings: from_null` copies it to every class row (each class starts as
+    the public prior), `random` leaves the untrained rows; pretrain.json says which."""
+    import numpy as np
+
+    from synthfactory.audit import quantize
+    from synthfactory.model import load_unet
+    from synthfactory.run import StageOptions, run_stage
+
+    other = check(write_recipe(tmp_path / "o", tiny_recipe(data__phantom__seed=42))).images.train_images
+    np.savez(tmp_path / "public.npz", train_images=quantize(other[:20]), train_labels=np.zeros(20, np.int64),
+             test_images=quantize(other[20:24]), test_labels=np.zeros(4, np.int64),
+             class_names=np.array(["unlabelled"]))  # fmt: skip
+    public = {
+        "source": "npz",
+        "image_size": 16,
+        "classes": ["unlabelled"],
+        "path": str(tmp_path / "public.npz"),
+    }
+    checked, run_dir = _fresh_run(
+        tmp_path,
+        "r",
+        pretrain={"data": public, "steps": 2, "expected_batch_size": 4, "class_embeddings": init},
+    )
+    run_stage("data", checked, run_dir, StageOptions(progress=False))
+    run_stage("pretrain", checked, run_dir, StageOptions(progress=False))
+    rows = load_unet(run_dir.pretrained / "unet").class_embedding.weight.detach()
+    assert rows.shape[0] == 3  # two classes and the null label
+    same = [torch.equal(rows[k], rows[2]) for k in range(2)]
+    assert same == ([True, True] if init == "from_null" else [False, False])
+    record = read_json(run_dir.pretrained / "pretrain.json")
+    assert record["class_embeddings"] == init and (
+        ("null label's" in record["statement"]) == (init == "from_null")
+    )
+
+
+def test_from_null_needs_a_class_agnostic_public_stage(tmp_path: Path) -> None:
+    from synthfactory.recipe import RecipeError
+
+    recipe = tiny_recipe(pretrain={"data": PUBLIC_PHANTOMS, "steps": 1, "class_embeddings": "from_null"})
+    with pytest.raises(RecipeError, match="class_embeddings: from_null needs a class-agnostic"):
+        check(write_recipe(tmp_path, recipe))
