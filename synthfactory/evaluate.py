@@ -209,10 +209,12 @@ def bootstrap_intervals(
     scored on the same resample of the held-out split (scipy.stats.bootstrap, paired); with
     predictions of several classifier seeds ([seeds, n]) a unit's hits are their mean. With
     patient ids the resampled unit is the patient (a cluster bootstrap: slices of one patient are
-    not independent); without, the image. The interval covers the test set's sampling only, not
-    the DP noise of training (for that, the shipped recipes report two DP runs). None with
-    fewer than two held-out units."""
-    from scipy.stats import bootstrap
+    not independent); without, the image. Chance in a resample is the share of the held-out
+    split's majority class in it (the baseline always answers that class). Above chance is
+    undefined in a resample where TRTR is not above chance: those are left out of its interval
+    and counted. The interval covers the test set's sampling only, not the DP noise of training
+    (for that, the shipped recipes report two DP runs). None with fewer than two held-out units."""
+    from scipy.stats import DegenerateDataWarning, bootstrap
 
     units = np.unique(groups, return_inverse=True)[1] if groups is not None else np.arange(len(y))
     n_units, n_classes = int(units.max()) + 1, int(y.max()) + 1
@@ -222,20 +224,24 @@ def bootstrap_intervals(
     # Predictions may be [seeds, n]: a unit's hits are then the mean over the classifier seeds.
     tstr_hits = np.bincount(units, weights=(np.atleast_2d(tstr_pred) == y).mean(0), minlength=n_units)
     trtr_hits = np.bincount(units, weights=(np.atleast_2d(trtr_pred) == y).mean(0), minlength=n_units)
-    per_class = np.zeros((n_units, n_classes))
-    np.add.at(per_class, (units, y), 1.0)
+    majority = np.bincount(
+        units, weights=(y == np.bincount(y, minlength=n_classes).argmax()), minlength=n_units
+    )
+    sizes = np.bincount(units, minlength=n_units).astype(float)
 
     def stats(idx: np.ndarray, axis: int = -1) -> np.ndarray:
-        size = per_class[idx].sum(-2)  # [..., classes]
-        total = size.sum(-1)
+        total = sizes[idx].sum(axis)
         tstr, trtr = tstr_hits[idx].sum(axis) / total, trtr_hits[idx].sum(axis) / total
-        return np.stack([tstr, trtr, above_chance(tstr, trtr, size.max(-1) / total)])
+        return np.stack([tstr, trtr, above_chance(tstr, trtr, majority[idx].sum(axis) / total)])
 
-    res = bootstrap(
-        (np.arange(n_units),), stats, n_resamples=n, vectorized=True, method="percentile",
-        confidence_level=0.95, random_state=np.random.default_rng(seed),
-    )  # fmt: skip
-    lo, hi = res.confidence_interval
+    with warnings.catch_warnings():  # NaN resamples warn; they are counted and left out below
+        warnings.simplefilter("ignore", DegenerateDataWarning)
+        res = bootstrap(
+            (np.arange(n_units),), stats, n_resamples=n, vectorized=True, method="percentile",
+            confidence_level=0.95, random_state=np.random.default_rng(seed),
+        )  # fmt: skip
+    dist = res.bootstrap_distribution  # [3, n]: scipy's percentile interval would be NaN with one NaN
+    lo, hi = np.nanpercentile(dist, [2.5, 97.5], axis=-1)
     names = ("tstr_accuracy", "trtr_accuracy", "tstr_over_trtr_above_chance")
     return {
         "confidence_level": 0.95,
@@ -243,6 +249,7 @@ def bootstrap_intervals(
         "unit": "patient" if groups is not None else "image",
         "n_units": n_units,
         **{k: [float(a), float(b)] for k, a, b in zip(names, lo, hi, strict=True)},
+        "above_chance_undefined_resamples": int(np.isnan(dist[2]).sum()),
         "covers": "the held-out split's sampling only, not the DP noise of training",
     }
 
