@@ -5,8 +5,9 @@ one row per label, the null label first, from the same seeds.
     python benchmarks/prior_drift.py RUN_DIR OUT.png [--per-label 6]
 
 Every image is drawn from public or DP-trained weights (covered by ε; no real image is shown), so
-the figure may be published. It is how docs/results.md (MRI, rows ¹⁹–²¹) saw that 90 DP-SGD
-steps at the recipes' learning rate turn the public stage's brain slices into texture.
+the figure may be published. It is how docs/results.md (MRI, "What DP-SGD does to the public
+prior", rows ²⁰, ²¹, ²³, ²⁴) saw that 90 DP-SGD steps turn the public stage's brain slices into
+texture.
 """
 
 from __future__ import annotations

@@ -40,10 +40,11 @@ def main() -> None:
     cfg = checked.recipe.evaluation.model_copy(update={"classifier_seeds": args.seeds})
     ev = evaluate_arrays(synth, labels, images, cfg, threshold=0.0)
     ci = ev["intervals"]["tstr_over_trtr_above_chance"] if ev.get("intervals") else None
+    interval = f"95 % {ci[0]:.2f}–{ci[1]:.2f}" if ci else "no interval: fewer than two held-out units"
     print(f"release    {args.release} ({len(labels)} images)")
     print(f"TRTR       {ev['trtr']['accuracy']:.3f}   TSTR {ev['tstr']['accuracy']:.3f}   "
           f"(mean of {args.seeds} classifier seeds)")  # fmt: skip
-    print(f"above      {ev['tstr_over_trtr_above_chance']:.2f} (95 % {ci[0]:.2f}–{ci[1]:.2f}); per seed "
+    print(f"above      {ev['tstr_over_trtr_above_chance']:.2f} ({interval}); per seed "
           + ", ".join(f"{v:.2f}" for v in ev["above_chance_per_seed"]))  # fmt: skip
     print("recall     " + ", ".join(f"{c} {v:.2f}" for c, v in ev["tstr"]["per_class_recall"].items())
           + f"; macro AUC {ev['tstr']['macro_auc']:.2f}")  # fmt: skip

@@ -266,13 +266,12 @@ def test_public_replay_mixes_public_images_into_each_warm_start_batch(tmp_path, 
     ((xb, yb),) = batches
     public = checked.public.images
     pub_x, pub_y = torch.from_numpy(public.train_images).flatten(1), torch.from_numpy(public.train_labels)
-    means, mean_y = warmstart.training_images(warmstart.load(run_dir.central_images), 16)
+    means, _ = warmstart.training_images(warmstart.load(run_dir.central_images), 16)
     matches = [(pub_x == row).all(dim=1).nonzero().flatten() for row in xb.flatten(1)]
     assert [len(m) > 0 for m in matches] == [False] * 6 + [True] * 2  # 25 % of 8 rows are public
     assert all(yb[i] == pub_y[m[0]] for i, m in enumerate(matches) if len(m))
-    for row, label in zip(
-        xb[:6], yb[:6], strict=True
-    ):  # the others are the class means (no augmentation here)
+    # The other rows are the class means (no augmentation here).
+    for row, label in zip(xb[:6], yb[:6], strict=True):
         assert torch.equal(row, means[label])
     record = read_json(run_dir.pretrained / "pretrain.json")
     assert (
