@@ -5,6 +5,7 @@ with the evaluate stage's own TSTR over several classifier seeds.
     synthfactory create recipes/demo.yaml --out DIR --set data.phantom.seed=1 [--set ...]
     synthfactory pretrain RUN_DIR -q && synthfactory train RUN_DIR -q
     python benchmarks/demo_selection.py RUN_DIR [--checkpoint pretrained|final] [--seeds 3]
+        [--guidance W ...]
 
 `pretrained` is the warm-started model before DP-SGD ("warm start alone"), `final` the trained
 generator. Use another phantom draw than the demo's own (`data.phantom.seed=1`): the held-out
@@ -18,6 +19,7 @@ import argparse
 import numpy as np
 import torch
 
+from synthfactory.audit import quantize
 from synthfactory.evaluate import evaluate_arrays
 from synthfactory.model import (
     build_noise_scheduler,
@@ -28,7 +30,7 @@ from synthfactory.model import (
 )
 from synthfactory.pipeline import to_uint8
 from synthfactory.run import open_run
-from synthfactory.sample import ddim_sample, sample_seed
+from synthfactory.sample import ddim_sample, sample_seed, uint8_to_model_range
 
 
 def main() -> None:
@@ -37,6 +39,10 @@ def main() -> None:
     ap.add_argument("--checkpoint", choices=["pretrained", "final"], default="final")
     ap.add_argument("--seeds", type=int, default=3, help="classifier seeds")
     ap.add_argument("--per-class", type=int, default=100)
+    ap.add_argument(
+        "--guidance", type=float, nargs="+", default=[1.0],
+        help="classifier-free guidance scales to score (the same noise for each); 1 = none",
+    )  # fmt: skip
     args = ap.parse_args()
     checked, run_dir = open_run(args.run_dir)
     recipe, images = checked.recipe, checked.images
@@ -49,22 +55,29 @@ def main() -> None:
             build_noise_scheduler(recipe.model),
         )
     labels = np.repeat(np.arange(n_classes), args.per_class)
-    with torch.no_grad():
-        x = ddim_sample(
-            model, sampling_scheduler(train_scheduler), torch.from_numpy(labels),
-            [sample_seed(123, i) for i in range(len(labels))], recipe.sampling.ddim_steps,
-            images.image_size, 1.0, null_class(recipe, n_classes),
-        )  # fmt: skip
-    cfg = recipe.evaluation.model_copy(update={"classifier_seeds": args.seeds, "bootstrap_resamples": 0})
-    ev = evaluate_arrays(to_uint8(x), labels, images, cfg, threshold=0.0)
-    per_seed = ev["above_chance_per_seed"]
-    recall = " | ".join(
-        " ".join(f"{c} {v:.2f}" for c, v in s["per_class_recall"].items()) for s in ev["tstr"]["per_seed"]
-    )
-    print(
-        f"{args.checkpoint}: above chance per classifier seed {', '.join(f'{v:.2f}' for v in per_seed)} "
-        f"(mean {np.mean(per_seed):.2f}); TSTR recall per seed: {recall}"
-    )
+    real = uint8_to_model_range(quantize(images.train_images))
+    print("real training images, mean pixel per class " + " ".join(
+        f"{real[images.train_labels == c].mean():.3f}" for c in range(n_classes)))  # fmt: skip
+    for w in args.guidance:
+        with torch.no_grad():
+            x = ddim_sample(
+                model, sampling_scheduler(train_scheduler), torch.from_numpy(labels),
+                [sample_seed(123, i) for i in range(len(labels))], recipe.sampling.ddim_steps,
+                images.image_size, w, null_class(recipe, n_classes),
+            )  # fmt: skip
+        cfg = recipe.evaluation.model_copy(update={"classifier_seeds": args.seeds, "bootstrap_resamples": 0})
+        ev = evaluate_arrays(to_uint8(x), labels, images, cfg, threshold=0.0)
+        per_seed = ev["above_chance_per_seed"]
+        recall = " | ".join(
+            " ".join(f"{c} {v:.2f}" for c, v in s["per_class_recall"].items()) for s in ev["tstr"]["per_seed"]
+        )
+        print(
+            f"{args.checkpoint}, guidance {w:g}: above chance per classifier seed "
+            f"{', '.join(f'{v:.2f}' for v in per_seed)} (mean {np.mean(per_seed):.2f}); "
+            f"TSTR recall per seed: {recall}; mean pixel per class "
+            + " ".join(f"{x[labels == c].mean():.3f}" for c in range(n_classes)),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
