@@ -55,6 +55,7 @@ def main() -> None:
             build_noise_scheduler(recipe.model),
         )
     labels = np.repeat(np.arange(n_classes), args.per_class)
+    cfg = recipe.evaluation.model_copy(update={"classifier_seeds": args.seeds, "bootstrap_resamples": 0})
     real = uint8_to_model_range(quantize(images.train_images))
     print("real training images, mean pixel per class " + " ".join(
         f"{real[images.train_labels == c].mean():.3f}" for c in range(n_classes)))  # fmt: skip
@@ -65,7 +66,6 @@ def main() -> None:
                 [sample_seed(123, i) for i in range(len(labels))], recipe.sampling.ddim_steps,
                 images.image_size, w, null_class(recipe, n_classes),
             )  # fmt: skip
-        cfg = recipe.evaluation.model_copy(update={"classifier_seeds": args.seeds, "bootstrap_resamples": 0})
         ev = evaluate_arrays(to_uint8(x), labels, images, cfg, threshold=0.0)
         per_seed = ev["above_chance_per_seed"]
         recall = " | ".join(

@@ -78,7 +78,7 @@ def _epsilon_one_sets(recipe_path: Path) -> list[str]:
 
 # Recipes whose ε = 1 line must also make room for the warm start's DP query. (CT has none, and its
 # check screens the public pre-training split against 34,561 private images: minutes, not seconds.)
-WARM_STARTED = [p for p in RECIPES if load_recipe(p).warm_start and load_recipe(p).data.source != "phantom"]
+WARM_STARTED = [p for p in RECIPES if (r := load_recipe(p)).warm_start and r.data.source != "phantom"]
 
 
 @pytest.mark.parametrize("recipe_path", WARM_STARTED, ids=lambda p: p.stem)
