@@ -7,9 +7,17 @@ import sys
 from tqdm.auto import tqdm
 
 
+class _Bar(tqdm):
+    """tqdm whose postfix waits for the next timed refresh: tqdm's own `set_postfix` redraws the
+    bar at once, which in a log is one line per training step whatever `mininterval` says."""
+
+    def set_postfix(self, ordered_dict=None, refresh: bool = False, **kwargs) -> None:
+        super().set_postfix(ordered_dict, refresh=refresh, **kwargs)
+
+
 def progress_bar(total: int, desc: str, unit: str, enabled: bool = True, initial: int = 0) -> tqdm:
     live = sys.stderr.isatty()
-    return tqdm(
+    return _Bar(
         total=total,
         initial=initial,
         desc=desc,
