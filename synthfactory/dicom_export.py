@@ -11,7 +11,8 @@ Per file:
   SYN (synthetic image); new UIDs for study (one per run), series (one per class) and instance —
   derived from the run id, class and sample index under pydicom's UID root, never from an input;
 - `Modality` from the recipe (MR, CT, US); `ImageType` DERIVED\\SECONDARY;
-- synthetic markers: `PatientName` SYNTHETIC^<recipe name>, `PatientID` SF-<run id>,
+- synthetic markers: `SyntheticData` (0008,001C) YES, the standard attribute (SOP Common module,
+  DICOM 2023b), set by keyword from pydicom's dictionary; `PatientName` SYNTHETIC^<recipe name>, `PatientID` SF-<run id>,
   `PatientIdentityRemoved` YES, `DeidentificationMethod` naming synthfactory,
   `BurnedInAnnotation` NO; patient birth date and sex empty (type 2);
 - the class: `SeriesDescription` "synthetic <class>", and in the private block
@@ -143,6 +144,7 @@ def _mark_synthetic(ds: Dataset, modality: str, recipe_name: str, created: datet
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.Modality = MODALITY[modality]
     ds.ConversionType = "SYN"
+    ds.SyntheticData = "YES"  # (0008,001C), SOP Common, since 2023: what viewers and de-id tools key on
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.PatientOrientation = ""
     ds.Laterality = ""  # type 2C; a synthetic image has no side

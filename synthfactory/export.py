@@ -2,8 +2,8 @@
 
 The release reads the sample store (samples/store/) and audit/audit.json from the run directory, refuses if
 the audit blocked the release or does not match the samples on disk, and writes each requested
-format through a writer `(ReleasedSet, folder) -> None` in WRITERS (Hub push and DICOM plug in
-here). The release folder is built aside and moved into place in one rename.
+format through a writer `(ReleasedSet, folder) -> None` in WRITERS (Hub push, DICOM and NIfTI plug
+in here). The release folder is built aside and moved into place in one rename.
 
 What a released image carries is a function of the DP generator and public seeds only: the
 image, its label, the run id, its sample seed and its index in the sample store. No per-sample
@@ -55,6 +55,7 @@ class ReleasedSet:
     ct_window: tuple[float, float] | None = None
     epsilon: float | None = None
     delta: float | None = None
+    nifti_spacing_mm: float | None = None  # the recipe's outputs.nifti_spacing_mm, never measured
 
     def image(self, k: int) -> np.ndarray:
         """Released image k (read from the store when asked for)."""
@@ -84,7 +85,8 @@ def audited_set(run_dir: RunDir, allow_blocked: bool = False) -> tuple[ReleasedS
     if audit.samples_sha256 != samples.sha256() or audit.run_id != run_dir.run_id:
         raise ReleaseRefused("the samples changed after the audit; run the audit again before releasing")
     passed = np.array([s["index"] for s in audit.samples or [] if not s["flagged"]], dtype=np.int64)
-    data = (yaml.safe_load(run_dir.recipe.read_text()) or {}).get("data", {})
+    raw = yaml.safe_load(run_dir.recipe.read_text()) or {}
+    data = raw.get("data", {})
     window = data.get("ct_window") or {}
     released = ReleasedSet(
         store=StoreImages(run_dir.samples) if run_dir.samples.is_dir() else samples.images,
@@ -101,6 +103,7 @@ def audited_set(run_dir: RunDir, allow_blocked: bool = False) -> tuple[ReleasedS
         ct_window=(float(window["center"]), float(window["width"])) if window else None,
         epsilon=audit.privacy.get("epsilon"),
         delta=audit.privacy.get("delta"),
+        nifti_spacing_mm=(raw.get("outputs") or {}).get("nifti_spacing_mm"),
     )
     return released, audit
 
@@ -263,10 +266,18 @@ def write_dicom(released: ReleasedSet, folder: Path) -> None:
     write_dicom_files(released, folder)
 
 
+def write_nifti(released: ReleasedSet, folder: Path) -> None:
+    """nifti/<class>/<sample index>.nii: one 2D NIfTI-1 per slice, marked synthetic (nifti_export)."""
+    from .nifti_export import write_nifti_files
+
+    write_nifti_files(released, folder)
+
+
 WRITERS: dict[str, Callable[[ReleasedSet, Path], None]] = {
     "hf": write_hf,
     "png": write_png,
     "dicom": write_dicom,
+    "nifti": write_nifti,
 }
 
 
@@ -317,7 +328,7 @@ def release(run_dir: RunDir, formats: list[str], report_dir: Path | None = None)
     return final, info
 
 
-FORMAT_FOLDERS = {"hf": "dataset", "png": "png", "dicom": "dicom"}
+FORMAT_FOLDERS = {"hf": "dataset", "png": "png", "dicom": "dicom", "nifti": "nifti"}
 
 
 def write_release_ledger(run_dir: RunDir, folder: Path, formats: list[str]) -> None:

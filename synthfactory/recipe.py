@@ -663,8 +663,14 @@ class AuditConfig(_Strict):
 
 
 class OutputsConfig(_Strict):
-    formats: list[Literal["hf", "png", "dicom"]] = Field(default_factory=lambda: ["hf"], min_length=1)
-    """Any of `hf` (datasets `save_to_disk`), `png`, `dicom`."""
+    formats: list[Literal["hf", "png", "dicom", "nifti"]] = Field(
+        default_factory=lambda: ["hf"], min_length=1
+    )
+    """Any of `hf` (datasets `save_to_disk`), `png`, `dicom`, `nifti` (one 2D NIfTI-1 per slice)."""
+    nifti_spacing_mm: float | None = Field(None, gt=0, le=100)
+    """Pixel spacing written into the `nifti` files' affine, in mm: the field of view you resample
+    to divided by `data.image_size`. Null: spacing 1, units unknown. Never measured from the
+    private volumes (their fields of view differ, and a statistic of them would leave outside ε)."""
     destination: Path = Path("runs")
     """Parent folder of run directories (`--out` overrides)."""
     audit_dir: Path = Path("privacy_audits")

@@ -115,6 +115,8 @@ def test_dicom_files_are_synthetic_secondary_captures_with_the_same_pixels(dicom
             and ds.BurnedInAnnotation == "NO"
             and ds.ConversionType == "SYN"
         )
+        # The standard synthetic marker, read by tag as a viewer without the keyword would.
+        assert ds[0x0008, 0x001C].VR == "CS" and ds[0x0008, 0x001C].value == "YES"
         assert "synthfactory" in ds.DeidentificationMethod
         assert ds.PhotometricInterpretation == "MONOCHROME2" and ds.BitsStored == 8
         prov = read_provenance(ds)
@@ -143,7 +145,12 @@ def test_dicom_files_pass_dciodvfy(dicom_run) -> None:
         out = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
         report = out.stdout + out.stderr
         assert "SCImage" in report
-        assert not [ln for ln in report.splitlines() if ln.startswith("Error")], report
+        # Debian's dicom3tools (2022-06) predates Synthetic Data (0008,001C, added in 2023): its
+        # dictionary calls the tag unrecognised. That line, and only that one, is allowed; any
+        # other complaint about the attribute (its VR, its value, its module) fails.
+        older = "not a recognized standard attribute - (0x0008,0x001c)"
+        errors = [ln for ln in report.splitlines() if ln.startswith("Error") and older not in ln]
+        assert not errors, report
 
 
 def test_ct_rescale_maps_back_to_hounsfield_units(tmp_path) -> None:

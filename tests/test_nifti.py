@@ -135,10 +135,29 @@ def test_a_nifti_recipe_runs_end_to_end(volumes: Path, tmp_path: Path) -> None:
         ("example4d.nii.gz", "functional", "test"),
     ])  # fmt: skip
     recipe = tiny_recipe(data={"source": "nifti", "path": str(volumes), "labels_csv": str(labels),
-                               "image_size": 16, "classes": ["brain", "functional"]})  # fmt: skip
+                               "image_size": 16, "classes": ["brain", "functional"]},
+                         outputs={"formats": ["hf", "nifti"], "nifti_spacing_mm": 2.5})  # fmt: skip
     path = write_recipe(tmp_path / "r", recipe)
     res = CliRunner().invoke(app, ["run", str(path), "--smoke", "--out", str(tmp_path / "runs"),
                                    "--audit-dir", str(tmp_path / "pa"), "-q"])  # fmt: skip
     assert res.exit_code == 0, res.output
     (run,) = (tmp_path / "runs").iterdir()
     assert (run / "release" / "dataset").is_dir()
+    # NIfTI in, NIfTI out: one file per released slice, the recipe's spacing, read back by
+    # `datasets`' niftifolder with the class from the folder name.
+    import datasets
+
+    released = datasets.load_from_disk(str(run / "release" / "dataset"))["train"]
+    files = sorted((run / "release" / "nifti").glob("*/*.nii"))
+    assert len(files) == len(released) > 0
+    first = nib.load(files[0])
+    assert first.header.get_zooms() == (2.5, 2.5, 2.5) and first.header.get_xyzt_units()[0] == "mm"
+    assert first.header["descrip"].item().decode().startswith("SYNTHETIC synthfactory")
+    by_index = {int(i): k for k, i in enumerate(released["sample_index"])}
+    for f in files[:5]:
+        row = released[by_index[int(f.name.split(".")[0])]]
+        assert released.features["label"].int2str(row["label"]) == f.parent.name
+        np.testing.assert_array_equal(np.rot90(read_volume(f, 0)[:, :, 0]), np.asarray(row["image"]))
+    folder = datasets.load_dataset("niftifolder", data_dir=str(run / "release" / "nifti"), split="train")
+    assert len(folder) == len(files) and set(folder.features["label"].names) == {"brain", "functional"}
+    assert (run / "release" / "nifti" / "synthfactory_ledger.json").is_file()
