@@ -284,7 +284,20 @@ def test_audit_reports_layout_and_internal_marking(run_copy, tmp_path) -> None:
     page = (res.report_dir / "internal" / "audit.html").read_text()
     assert "INTERNAL" in page and page.count("data:image/png;base64,") >= 2 + len(audit["spaces"])
     assert "INTERNAL" in (res.report_dir / "internal" / "README.md").read_text()
-    assert not [p for p in res.report_dir.iterdir() if p.suffix == ".html"]  # the page stays internal
+    # The ε ledger: one row per mechanism of the generator's ledger, with its (σ, q, steps).
+    assert (
+        'id="dp-accounting"' in page
+        and "dp sgd" in page
+        and f"{audit['privacy']['steps_taken']} steps" in page
+    )
+    assert 'class="decision ' in page and f">{audit['decision']}<" in page
+    # The public page beside the Markdown: the public figures only, no real image, no pair, no index.
+    public = (res.report_dir / "audit-summary.html").read_text()
+    assert [p.name for p in res.report_dir.iterdir() if p.suffix == ".html"] == ["audit-summary.html"]
+    assert public.count("data:image/png;base64,") == 2  # distances.png and membership_roc.png
+    assert "INTERNAL" not in public and 'id="closest-pairs"' not in public
+    assert "nearest training image (pixel L2)" not in public and "in the internal report only" in public
+    assert 'id="dp-accounting"' in public and "dp sgd" in public
 
 
 def test_block_action_stops_the_release(run_copy, tmp_path) -> None:
@@ -327,10 +340,26 @@ def test_internal_html_report_renders_in_headless_chromium(run_copy, tmp_path) -
         check=True,
     ).stdout
     for section in ("internal-banner", "decision", "dp-accounting", "calibration", "spaces", "closest-pairs",
-                    "per-class", "data-copying", "membership-inference", "canary", "limits"):  # fmt: skip
+                    "per-class", "flagged", "data-copying", "membership-inference", "canary", "limits"):  # fmt: skip
         assert f'id="{section}"' in out, section
     assert "INTERNAL: SHOWS REAL TRAINING IMAGES" in out
     assert out.count("<img") >= 2 + len(res.audit["spaces"])
+
+
+def test_suspected_copies_say_none_when_nothing_was_flagged(run_copy, tmp_path) -> None:
+    """An empty table header read as a rendering fault; with no flagged sample both pages say so."""
+    from synthfactory.audit.report import audit_html
+
+    checked, run_dir = run_copy
+    res = run_audit(checked.recipe, run_dir, checked.images, tmp_path / "pa")
+    audit = read_json(run_dir.audit_json)
+    assert audit["summary"]["n_flagged"] == 0
+    figures = {"distances": b"png", "membership_roc": b"png"}
+    for internal in (True, False):
+        page = audit_html(audit, figures, {}, internal=internal)
+        flagged = page.split('id="flagged"')[1].split("</section>")[0]
+        assert "None: no sample crossed" in flagged and "<table" not in flagged
+    assert "None: no sample crossed" in (res.report_dir / "audit-summary.html").read_text()
 
 
 def test_coverage_statement_names_the_spaces_an_audit_leaves_out() -> None:

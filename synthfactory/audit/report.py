@@ -2,8 +2,8 @@
 
 Public (statistics only: no real pixels, no per-sample figure): `audit.json` (the run's audit
 without its `samples` list; the per-sample nearest-training indices, distances and scores stay
-in the run directory), `audit-summary.md`, `distances.png` (per-space histograms) and
-`membership_roc.png`. Their statistics are computed from the private images and are not covered
+in the run directory), `audit-summary.md` and the same as a page, `audit-summary.html`, `distances.png` (per-space
+histograms) and `membership_roc.png`. Their statistics are computed from the private images and are not covered
 by ε; each says so. Internal: `internal/audit.html`,
 one self-contained page (figures inline) that *shows real training images* beside the synthetic
 samples closest to them; it says so at the top, is git-ignored, and is never part of a release or
@@ -59,8 +59,12 @@ def _img(data: bytes, alt: str) -> str:
 
 def space_histograms(audit: dict, background: dict, synth: dict) -> plt.Figure:
     names = list(audit["spaces"])
-    fig, axes = plt.subplots(1, len(names), figsize=(4.0 * len(names), 3.2), dpi=100, squeeze=False)
-    for ax, n in zip(axes[0], names, strict=True):
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.0 * cols, 3.2 * rows), dpi=100, squeeze=False)
+    for ax in axes.flat[len(names) :]:
+        ax.axis("off")
+    for ax, n in zip(axes.flat, names, strict=False):
         both = np.concatenate([background[n], synth[n][1]])
         # the axis spans the 1st to 99th percentile, outliers in the end bins: the public figure
         # shows no one image's extreme score
@@ -225,19 +229,46 @@ def canary_lines(ca: dict | None) -> list[str]:
     ]
 
 
-def internal_html(audit: dict, figures: dict[str, bytes], pairs: dict[str, bytes]) -> str:
-    """One self-contained page for the data owner's reviewers: the Jinja2 template
-    synthfactory/templates/audit.html.j2 (autoescaped), filled with the rows computed here."""
+def _ledger_rows(privacy: dict) -> list[list]:
+    """The ε ledger as table rows: each mechanism of the generator's ledger (privacy.json's
+    `ledger`, public form), its (σ, q, steps), its ε alone and whether it composes."""
+    rows = []
+    for m in privacy.get("ledger") or []:
+        history = "; ".join(f"σ {s:.4g}, q {q:.4g}, {int(n)} steps" for s, q, n in m.get("history") or [])
+        what = m["kind"].replace("_", " ") + (
+            "" if m.get("via") is None else f" (ancestor run {m['run_id']})"
+        )
+        rows.append([
+            what, (m.get("data") or {}).get("description", ""), history or "none (no DP query)",
+            m.get("epsilon_alone"), "yes" if m.get("composed") else "no", m.get("reading", ""),
+        ])  # fmt: skip
+    return rows
+
+
+def audit_html(audit: dict, figures: dict[str, bytes], pairs: dict[str, bytes], internal: bool = True) -> str:
+    """The audit as one self-contained page: the Jinja2 template synthfactory/templates/
+    audit.html.j2 (autoescaped), filled with the rows computed here. `internal`: with the closest
+    pairs and the suspected copies' nearest training images (real images; internal/audit.html);
+    otherwise the public summary page (statistics only, as audit-summary.md)."""
     spaces = audit["spaces"]
     dc, mia, ca = audit.get("data_copying"), audit.get("membership_inference"), audit.get("canary_audit")
+    sections = [("dp-accounting", "ε ledger"), ("calibration", "Calibration"), ("spaces", "Spaces")]
+    sections += [("closest-pairs", "Closest pairs")] if internal else []
+    sections += [("per-class", "Per class"), ("flagged", "Suspected copies"), ("data-copying", "C_T"),
+                 ("membership-inference", "Membership"), ("canary", "Canary"), ("limits", "Limits")]  # fmt: skip
     template = _templates().get_template("audit.html.j2")
     return template.render(
         a=audit,
+        internal=internal,
         banner=INTERNAL_BANNER,
-        privacy_line=_privacy_line(audit["privacy"]),
+        sections=sections,
+        privacy_line=_privacy_line(audit["privacy"]).replace("**", ""),
+        ledger_rows=_ledger_rows(audit["privacy"]),
+        covers=[x for x in covers_lines(audit["privacy"]) if x],
+        not_covered=NOT_COVERED_NOTE,
         patients=_patients(audit["calibration"]),
         figures=figures,
-        pairs=pairs,
+        pairs=pairs if internal else {},
         space_rows=[
             [
                 n,
@@ -261,8 +292,8 @@ def internal_html(audit: dict, figures: dict[str, bytes], pairs: dict[str, bytes
                 x["nearest_train_index"],
                 ", ".join(x["flagged_by"]),
             ]
-            for x in audit["samples"]
-            if x["flagged"]
+            for x in audit.get("samples") or []
+            if x["flagged"] and internal
         ][:200],  # fmt: skip
         dc_rows=[[x["cell"], x["n_train"], x["n_heldout"], x["n_synthetic"], x["z_u"]] for x in dc["cells"]]
         if dc
@@ -306,6 +337,7 @@ def write_reports(
             roc_figure(audit["membership_inference"]), out_dir / "membership_roc.png"
         )
     (out_dir / "audit-summary.md").write_text(summary_markdown(audit))
+    (out_dir / "audit-summary.html").write_text(audit_html(public_audit(audit), figures, {}, internal=False))
     pairs = {
         n: _save(
             closest_pairs_figure(
@@ -314,7 +346,7 @@ def write_reports(
         )
         for n in audit["spaces"]
     }
-    (internal / "audit.html").write_text(internal_html(audit, figures, pairs))
+    (internal / "audit.html").write_text(audit_html(audit, figures, pairs))
     (internal / "README.md").write_text(
         f"# {INTERNAL_BANNER}\n\nFiles here show real training images next to the synthetic samples "
         "closest to them. Keep them inside the data owner's environment.\n"

@@ -110,6 +110,7 @@ PRIVACY_KEYS = (
     "warning",
     "composed_with",
     "warm_start",
+    "ledger",
     "covered_by_epsilon",
     "not_covered_by_epsilon",
 )
