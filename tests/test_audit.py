@@ -257,6 +257,7 @@ def test_audit_reports_layout_and_internal_marking(run_copy, tmp_path) -> None:
         "rank_thumbnail",
         "lowpass_l2",
         "warp_ncc",
+        "copy_embedding",
     }
     assert audit["data"]["manifest_sha256"] == checked.images.manifest_sha256()
     priv = audit["privacy"]
@@ -268,7 +269,8 @@ def test_audit_reports_layout_and_internal_marking(run_copy, tmp_path) -> None:
     } <= set(priv)
     s0 = audit["samples"][0]
     assert s0["flagged_by"] == [
-        "pixel_l2", "ncc", "shift_flip_ncc", "rank_thumbnail", "lowpass_l2", "warp_ncc", "exact_copy"
+        "pixel_l2", "ncc", "shift_flip_ncc", "rank_thumbnail", "lowpass_l2", "warp_ncc", "copy_embedding",
+        "exact_copy",
     ]  # fmt: skip
     assert set(s0["scores"]) == set(audit["spaces"])
     assert "sha256" not in str(audit["samples"])  # training images are named by index only

@@ -49,7 +49,9 @@ def test_gate_on_ct_catches_every_disguised_copy_at_2pct_false_alarms(shared_dat
         heldout, heldout_y = z["test_images"][:1200], z["test_labels"].ravel()[:1200]
     # as the CT recipe runs it: its spaces, warp_ncc on a half-resolution shortlist
     cfg = load_recipe(RECIPES / "ct_organamnist.yaml").audit
-    assert cfg.spaces == ["pixel_l2", "lowpass_l2", "warp_ncc"] and cfg.shift_candidates == 256
+    assert (
+        cfg.spaces == ["pixel_l2", "lowpass_l2", "warp_ncc", "copy_embedding"] and cfg.shift_candidates == 256
+    )
     missed, false_alarm, g = run_gate(train, train_y, heldout, heldout_y, per_kind=20, cfg=cfg)
     assert {k: missed[k] for k in KINDS} == dict.fromkeys(KINDS, 0), missed
     # this subset: 56 of 60 (all six spaces: 52); the benchmark on 5,000 training images: 58 of

@@ -83,6 +83,14 @@ SPACES: dict[str, Space] = {
             "translated by up to ±{shift} px (each also left-right flipped), with the training "
             "image; {search}",
         ),
+        Space(
+            "copy_embedding",
+            True,
+            "cosine similarity of a learned copy descriptor (a small CNN trained contrastively on "
+            "public images only, with disguises made by OpenCV and Kornia: resize, crop, pad, "
+            "rotation with any fill, affine and elastic warps, flips, blur, JPEG, gamma, noise; "
+            "weights SHA-256 {descriptor}); nearest training embedding by exact search",
+        ),
     )
 }
 
@@ -113,7 +121,14 @@ def describe(name: str, shift: int, warp_shift: int, candidates: int | None) -> 
         blurs=", ".join(f"{b:g}" for b in EXTRA_BLURS),
         angles=", ".join(f"{a:+g}" for a, z in WARPS if z == 1.0 and a),
         zooms=", ".join(f"{z:.3g}" for a, z in WARPS if z != 1.0),
+        descriptor=_descriptor_sha()[:12] if name == "copy_embedding" else "",
     )
+
+
+def _descriptor_sha() -> str:
+    from .descriptor import load_descriptor
+
+    return load_descriptor()[1]["weights_sha256"]
 
 
 def zscore_rows(x: torch.Tensor) -> torch.Tensor:
@@ -385,7 +400,24 @@ def search(
         q = _images2d(queries)
         both = torch.stack([q, q.flip(-1)], 1).flatten(0, 1).numpy()
         return max_dot(rank_thumbnail(both), rank_thumbnail(train), block_size, variants=2)
+    if name == "copy_embedding":
+        return embedding_search(queries, train, block_size, backend)
     raise ValueError(f"unknown similarity space {name!r}; known: {', '.join(SPACES)}")
+
+
+def embedding_search(
+    queries: np.ndarray, train: np.ndarray, block_size: int, backend: str = "torch"
+) -> tuple[np.ndarray, np.ndarray]:
+    """`copy_embedding`: the training image with the most similar descriptor (cosine of unit
+    vectors). torch: blocked exact products; faiss: exact L2 search, whose nearest unit vector is
+    the most similar one (cosine = 1 - d²/2)."""
+    from .descriptor import embed
+
+    q, t = embed(queries), embed(train)
+    if backend == "faiss":
+        idx, dist = nearest_neighbours(q.numpy(), t.numpy(), block_size, backend="faiss")
+        return idx, np.clip(1.0 - dist**2 / 2.0, -1.0, 1.0)
+    return max_dot(q, t, block_size)
 
 
 def search_sharded(
