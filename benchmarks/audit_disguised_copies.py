@@ -2,12 +2,12 @@
 images does it flag? Per set (modality) and per kind of disguise.
 
     python benchmarks/audit_disguised_copies.py [--data ../shared/data] [--per-kind 20]
-        [--sets ct,us,mri] [--spaces pixel_l2,ncc,...] [--json out.json]
+        [--sets ct,us,mri] [--spaces pixel_l2,ncc,...] [--shift-candidates N] [--json out.json]
 
 `benchmarks/audit_planted_copies.py` plants the gate's own edits (`audit/planted.py`); this one
 plants `audit/disguises.py`: copies made only with Pillow and scikit-image, with other
 interpolation, borders and parameters than the gate's warps (torch `grid_sample`) and the learned
-descriptor's augmentations (torchvision, OpenCV): compositions of several edits, crops of 80-85 %
+descriptor's augmentations (Kornia, OpenCV): compositions of several edits, crops of 80-85 %
 resized back, rotations up to 15°, zooms 0.85-1.2 and elastic warps.
 
 Per set: training images as the private set (the same sets and loading as
@@ -17,7 +17,8 @@ the gate (recipe defaults: 1 % false alarms over all its spaces), the other half
 samples together with `per-kind` disguised copies of distinct training images of each kind.
 Printed: per kind, the copies the gate catches and those each space catches on its own at the
 gate's shared level; false alarms (presented held-out images flagged) of the gate and of each
-space; seconds. `--json` writes every figure, the library versions, the command line and the
+space; seconds; per space, the ROC AUC of copies against the presented held-out images and
+against the 5 % of them most like a training image by NCC (on MRI: near slices). `--json` writes every figure, the library versions, the command line and the
 machine.
 """
 
@@ -212,11 +213,14 @@ def main() -> None:
         "--spaces", default=None, help="audit.spaces, comma-separated (default: the recipe default)"
     )
     ap.add_argument("--heldout-split", default="test", help="the npz split that calibrates and is shown")
+    ap.add_argument(
+        "--shift-candidates", type=int, default=None, help="audit.shift_candidates (default: exact)"
+    )
     ap.add_argument("--seed", type=int, default=1, help="seed of the disguises")
     ap.add_argument("--json", type=Path, default=None, help="write every figure here")
     args = ap.parse_args()
     spaces = {"spaces": args.spaces.split(",")} if args.spaces else {}
-    cfg = AuditConfig(**spaces)
+    cfg = AuditConfig(shift_candidates=args.shift_candidates, **spaces)
     libs = libraries()
     print(f"disguises: {', '.join(f'{k} {v}' for k, v in libs.items())}; spaces {', '.join(cfg.spaces)}")
     results = {}

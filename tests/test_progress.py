@@ -38,3 +38,22 @@ def test_a_terminal_gets_a_live_bar(monkeypatch) -> None:
     bar = progress_bar(10, "sample", "img")
     assert bar.mininterval == pytest.approx(0.1)
     bar.close()
+
+
+def test_a_run_in_a_log_writes_a_few_progress_lines_per_stage(tmp_path) -> None:
+    """The whole CLI as CI meets it (stderr not a terminal), on the tiny recipe with 40 DP steps
+    (a `--smoke` run takes 2, too few to show a line per step)."""
+    from collections import Counter
+
+    from conftest import tiny_recipe, write_recipe
+    from typer.testing import CliRunner
+
+    from synthfactory.cli import app
+
+    path = write_recipe(tmp_path / "r", tiny_recipe(training__steps=40))
+    res = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "runs"),
+                                   "--audit-dir", str(tmp_path / "pa")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    bars = [ln for ln in _lines(res.stderr) if "|" in ln and ":" in ln]
+    per_stage = Counter(ln.split(":")[0].strip() for ln in bars)
+    assert per_stage and max(per_stage.values()) <= 4, per_stage
