@@ -257,7 +257,6 @@ def test_audit_reports_layout_and_internal_marking(run_copy, tmp_path) -> None:
         "rank_thumbnail",
         "lowpass_l2",
         "warp_ncc",
-        "copy_embedding",
     }
     assert audit["data"]["manifest_sha256"] == checked.images.manifest_sha256()
     priv = audit["privacy"]
@@ -269,8 +268,7 @@ def test_audit_reports_layout_and_internal_marking(run_copy, tmp_path) -> None:
     } <= set(priv)
     s0 = audit["samples"][0]
     assert s0["flagged_by"] == [
-        "pixel_l2", "ncc", "shift_flip_ncc", "rank_thumbnail", "lowpass_l2", "warp_ncc", "copy_embedding",
-        "exact_copy",
+        "pixel_l2", "ncc", "shift_flip_ncc", "rank_thumbnail", "lowpass_l2", "warp_ncc", "exact_copy"
     ]  # fmt: skip
     assert set(s0["scores"]) == set(audit["spaces"])
     assert "sha256" not in str(audit["samples"])  # training images are named by index only
@@ -373,6 +371,6 @@ def test_coverage_statement_names_the_spaces_an_audit_leaves_out() -> None:
     assert "leaves out" not in full
     part = coverage(["pixel_l2", "ncc"], 4, 8)
     assert part.startswith(full)
-    assert "leaves out shift_flip_ncc, rank_thumbnail, lowpass_l2, warp_ncc, copy_embedding" in part
+    assert "leaves out shift_flip_ncc, rank_thumbnail, lowpass_l2, warp_ncc" in part
     # The copies made with other libraries, kind by kind, and MRI's shortfall, are said, not hidden.
     assert "Pillow, scikit-image" in full and "on MRI slices without patient ids almost none" in full
