@@ -3,8 +3,9 @@ that read NIfTI (nnU-Net, MONAI, `datasets`' `niftifolder`).
 
 Per file, `nifti/<class>/<sample index>.nii` (uncompressed: `datasets`' niftifolder infers the
 class from the folder only for `.nii`; a 64 px slice is 4 kB):
-- data: the released 8-bit image, shape (X, Y, 1), laid out so that synthfactory's own NIfTI
-  reader (RAS+, axial, `np.rot90`) reads back the released image exactly;
+- data: the released 8-bit image, shape (X, Y, 1), laid out so that the NIfTI reader's volume
+  loading (RAS+, axial, `np.rot90`) gives back the released image's voxels exactly (a recipe
+  reading them then scales intensities its own way);
 - affine: RAS+, diagonal, in-plane spacing `outputs.nifti_spacing_mm` (the field of view you
   resample to divided by `data.image_size`), the same for the slice thickness; `xyzt_units` mm.
   Left null, spacing 1 and units "unknown": the pixel size of the recipe's resampling (pad to a

@@ -366,11 +366,14 @@ def test_coverage_statement_names_the_spaces_an_audit_leaves_out() -> None:
     from synthfactory.audit import coverage
     from synthfactory.recipe import AuditConfig
 
-    full = coverage(AuditConfig().spaces, 4, 8)
+    full = coverage([*AuditConfig().spaces, "copy_embedding"], 4, 8)
     assert "rotated (±10°)" in full and "±8 px" in full and "82 % to 100 %" in full
     assert "leaves out" not in full
-    part = coverage(["pixel_l2", "ncc"], 4, 8)
-    assert part.startswith(full)
-    assert "leaves out shift_flip_ncc, rank_thumbnail, lowpass_l2, warp_ncc" in part
     # The copies made with other libraries, kind by kind, and MRI's shortfall, are said, not hidden.
     assert "Pillow, scikit-image" in full and "on MRI slices without patient ids almost none" in full
+    # The default audit runs without copy_embedding: its figures for other libraries do not apply as such.
+    default = coverage(AuditConfig().spaces, 4, 8)
+    assert default.startswith(full) and default.endswith("plus copy_embedding (other libraries).")
+    assert "leaves out copy_embedding:" in default
+    part = coverage(["pixel_l2", "ncc"], 4, 8)
+    assert "leaves out shift_flip_ncc, rank_thumbnail, lowpass_l2, warp_ncc, copy_embedding" in part

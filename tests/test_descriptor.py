@@ -108,3 +108,19 @@ def test_the_card_is_json_with_the_training_record() -> None:
     )
     for key in ("augmentations", "objective", "libraries", "steps", "validation_top1_retrieval", "command"):
         assert key in card
+
+
+def test_flat_images_are_similar_to_nothing() -> None:
+    """Standardising a blank image leaves zeros, which the network maps to one fixed vector: a
+    blank sample would then look like a copy of any blank training slice. They score 0, as in NCC."""
+    rng = np.random.default_rng(5)
+    train = rng.uniform(-1, 1, (50, 1, 32, 32)).astype(np.float32)
+    train[7] = -1.0  # a black training slice
+    q = np.stack([np.full((1, 32, 32), -1.0), np.full((1, 32, 32), 0.3), train[3]]).astype(np.float32)
+    for backend in ("torch", "faiss"):
+        if backend == "faiss":
+            pytest.importorskip("faiss")
+        idx, score = search("copy_embedding", q, train, backend=backend)
+        assert score[0] == 0.0 and score[1] == 0.0, score
+        assert idx[2] == 3 and score[2] > 0.99 and 7 not in idx[2:]
+    assert embed(np.zeros((0, 1, 32, 32), np.float32)).shape == (0, 128)

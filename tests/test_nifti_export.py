@@ -18,8 +18,9 @@ def _image() -> np.ndarray:
     return rng.integers(0, 256, size=(16, 12), dtype=np.uint8)  # not square: orientation shows
 
 
-def test_a_slice_reads_back_exactly_through_the_nifti_reader(tmp_path) -> None:
-    """What synthfactory writes, its `source: nifti` reads as the same image (RAS+, axial)."""
+def test_a_slice_s_voxels_read_back_exactly_as_the_nifti_reader_loads_volumes(tmp_path) -> None:
+    """What synthfactory writes, its `source: nifti` loads as the same voxels (RAS+, axial); a recipe
+    then scales intensities its own way."""
     img = _image()
     path = tmp_path / "s.nii.gz"
     nib.save(synthetic_nifti(img, run_id="r1", class_name="glioma", class_index=2, sample_seed=7,

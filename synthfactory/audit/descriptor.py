@@ -93,11 +93,19 @@ def load_descriptor() -> tuple[CopyDescriptor, dict]:
     return model.eval(), card
 
 
+FLAT_STD = 1e-3  # on the [-1, 1] scale: below a quarter of one grey level, the image has no content
+
+
 @torch.no_grad()
 def embed(images: np.ndarray | torch.Tensor, batch: int = 1024) -> torch.Tensor:
-    """Unit embeddings [N, dim] (float32) of images on the [-1, 1] scale."""
-    model, _ = load_descriptor()
+    """Unit embeddings [N, dim] (float32) of images on the [-1, 1] scale; a flat image (no
+    content to standardise: blank, or one grey level) gets the zero vector, so it is similar to
+    nothing, as NCC scores it 0."""
+    model, card = load_descriptor()
     x = torch.as_tensor(np.asarray(images, dtype=np.float32)) if isinstance(images, np.ndarray) else images
-    return (
-        torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)]) if len(x) else torch.zeros(0, 1)
-    )
+    if not len(x):
+        return torch.zeros(0, card["architecture"]["dim"])
+    e = torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
+    flat = x.float().flatten(1).std(dim=1) < FLAT_STD
+    e[flat] = 0.0
+    return e

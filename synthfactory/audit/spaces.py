@@ -414,10 +414,16 @@ def embedding_search(
     from .descriptor import embed
 
     q, t = embed(queries), embed(train)
+    refs = np.flatnonzero(t.norm(dim=1).numpy() > 0)  # flat training images match nothing
+    if not len(refs) or not len(q):
+        return np.zeros(len(q), dtype=np.int64), np.zeros(len(q))
     if backend == "faiss":
-        idx, dist = nearest_neighbours(q.numpy(), t.numpy(), block_size, backend="faiss")
-        return idx, np.clip(1.0 - dist**2 / 2.0, -1.0, 1.0)
-    return max_dot(q, t, block_size)
+        idx, dist = nearest_neighbours(q.numpy(), t[refs].numpy(), block_size, backend="faiss")
+        score = np.clip(1.0 - dist**2 / 2.0, -1.0, 1.0)
+    else:
+        idx, score = max_dot(q, t[refs], block_size)
+    score[q.norm(dim=1).numpy() == 0] = 0.0  # a flat sample: similar to nothing, as in ncc
+    return refs[idx], score
 
 
 def search_sharded(
