@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from audit_planted_copies import SETS  # the same sets, files and sizes as the planted-copy benchmark
 
 from synthfactory.audit import gate, quantize
 from synthfactory.audit.disguises import KINDS, disguised_copies, libraries
@@ -42,11 +43,6 @@ from synthfactory.audit.spaces import SPACES
 from synthfactory.data.common import pad_square_resize, uint_to_unit_range
 from synthfactory.recipe import AuditConfig
 
-SETS = {  # as benchmarks/audit_planted_copies.py
-    "ct": ("ct_organamnist 28px", "ct_organamnist/organamnist_28_full.npz", False),
-    "us": ("us_fetal_head 32px", "us_fetal_head_trimester/hc18_trimester_64.npz", True),
-    "mri": ("mri_brain_tumor groupsplit 32px", "mri_brain_tumor/brain_tumor_mri_64_groupsplit.npz", True),
-}
 MODALITY = {"ct": "CT", "us": "ultrasound", "mri": "MRI"}
 NOTES = {  # what the ids mean, from each data set's README
     "ct": "MedMNIST splits train/val/test by CT volume; the npz has no ids within a split",

@@ -80,16 +80,15 @@ def _package_file(name: str):
 @lru_cache(maxsize=1)
 def load_descriptor() -> tuple[CopyDescriptor, dict]:
     """The shipped descriptor (eval mode) and its card (training data, augmentations, hashes)."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     card = json.loads(_package_file(CARD).read_text())
-    with resources.as_file(_package_file(WEIGHTS)) as path:
-        state = load_file(str(path))
-        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    data = _package_file(WEIGHTS).read_bytes()  # read once: hashed, then loaded
+    sha = hashlib.sha256(data).hexdigest()
     if sha != card["weights_sha256"]:
         raise RuntimeError(f"{WEIGHTS}: SHA-256 {sha} differs from its card's {card['weights_sha256']}")
     model = CopyDescriptor(**card["architecture"])
-    model.load_state_dict({k: v.float() for k, v in state.items()})
+    model.load_state_dict({k: v.float() for k, v in load(data).items()})
     return model.eval(), card
 
 

@@ -330,14 +330,15 @@ def write_reports(
     """Everything under privacy_audits/<recipe>/<run id>/."""
     internal = out_dir / "internal"
     internal.mkdir(parents=True, exist_ok=True)
-    AuditRecord.model_validate(public_audit(audit)).write(out_dir / "audit.json")
+    public = public_audit(audit)
+    AuditRecord.model_validate(public).write(out_dir / "audit.json")
     figures = {"distances": _save(space_histograms(audit, background, synth), out_dir / "distances.png")}
     if audit.get("membership_inference"):
         figures["membership_roc"] = _save(
             roc_figure(audit["membership_inference"]), out_dir / "membership_roc.png"
         )
     (out_dir / "audit-summary.md").write_text(summary_markdown(audit))
-    (out_dir / "audit-summary.html").write_text(audit_html(public_audit(audit), figures, {}, internal=False))
+    (out_dir / "audit-summary.html").write_text(audit_html(public, figures, {}, internal=False))
     pairs = {
         n: _save(
             closest_pairs_figure(
