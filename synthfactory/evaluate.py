@@ -117,6 +117,25 @@ def predict(model: Classifier, x: np.ndarray, batch: int = 512) -> tuple[np.ndar
     return np.concatenate(probs), np.concatenate(feats)
 
 
+def _validation(model: Classifier, x: np.ndarray, y: np.ndarray) -> dict:
+    """Accuracy and mean cross-entropy on the validation images (NaN without any)."""
+    if not len(y):
+        return {"val_accuracy": float("nan"), "val_loss": float("nan")}
+    probs = predict(model, x)[0]
+    loss = -np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean()
+    return {"val_accuracy": float((probs.argmax(1) == y).mean()), "val_loss": float(loss)}
+
+
+def _improves(val: dict, best: dict | None, rule: str) -> bool:
+    """Whether this epoch's validation beats the kept one under `classifier.early_stopping`. Without
+    a validation split every epoch does: the classifier trains to its last epoch."""
+    if best is None or np.isnan(val["val_loss"]):
+        return True
+    if rule == "val_loss":
+        return val["val_loss"] < best["val_loss"]
+    return val["val_accuracy"] > best["val_accuracy"]
+
+
 def train_classifier(
     x: np.ndarray, y: np.ndarray, n_classes: int, cfg: ClassifierConfig, val_fraction: float
 ) -> tuple[Classifier, dict]:
@@ -136,7 +155,7 @@ def _train_classifier(
     model = Classifier(n_classes)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=1e-4)
     xt, yt = torch.from_numpy(x[tr]), torch.from_numpy(y[tr])
-    curve, best, best_state, waited = [], -1.0, None, 0
+    curve, best, best_state, waited = [], None, None, 0
     for epoch in range(cfg.epochs):
         model.train()
         for m in model.modules():
@@ -155,10 +174,10 @@ def _train_classifier(
             opt.step()
             correct += int((logits.argmax(1) == yt[idx]).sum())
             seen += len(idx)
-        val_acc = float((predict(model, x[va])[0].argmax(1) == y[va]).mean()) if len(va) else float("nan")
-        curve.append({"epoch": epoch + 1, "train_accuracy": correct / max(seen, 1), "val_accuracy": val_acc})
-        if val_acc > best:
-            best, waited = val_acc, 0
+        val = _validation(model, x[va], y[va])
+        curve.append({"epoch": epoch + 1, "train_accuracy": correct / max(seen, 1), **val})
+        if _improves(val, best, cfg.early_stopping):
+            best, waited = curve[-1], 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             waited += 1
@@ -170,7 +189,10 @@ def _train_classifier(
         "n_train": int(len(tr)),
         "n_val": int(len(va)),
         "epochs_run": len(curve),
-        "best_val_accuracy": best,
+        "early_stopping": cfg.early_stopping,
+        "best_epoch": best["epoch"] if best else None,
+        "best_val_accuracy": best["val_accuracy"] if best else float("nan"),
+        "best_val_loss": best["val_loss"] if best else float("nan"),
         "curve": curve,
     }
     return model.eval(), info

@@ -8,9 +8,19 @@ import pytest
 
 from synthfactory.audit import quantize
 from synthfactory.data import load_images
-from synthfactory.evaluate import bootstrap_intervals, evaluate_arrays, frechet_distance, prdc
+from synthfactory.evaluate import (
+    _improves,
+    bootstrap_intervals,
+    evaluate_arrays,
+    frechet_distance,
+    prdc,
+    predict,
+    split_validation,
+    train_classifier,
+)
 from synthfactory.metrics import auc_one_vs_rest
 from synthfactory.recipe import ClassifierConfig, EvaluationConfig, PhantomData
+from synthfactory.sample import uint8_to_model_range
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +175,41 @@ def test_bootstrap_above_chance_stays_defined_when_some_resamples_put_trtr_at_ch
     assert np.isfinite([lo, hi]).all()
     chance = (y == 1).mean()
     assert lo < ((tstr == y).mean() - chance) / ((trtr == y).mean() - chance) < hi
+
+
+@pytest.mark.parametrize("rule", ["val_loss", "val_accuracy"])
+def test_the_classifier_keeps_the_epoch_its_early_stopping_rule_picks(ct_phantoms, rule) -> None:
+    """The weights returned are those of the epoch the rule picked, not the last epoch's: they
+    reproduce that epoch's validation figures. Noisy labels make the classifier overfit, so the
+    kept epoch is an early one."""
+    rng = np.random.default_rng(1)
+    x = quantize(ct_phantoms.train_images + rng.normal(0, 0.8, ct_phantoms.train_images.shape))
+    y = np.where(rng.random(len(x)) < 0.3, rng.integers(0, 3, len(x)), ct_phantoms.train_labels).astype(
+        np.int64
+    )
+    cfg = ClassifierConfig(epochs=12, patience=12, batch_size=64, early_stopping=rule)
+    model, info = train_classifier(uint8_to_model_range(x), y, 3, cfg, val_fraction=0.2)
+    curve = info["curve"]
+    if rule == "val_loss":
+        want = min(curve, key=lambda e: e["val_loss"])
+    else:
+        want = next(e for e in curve if e["val_accuracy"] == max(c["val_accuracy"] for c in curve))
+    assert info["best_epoch"] == want["epoch"] < len(curve) and info["early_stopping"] == rule
+    assert info["best_val_loss"] == want["val_loss"] and info["best_val_accuracy"] == want["val_accuracy"]
+    _, va = split_validation(y, 0.2, cfg.seed)
+    probs = predict(model, uint8_to_model_range(x[va]))[0]
+    assert float((probs.argmax(1) == y[va]).mean()) == pytest.approx(want["val_accuracy"])
+    assert float((probs.argmax(1) == y[va]).mean()) != pytest.approx(curve[-1]["val_accuracy"])
+
+
+def test_val_loss_keeps_training_past_the_first_perfect_validation_accuracy() -> None:
+    """On synthetic images the validation accuracy hits 1.0 early; `val_loss` moves on to an epoch
+    with the same accuracy and a lower loss, `val_accuracy` keeps the first."""
+    first = {"epoch": 1, "val_accuracy": 1.0, "val_loss": 0.40}
+    later = {"epoch": 2, "val_accuracy": 1.0, "val_loss": 0.05}
+    worse = {"epoch": 3, "val_accuracy": 1.0, "val_loss": 0.60}
+    assert _improves(later, first, "val_loss") and not _improves(worse, later, "val_loss")
+    assert not _improves(later, first, "val_accuracy")
+    assert _improves(first, None, "val_loss") and _improves(first, None, "val_accuracy")
+    no_validation = {"epoch": 2, "val_accuracy": float("nan"), "val_loss": float("nan")}
+    assert _improves(no_validation, first, "val_loss")  # no split: train to the last epoch
