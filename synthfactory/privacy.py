@@ -13,7 +13,10 @@ Clipping each row instead would give the example a sensitivity of K·C.
 Per-example gradient paths (`privacy.per_example_gradients`):
 - `hooks`: Opacus GradSampleModule hooks (fast layer-wise formulas), K rows folded by a mean;
 - `functorch`: Opacus GradSampleModule with per-layer torch.func for every layer;
-- `vmap`: torch.func `vmap(grad(loss of one example over its K rows))` on the whole model.
+- `vmap`: torch.func `vmap(grad(loss of one example over its K rows))` on the whole model;
+- `mixed_ghost`: book-keeping with mixed ghost norms (ghost_clipping.py): per-example norms layer
+  by layer, then the clipped sum in one pass, with no per-example weight gradient of the model;
+  Opacus' DPOptimizerFastGradientClipping adds the noise to that sum.
 
 Two traps this module handles (diffusers 0.42, Opacus 1.6):
 - diffusers' attention returns channels_last-strided tensors; Opacus' `hooks` mode unfolds
@@ -34,13 +37,20 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor
 from opacus import GradSampleModule
 from opacus.accountants import IAccountant, create_accountant
-from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
+from opacus.optimizers import (
+    DistributedDPOptimizer,
+    DistributedDPOptimizerFastGradientClipping,
+    DPOptimizer,
+    DPOptimizerFastGradientClipping,
+)
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators import ModuleValidator
 from torch.func import functional_call, grad_and_value, vmap
 
+from . import ghost_clipping
+
 ACCOUNTANTS = ("rdp", "prv")
-MODES = ("hooks", "functorch", "vmap")
+MODES = ("hooks", "functorch", "vmap", "mixed_ghost")
 
 RowLoss = Callable[..., torch.Tensor]
 """row_loss(model, *rows) -> per-row loss [rows]; `model` is called like the original module."""
@@ -138,7 +148,7 @@ class PrivateTraining:
     optimizer, the sampler that draws each logical batch, and the accountant that counts
     every step."""
 
-    module: torch.nn.Module  # GradSampleModule (hooks, functorch) or the plain model (vmap)
+    module: torch.nn.Module  # GradSampleModule (hooks, functorch) or the plain model (vmap, mixed_ghost)
     optimizer: DPOptimizer
     accountant: IAccountant
     sampler: UniformWithReplacementSampler
@@ -148,6 +158,7 @@ class PrivateTraining:
     mode: str = "hooks"
     model: torch.nn.Module | None = None  # the unwrapped model
     params: dict[str, torch.nn.Parameter] = field(default_factory=dict)  # trainable, by name
+    ghost: dict | None = None  # mixed_ghost: the modules owning the trainable parameters
 
     def epsilon(self, delta: float) -> float:
         return epsilon_of(self.accountant.history, delta, self.accountant.mechanism())
@@ -156,18 +167,27 @@ class PrivateTraining:
         """A step on an empty Poisson batch: zero clipped sum plus noise, counted by the
         accountant like any other step (skipping it would change the sampling mechanism)."""
         for p in self.optimizer.params:
-            p.grad_sample = p.new_zeros((0, *p.shape))
+            if self.mode == "mixed_ghost":
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad_sample = p.new_zeros((0, *p.shape))
         self.optimizer.step()
 
     def per_example_backward(
         self, row_loss: RowLoss, rows: tuple[torch.Tensor, ...], n_examples: int, k: int
     ) -> float:
         """Set `p.grad_sample` [n_examples, ...] for every trainable parameter: each example's
-        gradient of the mean loss over its k consecutive rows. Returns the mean row loss."""
+        gradient of the mean loss over its k consecutive rows; or, in `mixed_ghost` mode, `p.grad`
+        to the sum of those gradients each clipped to `max_grad_norm`. Returns the mean row loss."""
         if any(len(r) != n_examples * k for r in rows):
             raise ValueError(f"expected {n_examples}×{k} rows")
         if self.mode == "vmap":
             return self._vmap_backward(row_loss, rows, n_examples, k)
+        if self.mode == "mixed_ghost":
+            loss, _ = ghost_clipping.clipped_sum(
+                self.model, self.ghost, row_loss, rows, n_examples, k, self.max_grad_norm
+            )
+            return loss
         loss = row_loss(self.module, *rows).mean()
         loss.backward()
         for p in self.params.values():
@@ -231,12 +251,16 @@ def make_private(
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
     if optimized != {id(p) for p in params.values()}:
         raise ValueError("the optimizer must hold exactly the model's trainable parameters")
+    ghost = None
     if mode == "vmap":
         # diffusers' default attention (scaled_dot_product_attention) has no vmap rule and
         # falls back to a slow loop; the classic processor computes the same attention.
         for m in model.modules():
             if isinstance(m, Attention):
                 m.set_processor(AttnProcessor())
+        module = model
+    elif mode == "mixed_ghost":
+        ghost = ghost_clipping.trainable_modules(model, params)
         module = model
     else:
         make_conv_inputs_contiguous(model)
@@ -248,7 +272,12 @@ def make_private(
     # batch; DistributedDPOptimizer adds the noise on rank 0 only, all-reduces, and with the
     # per-rank expected batch B/world and its division by world the result is (Σ + noise)/B,
     # exactly the single-process step.
-    optimizer_class = DistributedDPOptimizer if world > 1 else DPOptimizer
+    if mode == "mixed_ghost":  # p.grad holds the clipped sum; the optimizer adds noise to it
+        optimizer_class = (
+            DistributedDPOptimizerFastGradientClipping if world > 1 else DPOptimizerFastGradientClipping
+        )
+    else:
+        optimizer_class = DistributedDPOptimizer if world > 1 else DPOptimizer
     dp_optimizer = optimizer_class(
         optimizer,
         noise_multiplier=noise_multiplier,
@@ -273,6 +302,7 @@ def make_private(
         mode=mode,
         model=model,
         params=params,
+        ghost=ghost,
     )
 
 

@@ -396,9 +396,10 @@ class PrivacyConfig(_Strict):
     noise_multiplicity: int = Field(4, ge=1, le=64, json_schema_extra={"smoke": 2})
     """K noise draws per example, averaged inside the example before clipping: one clipped gradient per
     example, ε unchanged."""
-    per_example_gradients: Literal["hooks", "functorch", "vmap"] = "vmap"
-    """`vmap` (torch.func over examples), `hooks` (Opacus hooks, with the contiguity fix) or `functorch`
-    (Opacus)."""
+    per_example_gradients: Literal["hooks", "functorch", "vmap", "mixed_ghost"] = "vmap"
+    """`vmap` (torch.func over examples), `hooks` (Opacus hooks, with the contiguity fix), `functorch`
+    (Opacus) or `mixed_ghost` (book-keeping with per-layer ghost or instantiated norms: the clipped sum
+    without per-example weight gradients; Conv2d, Linear, GroupNorm and Embedding layers)."""
     noise_seed: Seed | None = None
     """Tests only: seeds the DP noise and sampling (otherwise a secret OS seed). Anyone who reads the recipe
     can regenerate the noise, so such a run is NOT PRIVATE: its run id, release folder, card and reports

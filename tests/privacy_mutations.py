@@ -57,8 +57,35 @@ P = "tests/test_privacy.py::"
 T = "tests/test_train.py::"
 W = "tests/test_warmstart.py::"
 L = "tests/test_ledger.py::"
+G = "tests/test_ghost_clipping.py::"
 MUTATIONS = [
     # --- DP-SGD: clipping, noise, sampling, the accountant ----------------------------------------
+    Mutation(
+        "ghost-unclipped-sum",
+        "mixed_ghost sums the per-example gradients without their clip factors",
+        "ghost_clipping.py",
+        (
+            (
+                "        g = (self.g * factors[:, None, None]).flatten(0, 1)  # [n·T, p]\n",
+                "        g = self.g.flatten(0, 1)\n",
+            ),
+        ),
+        (
+            P + "test_each_example_is_clipped_before_summing",
+            P + "test_one_example_moves_the_clipped_sum_by_at_most_c",
+            G + "test_mixed_ghost_equals_the_vmap_clipped_sum_on_shipped_unets",
+        ),
+    ),
+    Mutation(
+        "ghost-norm-without-bias",
+        "mixed_ghost leaves the biases out of each example's norm (clip factors too large)",
+        "ghost_clipping.py",
+        (('        if "bias" in self.c.params:\n            w = w + self.g.sum(1).pow(2).sum(1)\n', ""),),
+        (
+            P + "test_one_example_moves_the_clipped_sum_by_at_most_c",
+            G + "test_mixed_ghost_equals_the_vmap_clipped_sum_on_shipped_unets",
+        ),
+    ),
     Mutation(
         "no-clipping",
         "per-example gradients summed without clipping",

@@ -106,7 +106,7 @@ def test_per_example_gradients_match_torch_func_for_recipe_architecture(recipe_p
     assert checked > 0.9 * len(list(model.parameters()))
 
 
-@pytest.mark.parametrize("mode", ["hooks", "functorch", "vmap"])
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "vmap", "mixed_ghost"])
 def test_each_example_is_clipped_before_summing(mode: str) -> None:
     torch.manual_seed(0)
     model = build_unet(TINY, 16, 3)
@@ -158,7 +158,8 @@ def test_noise_has_the_calibrated_scale() -> None:
     assert abs(diff.mean().item()) < 0.01 * expected_std
 
 
-def test_empty_poisson_batch_steps_with_noise_and_is_counted() -> None:
+@pytest.mark.parametrize("mode", ["hooks", "mixed_ghost"])
+def test_empty_poisson_batch_steps_with_noise_and_is_counted(mode: str) -> None:
     torch.manual_seed(0)
     model = build_unet(TINY, 16, 2)
     scheduler = build_noise_scheduler(TINY)
@@ -175,6 +176,7 @@ def test_empty_poisson_batch_steps_with_noise_and_is_counted() -> None:
         accountant="rdp",
         sample_generator=torch.Generator().manual_seed(0),
         noise_generator=torch.Generator().manual_seed(1),
+        mode=mode,
     )
     loss = dp_step(
         private,
@@ -301,7 +303,8 @@ def test_k_rows_are_folded_into_one_gradient_per_example_before_clipping(mode: s
         assert err <= 2e-4 * want.abs().max().item() + 1e-7, f"{mode} {name}: {err:.3g}"
 
 
-def test_physical_chunks_give_the_same_clipped_sum_and_noise_once() -> None:
+@pytest.mark.parametrize("mode", ["hooks", "mixed_ghost"])
+def test_physical_chunks_give_the_same_clipped_sum_and_noise_once(mode: str) -> None:
     torch.manual_seed(0)
     scheduler = build_noise_scheduler(TINY)
     x0, y = batch_for(16, 3, 5)
@@ -309,7 +312,7 @@ def test_physical_chunks_give_the_same_clipped_sum_and_noise_once() -> None:
     for chunk in (None, 2):
         torch.manual_seed(0)
         model = build_unet(TINY, 16, 3)
-        private = private_for(model, batch=5, sigma=0.0, clip=1e-3)
+        private = private_for(model, batch=5, sigma=0.0, clip=1e-3, mode=mode)
         settings = StepSettings(draws=Draws(k=2), max_physical=chunk)
         dp_step(private, scheduler, x0, y, torch.Generator().manual_seed(9), settings)
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
@@ -319,7 +322,7 @@ def test_physical_chunks_give_the_same_clipped_sum_and_noise_once() -> None:
     torch.manual_seed(0)
     model = build_unet(TINY, 16, 3)
     clean = grads[1]
-    private = private_for(model, batch=5, sigma=3.0, clip=1e-3)
+    private = private_for(model, batch=5, sigma=3.0, clip=1e-3, mode=mode)
     dp_step(
         private,
         scheduler,
@@ -347,7 +350,7 @@ def _clipped_sum(model, scheduler, x0, y, clip: float, mode: str, precision: str
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("mode", ["hooks", "functorch", "vmap"])
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "vmap", "mixed_ghost"])
 def test_one_example_moves_the_clipped_sum_by_at_most_c(mode: str, precision: str) -> None:
     """Sensitivity through the trainer's own step, K = 4 rows per example: adding one example to
     a batch moves the summed clipped gradient by at most C, in every mode and precision. Clipping
