@@ -113,3 +113,14 @@ def test_mixed_ghost_refuses_a_layer_it_cannot_clip() -> None:
     norm = torch.nn.Sequential(torch.nn.LayerNorm(4))
     with pytest.raises(ValueError, match=r"cannot clip the trainable parameters of 0 \(LayerNorm\)"):
         trainable_modules(norm, dict(norm.named_parameters()))
+
+
+def test_mixed_ghost_refuses_several_ranks_until_tested_there() -> None:
+    model = build_unet(ATTENTION, 16, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with pytest.raises(ValueError, match="mixed_ghost runs in one process"):
+        make_private(
+            model, opt, n_train=100, expected_batch_size=4, steps=1, noise_multiplier=1.0,
+            max_grad_norm=1.0, accountant="rdp", sample_generator=torch.Generator(),
+            noise_generator=torch.Generator(), mode="mixed_ghost", world=2,
+        )  # fmt: skip
