@@ -8,12 +8,14 @@ respect to each such module's output. It is `torch.autograd.grad` to those outpu
 computes no parameter gradient at all. From the two, each layer gives every example's squared
 gradient norm by the cheaper of
 - the ghost norm, ‖G_iᵀA_i‖² = ⟨A_iA_iᵀ, G_iG_iᵀ⟩, about T²(d + p) operations, or
-- instantiation, G_iᵀA_i itself, about T·d·p,
+- instantiation, G_iᵀA_i itself, about T·d·p (for a convolution by its own weight-gradient
+  kernel grouped by example, as fast as the batched weight gradient on a CPU),
 where A_i (T × d) are the example's inputs and G_i (T × p) its output gradients over its T
 positions: K rows × the layer's spatial positions. The K rows are folded here, before clipping.
-The norms give the clip factors c_i = min(1, C / (‖g_i‖ + 1e-6)), Opacus' own; each layer's
-clipped sum Σ_i c_i G_iᵀA_i is then one weight-gradient product on the book-kept output
-gradients scaled per example, so no second backward pass is needed. `p.grad` gets that sum and
+The norms give the clip factors c_i = min(1, C / (‖g_i‖ + 1e-6)), Opacus' own. Each layer's
+clipped sum Σ_i c_i G_iᵀA_i is then the instantiated gradients weighted by c_i, or, for a ghost
+layer, one weight-gradient product on the book-kept output gradients scaled per example, so no
+second backward pass is needed. `p.grad` gets that sum and
 Opacus' `DPOptimizerFastGradientClipping` adds the noise, as for the other modes.
 
 Hand-written because no kept library does it for these layers: Opacus' fast gradient clipping
@@ -123,12 +125,57 @@ def _layer(c: _Calls, n: int, k: int):
         return _GroupNorm(c, n, k)
     if isinstance(c.module, nn.Embedding):
         return _Embedding(c, n, k)
+    if isinstance(c.module, nn.Conv2d) and not _conv_ghost_is_cheaper(c, k):
+        return _ConvInstantiated(c, n, k)
     return _Dense(c, n, k)
 
 
 def _per_example(t: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """[n·k rows, T, …] → [n, k·T, …]: an example's positions over its k rows."""
     return t.reshape(n, k * t.shape[1], *t.shape[2:])
+
+
+def _conv_ghost_is_cheaper(c: _Calls, k: int) -> bool:
+    """Ghost norm, T²(d + p), against instantiation, T·d·p, with T = k × output positions."""
+    m = c.module
+    t = k * sum(g[0, 0].numel() for g in c.grads)
+    d, p = m.in_channels * m.kernel_size[0] * m.kernel_size[1], m.out_channels
+    return t * (d + p) < d * p
+
+
+class _ConvInstantiated:
+    """Conv2d, each example's weight gradient formed by the convolution's own weight-gradient
+    kernel, grouped by example (the K rows of an example are its batch): as fast as the batched
+    weight gradient on a CPU, where unfold and a batched product were 20× slower."""
+
+    def __init__(self, c: _Calls, n: int, k: int) -> None:
+        m, self.c = c.module, c
+        self.w = None
+        self.b = None
+        for a, g in zip(c.inputs, c.grads, strict=True):
+            a, g = _by_example(a.float(), n, k), _by_example(g.float(), n, k)
+            w = torch.nn.grad.conv2d_weight(
+                a, (n * m.out_channels, m.in_channels, *m.kernel_size), g,
+                stride=m.stride, padding=m.padding, dilation=m.dilation, groups=n,
+            ).view(n, *m.weight.shape)  # fmt: skip
+            b = g.view(k, n, m.out_channels, -1).sum((0, 3))
+            self.w = w if self.w is None else self.w + w
+            self.b = b if self.b is None else self.b + b
+
+    def norms_squared(self) -> torch.Tensor:
+        w = self.w.flatten(1).pow(2).sum(1) if "weight" in self.c.params else 0.0
+        return w + (self.b.pow(2).sum(1) if "bias" in self.c.params else 0.0)
+
+    def set_clipped_grads(self, factors: torch.Tensor) -> None:
+        for name, per in (("weight", self.w), ("bias", self.b)):
+            p = self.c.params.get(name)
+            if p is not None:
+                p.grad = torch.einsum("n,n...->...", factors, per).to(p.dtype)
+
+
+def _by_example(t: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """[n·k, C, H, W] → [k, n·C, H, W]: example i's channels are group i, its rows the batch."""
+    return t.view(n, k, *t.shape[1:]).transpose(0, 1).reshape(k, n * t.shape[1], *t.shape[2:])
 
 
 class _Dense:

@@ -66,8 +66,8 @@ MUTATIONS = [
         "ghost_clipping.py",
         (
             (
-                "        g = (self.g * factors[:, None, None]).flatten(0, 1)  # [n·T, p]\n",
-                "        g = self.g.flatten(0, 1)\n",
+                "    factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)\n",
+                "    factors = torch.ones_like(norms)\n",
             ),
         ),
         (
@@ -77,10 +77,15 @@ MUTATIONS = [
         ),
     ),
     Mutation(
-        "ghost-norm-without-bias",
-        "mixed_ghost leaves the biases out of each example's norm (clip factors too large)",
+        "ghost-norm-without-groupnorm",
+        "mixed_ghost leaves the GroupNorm layers out of each example's norm (clip factors too large)",
         "ghost_clipping.py",
-        (('        if "bias" in self.c.params:\n            w = w + self.g.sum(1).pow(2).sum(1)\n', ""),),
+        (
+            (
+                "        squared += layer.norms_squared()\n",
+                "        squared += 0 if isinstance(layer, _GroupNorm) else layer.norms_squared()\n",
+            ),
+        ),
         (
             P + "test_one_example_moves_the_clipped_sum_by_at_most_c",
             G + "test_mixed_ghost_equals_the_vmap_clipped_sum_on_shipped_unets",
