@@ -3,6 +3,7 @@ seeds, per-class recall, bootstrap interval), so that rows evaluated before a ch
 evaluation (one classifier seed until 2026-12-06) can be compared with new ones.
 
     python benchmarks/rescore_release.py RECIPE privacy_audits/<recipe>/<run>/release/dataset [--seeds 3]
+        [--early-stopping val_loss|val_accuracy]
 
 The recipe gives the real data (its training split for TRTR, its held-out split for both) and
 the evaluation settings; the release's images and labels are the synthetic set, read with
@@ -27,6 +28,10 @@ def main() -> None:
     ap.add_argument("recipe", type=Path)
     ap.add_argument("release", type=Path, help="a release's dataset folder (datasets.load_from_disk)")
     ap.add_argument("--seeds", type=int, default=3, help="classifier seeds")
+    ap.add_argument(
+        "--early-stopping", choices=["val_loss", "val_accuracy"], default=None,
+        help="the classifiers' early-stopping rule (default: the recipe's); val_accuracy scores as before 2026-12-06",
+    )  # fmt: skip
     args = ap.parse_args()
     checked = check(args.recipe)
     images = checked.images
@@ -38,6 +43,9 @@ def main() -> None:
     synth = np.stack([np.asarray(im.convert("L"), dtype=np.uint8) for im in ds["image"]])
     labels = np.asarray(ds["label"], dtype=np.int64)
     cfg = checked.recipe.evaluation.model_copy(update={"classifier_seeds": args.seeds})
+    if args.early_stopping:
+        classifier = cfg.classifier.model_copy(update={"early_stopping": args.early_stopping})
+        cfg = cfg.model_copy(update={"classifier": classifier})
     ev = evaluate_arrays(synth, labels, images, cfg, threshold=0.0)
     ci = ev["intervals"]["tstr_over_trtr_above_chance"] if ev.get("intervals") else None
     interval = f"95 % {ci[0]:.2f}–{ci[1]:.2f}" if ci else "no interval: fewer than two held-out units"
