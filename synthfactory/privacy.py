@@ -271,12 +271,11 @@ def make_private(
     # batch; DistributedDPOptimizer adds the noise on rank 0 only, all-reduces, and with the
     # per-rank expected batch B/world and its division by world the result is (Σ + noise)/B,
     # exactly the single-process step.
+    if mode == "mixed_ghost" and world > 1:  # not yet tested against the single-process step
+        raise ValueError("per_example_gradients: mixed_ghost runs in one process; use vmap with torchrun")
+    optimizer_class = DistributedDPOptimizer if world > 1 else DPOptimizer
     if mode == "mixed_ghost":  # p.grad holds the clipped sum; the optimizer adds noise to it
-        if world > 1:  # not yet tested against the single-process step, as vmap and hooks are
-            raise ValueError("per_example_gradients: mixed_ghost runs in one process; use vmap with torchrun")
         optimizer_class = DPOptimizerFastGradientClipping
-    else:
-        optimizer_class = DistributedDPOptimizer if world > 1 else DPOptimizer
     dp_optimizer = optimizer_class(
         optimizer,
         noise_multiplier=noise_multiplier,
