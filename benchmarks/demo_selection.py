@@ -33,6 +33,25 @@ from synthfactory.run import open_run
 from synthfactory.sample import ddim_sample, sample_seed, uint8_to_model_range
 
 
+def load_checkpoint(run_dir, recipe, checkpoint: str):
+    """(model, its training noise scheduler): the final generator, or the pre-trained UNet."""
+    if checkpoint == "final":
+        return load_generator(run_dir.final_checkpoint)
+    return load_unet(run_dir.pretrained / "unet").eval(), build_noise_scheduler(recipe.model)
+
+
+def sample(model, train_scheduler, recipe, images, labels: np.ndarray, guidance: float) -> torch.Tensor:
+    """DDIM samples in the model's range for `labels`, with fixed per-sample seeds (the same noise
+    for every checkpoint and guidance scale)."""
+    with torch.no_grad():
+        x = ddim_sample(
+            model, sampling_scheduler(train_scheduler), torch.from_numpy(labels),
+            [sample_seed(123, i) for i in range(len(labels))], recipe.sampling.ddim_steps,
+            images.image_size, guidance, null_class(recipe, len(images.class_names)),
+        )  # fmt: skip
+    return x
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir")
@@ -47,25 +66,14 @@ def main() -> None:
     checked, run_dir = open_run(args.run_dir)
     recipe, images = checked.recipe, checked.images
     n_classes = len(images.class_names)
-    if args.checkpoint == "final":
-        model, train_scheduler = load_generator(run_dir.final_checkpoint)
-    else:
-        model, train_scheduler = (
-            load_unet(run_dir.pretrained / "unet").eval(),
-            build_noise_scheduler(recipe.model),
-        )
+    model, train_scheduler = load_checkpoint(run_dir, recipe, args.checkpoint)
     labels = np.repeat(np.arange(n_classes), args.per_class)
     cfg = recipe.evaluation.model_copy(update={"classifier_seeds": args.seeds, "bootstrap_resamples": 0})
     real = uint8_to_model_range(quantize(images.train_images))
     print("real training images, mean pixel per class " + " ".join(
         f"{real[images.train_labels == c].mean():.3f}" for c in range(n_classes)))  # fmt: skip
     for w in args.guidance:
-        with torch.no_grad():
-            x = ddim_sample(
-                model, sampling_scheduler(train_scheduler), torch.from_numpy(labels),
-                [sample_seed(123, i) for i in range(len(labels))], recipe.sampling.ddim_steps,
-                images.image_size, w, null_class(recipe, n_classes),
-            )  # fmt: skip
+        x = sample(model, train_scheduler, recipe, images, labels, w)
         ev = evaluate_arrays(to_uint8(x), labels, images, cfg, threshold=0.0)
         per_seed = ev["above_chance_per_seed"]
         recall = " | ".join(

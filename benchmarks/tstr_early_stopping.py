@@ -17,20 +17,13 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import torch
+from demo_selection import load_checkpoint, sample  # the same generator and samples as that script
 
 from synthfactory.audit import quantize
 from synthfactory.evaluate import predict, train_classifier
-from synthfactory.model import (
-    build_noise_scheduler,
-    load_generator,
-    load_unet,
-    null_class,
-    sampling_scheduler,
-)
 from synthfactory.pipeline import to_uint8
 from synthfactory.run import open_run
-from synthfactory.sample import ddim_sample, sample_seed, uint8_to_model_range
+from synthfactory.sample import uint8_to_model_range
 
 
 def main() -> None:
@@ -44,17 +37,9 @@ def main() -> None:
     checked, run_dir = open_run(args.run_dir)
     recipe, images = checked.recipe, checked.images
     n = len(images.class_names)
-    if args.checkpoint == "final":
-        model, scheduler = load_generator(run_dir.final_checkpoint)
-    else:
-        model, scheduler = load_unet(run_dir.pretrained / "unet").eval(), build_noise_scheduler(recipe.model)
+    model, scheduler = load_checkpoint(run_dir, recipe, args.checkpoint)
     labels = np.repeat(np.arange(n), args.per_class)
-    with torch.no_grad():
-        x = ddim_sample(
-            model, sampling_scheduler(scheduler), torch.from_numpy(labels),
-            [sample_seed(123, i) for i in range(len(labels))], recipe.sampling.ddim_steps,
-            images.image_size, args.guidance, null_class(recipe, n),
-        )  # fmt: skip
+    x = sample(model, scheduler, recipe, images, labels, args.guidance)
     synth = uint8_to_model_range(to_uint8(x))
     test_x, test_y = uint8_to_model_range(quantize(images.heldout_images)), images.heldout_labels
     chance = np.bincount(test_y).max() / len(test_y)
