@@ -88,12 +88,12 @@ def pretrain(
     model = seeded_unet(recipe, images.image_size, len(images.class_names))
     record: dict = {"kind": "warm_start", "statement": None}
     if recipe.pretrain is not None:
-        record = _public_stage(model, recipe, images, public, ledger, device, progress, run_dir.run_id)
+        record = _public_stage(model, recipe, images, public, ledger, device, progress, run_dir)
     if recipe.warm_start is not None:
         asker = warmstart.Asker(run_dir.central_images, ledger, run_dir.run_id, own.key)
         replay = public_examples(recipe, images, public) if recipe.warm_start.public_replay else None
         record["warm_start"] = warmstart.train_on_answer(
-            model, recipe, images, asker, device, progress, replay
+            model, recipe, images, asker, device, progress, replay, run_dir.stage_state("warm_start")
         )
     model.to("cpu").eval()
     with atomic_directory(run_dir.pretrained) as tmp:
@@ -101,12 +101,14 @@ def pretrain(
         mark_weights(tmp / "unet", run_dir.run_id)
         write_artifact(tmp / "unet", ledger.read())
         write_json_atomic(tmp / "pretrain.json", record)
+    for stage in ("public", "warm_start"):
+        run_dir.stage_state(stage).unlink(missing_ok=True)
     return record
 
 
 def _public_stage(
     model, recipe: Recipe, images: ImageSet, public: PublicData | None, ledger: RunLedger, device, progress,
-    run_id: str,
+    run_dir: RunDir,
 ) -> dict:  # fmt: skip
     """Load `pretrain.checkpoint` into the model, or train it on `pretrain.data` without DP; the
     ledger each brings is written first. Returns pretrain.json's record."""
@@ -129,8 +131,8 @@ def _public_stage(
     assert public is not None
     if public.verdict.ledger.mechanisms:
         ledger.bring_in(public.verdict.ledger, via="pretrain.data")
-    _record_public_data(ledger, recipe, public, run_id)
-    return _train_on_public(model, recipe, images, public, device, progress)
+    _record_public_data(ledger, recipe, public, run_dir.run_id)
+    return _train_on_public(model, recipe, images, public, device, progress, run_dir.stage_state("public"))
 
 
 def _record_public_data(ledger: RunLedger, recipe: Recipe, public: PublicData, run_id: str) -> None:
@@ -169,9 +171,11 @@ def classes_from_null(model, n_classes: int) -> None:
         weight[:n_classes] = weight[n_classes]
 
 
-def _train_on_public(model, recipe: Recipe, images: ImageSet, public: PublicData, device, progress) -> dict:
+def _train_on_public(
+    model, recipe: Recipe, images: ImageSet, public: PublicData, device, progress, state: Path
+) -> dict:
     """Non-private training on the declared-public images (class-conditional when their classes
-    are the private ones, else with the null label)."""
+    are the private ones, else with the null label); it resumes from `state` if killed."""
     cfg = recipe.pretrain
     n_classes = len(images.class_names)
     data = public.images
@@ -184,7 +188,9 @@ def _train_on_public(model, recipe: Recipe, images: ImageSet, public: PublicData
         idx = torch.randperm(n, generator=gen)[:batch]
         return x_all[idx], labels[idx]
 
-    plain_training(model, recipe, n_classes, device, (cfg.steps, cfg.learning_rate, cfg.seed), draw, progress)
+    plain_training(
+        model, recipe, n_classes, device, (cfg.steps, cfg.learning_rate, cfg.seed), draw, progress, state
+    )
     from_null = not conditional and cfg.class_embeddings == "from_null"
     if from_null:
         classes_from_null(model, n_classes)

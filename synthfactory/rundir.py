@@ -12,6 +12,9 @@
                                       preprocessing, manifest hash
       checkpoints/pretrained/         public pre-training and/or the warm start (if the recipe has
                                       them): unet/ (with its synthfactory_ledger.json), pretrain.json
+      checkpoints/public_stage.pt,    the pretrain stage's resumable states (public pre-training;
+      checkpoints/warm_start_stage.pt the warm start's training on its DP answer), every
+                                      `training.checkpoint_every` steps; deleted when it ends
       checkpoints/central_images.npz  the warm start's DP answer: noisy class means and counts
                                       (covered by ε; asked once per run, reused on a re-run)
       checkpoints/train_state.pt      resumable training state (model, EMA, optimizer, accountant
@@ -173,6 +176,10 @@ class RunDir:
     @property
     def pretrained(self) -> Path:
         return self.root / "checkpoints" / "pretrained"
+
+    def stage_state(self, stage: str) -> Path:
+        """The resumable state of one of the pretrain stage's trainings (`public`, `warm_start`)."""
+        return self.root / "checkpoints" / f"{stage}_stage.pt"
 
     @property
     def central_images(self) -> Path:

@@ -11,8 +11,10 @@ privacy.py; nothing here accounts for anything.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
@@ -23,6 +25,7 @@ from .objective import Draws, denoising_loss, draw_rows, make_row_loss
 from .privacy import PrivateTraining
 from .progress import progress_bar
 from .recipe import Recipe
+from .rundir import atomic_path
 
 
 @dataclass
@@ -124,18 +127,49 @@ def plain_step(
     return total / n
 
 
-def plain_training(model, recipe: Recipe, n_classes: int, device, run: tuple, draw, progress: bool) -> None:
+def plain_training(
+    model, recipe: Recipe, n_classes: int, device, run: tuple, draw, progress: bool, state: Path | None = None
+) -> None:
     """Non-private Adam steps on batches from `draw(generator)`; run = (steps, learning rate,
-    seed). What the public pre-training and the warm start's training both run."""
+    seed). What the public pre-training and the warm start's training both run. With `state`, the
+    weights, the optimizer and the generator are saved there (atomically) every
+    `training.checkpoint_every` steps and at the end, and a state saved there by the same run
+    tuple is resumed from: a killed stage goes on where it was saved, to the same weights."""
     steps, lr, seed = run
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     scheduler = build_noise_scheduler(recipe.model)
     settings = step_settings(recipe, n_classes, device, k=1)
     gen = generator(seed)
+    done = _resume_plain(state, run, model, optimizer, gen)
+    every = recipe.training.checkpoint_every
     with progress_bar(steps, "pretrain", "step", progress) as bar:
-        for _ in range(steps):
+        bar.update(done)
+        for step in range(done + 1, steps + 1):
             xb, yb = draw(gen)
             loss = plain_step(model, optimizer, scheduler, xb, yb, gen, settings)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
+            if state is not None and (step % every == 0 or step == steps):
+                _save_plain(state, run, step, model, optimizer, gen)
+
+
+def _save_plain(path: Path, run: tuple, step: int, model, optimizer, gen: torch.Generator) -> None:
+    saved = {"run": list(run), "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    saved["generator"] = gen.get_state()
+    tmp = atomic_path(path)
+    torch.save(saved, tmp)
+    os.replace(tmp, path)
+
+
+def _resume_plain(path: Path | None, run: tuple, model, optimizer, gen: torch.Generator) -> int:
+    """Load a state saved by `_save_plain` for the same run tuple; returns its step (0: none)."""
+    if path is None or not path.is_file():
+        return 0
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if saved["run"] != list(run):  # another stage's settings: start this one afresh
+        return 0
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    gen.set_state(saved["generator"])
+    return int(saved["step"])

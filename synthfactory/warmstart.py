@@ -238,11 +238,20 @@ def record(central: CentralImages, cfg: WarmStartConfig) -> dict:
     }
 
 
-def train_on_answer(model, recipe: Recipe, images, asker: Asker, device, progress: bool, replay=None) -> dict:
+def train_on_answer(
+    model,
+    recipe: Recipe,
+    images,
+    asker: Asker,
+    device,
+    progress: bool,
+    replay=None,
+    state: Path | None = None,
+) -> dict:
     """The warm start stage: answer the central-image query once (ledger first), then train the
     model on the noisy class means, augmented, without DP-SGD (post-processing). `replay`: the
-    public stage's (images, labels), of which `public_replay` of each batch is drawn. Returns
-    its ledger entry's detail."""
+    public stage's (images, labels), of which `public_replay` of each batch is drawn; `state`: where
+    the training saves itself to resume from (`plain_training`). Returns its ledger entry's detail."""
     cfg = recipe.warm_start
     assert cfg is not None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would answer the query with its own noise
@@ -264,5 +273,6 @@ def train_on_answer(model, recipe: Recipe, images, asker: Asker, device, progres
             xb, yb = torch.cat([xb, replay[0][pub]]), torch.cat([yb, replay[1][pub]])
         return xb, yb
 
-    plain_training(model, recipe, n_classes, device, (cfg.steps, cfg.learning_rate, cfg.seed), draw, progress)
+    run = (cfg.steps, cfg.learning_rate, cfg.seed)
+    plain_training(model, recipe, n_classes, device, run, draw, progress, state)
     return record(central, cfg)

@@ -257,9 +257,9 @@ def test_public_replay_mixes_public_images_into_each_warm_start_batch(tmp_path, 
     batches = []
     real_training = warmstart.plain_training
 
-    def spy(model, recipe, n_classes, device, run, draw, progress):
+    def spy(model, recipe, n_classes, device, run, draw, progress, state=None):
         batches.append(draw(torch.Generator().manual_seed(0)))
-        real_training(model, recipe, n_classes, device, run, draw, progress)
+        real_training(model, recipe, n_classes, device, run, draw, progress, state)
 
     monkeypatch.setattr(warmstart, "plain_training", spy)
     run_stage("pretrain", checked, run_dir, StageOptions(progress=False))
@@ -286,3 +286,50 @@ def test_public_replay_needs_public_data(tmp_path):
     ws = {"noise_multiplier": 2.0, "image_size": 8, "public_replay": 0.5}
     with pytest.raises(RecipeError, match="public_replay"):
         load_recipe(_write(tmp_path, tiny_recipe(warm_start=ws)))
+
+
+@pytest.mark.parametrize("killed_at", [4, 9])  # in the public stage; in the warm start's training
+def test_a_killed_pretrain_stage_resumes_where_it_was_saved(tmp_path, monkeypatch, killed_at):
+    """Killed mid-way, the pretrain stage goes on from its last save (every checkpoint_every
+    steps) instead of starting again, and ends with the weights the stage gives when never
+    killed (the same run directory re-run from the start: the same stored DP answer); the warm
+    start's query is not asked again; the resumable states are gone once the stage ends."""
+    from conftest import dying_on_call
+    from test_train import PUBLIC_PHANTOMS
+
+    from synthfactory import steps
+    from synthfactory.model import load_unet
+
+    ws = {"noise_multiplier": 2.0, "image_size": 8, "steps": 4, "expected_batch_size": 8}
+    pre = {"data": PUBLIC_PHANTOMS, "steps": 6, "expected_batch_size": 8}
+    checked = check(_write(tmp_path, tiny_recipe(warm_start=ws, pretrain=pre)))
+    real_step, calls = steps.plain_step, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real_step(*args, **kwargs)
+
+    run_dir = create_run(checked, tmp_path / "runs")
+    run_stage("data", checked, run_dir, StageOptions(progress=False))
+    monkeypatch.setattr(steps, "plain_step", dying_on_call(counted, killed_at))
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("pretrain", checked, run_dir, StageOptions(progress=False))
+    answer = run_dir.central_images.read_bytes() if killed_at > 6 else None
+    monkeypatch.setattr(steps, "plain_step", counted)
+    calls.clear()
+    run_stage("pretrain", checked, run_dir, StageOptions(progress=False))
+    # checkpoint_every is 2: killed at the public stage's step 4, it resumes from its step 2
+    # (4 + 4 steps left); killed at the warm start's step 3, from its step 2 (2 left).
+    assert len(calls) == (8 if killed_at == 4 else 2)
+    if answer is not None:
+        assert run_dir.central_images.read_bytes() == answer  # the query was not asked again
+    assert not any(run_dir.stage_state(s).exists() for s in ("public", "warm_start"))
+    resumed = load_unet(run_dir.pretrained / "unet").state_dict()
+
+    run_dir.invalidate_from("pretrain")
+    calls.clear()
+    run_stage("pretrain", checked, run_dir, StageOptions(progress=False))
+    assert len(calls) == 10  # from the start: nothing saved is left
+    never_killed = load_unet(run_dir.pretrained / "unet").state_dict()
+    for name, weight in never_killed.items():
+        torch.testing.assert_close(resumed[name], weight, rtol=0, atol=0, msg=name)
