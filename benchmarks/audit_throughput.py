@@ -37,8 +37,10 @@ def main() -> None:
     ap.add_argument("--space-n", type=int, default=2_000, help="queries and references per space")
     ap.add_argument("--space-size", type=int, default=32)
     ap.add_argument("--run-dir", type=Path, help="a run directory whose audit.json timings to print")
+    ap.add_argument("--skip-faiss", action="store_true", help="time synthfactory's torch search only")
+    ap.add_argument("--json", type=Path, help="also write the timings here")
     args = ap.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {_device()}")
 
     rng = np.random.default_rng(0)
     refs = uint8_to_model_range(rng.integers(0, 256, (args.n, args.size, args.size), dtype=np.uint8))
@@ -47,15 +49,39 @@ def main() -> None:
     pairs = args.n * args.n
 
     (t_idx, t_dist), t_torch = timed(lambda: nearest_neighbours(queries, refs))
-    f_idx, t_faiss = timed(lambda: faiss_candidates(flatten(queries), flatten(refs), 1)[:, 0].numpy())
-    (s_idx, s_dist), t_sf_faiss = timed(lambda: nearest_neighbours(queries, refs, backend="faiss"))
     assert (t_idx[:10] == np.arange(10)).all() and (t_dist[:10] == 0).all()
-    agree = float((t_idx == f_idx).mean())
-    assert (t_idx == s_idx).all() and np.allclose(t_dist, s_dist)
     print(f"exact pixel-L2 search, {args.n} x {args.n} images of {args.size}x{args.size}:")
     print(
         f"  synthfactory torch (blocked matmul + float64 re-check): {t_torch:7.1f} s  {pairs / t_torch:,.0f} pairs/s"
     )
+    timings = {"device": _device(), "n": args.n, "size": args.size, "pixel_l2_torch_s": t_torch}
+    if not args.skip_faiss:
+        timings.update(_faiss_side_by_side(queries, refs, t_idx, t_dist, t_torch, pairs))
+    timings["space_n"], timings["space_size"] = args.space_n, args.space_size
+    timings["spaces_s"] = {}
+    for name, seconds in _each_space(rng, args.space_n, args.space_size):
+        timings["spaces_s"][name] = seconds
+        if args.json:  # after each space, so that a time limit loses only the space it cut
+            args.json.write_text(json.dumps(timings, indent=1))
+
+    if args.run_dir:
+        audit = json.loads((args.run_dir / "audit" / "audit.json").read_text())
+        print(f"audit of {args.run_dir.name}: {audit.get('seconds')} s in all; per space:")
+        for name, sp in audit.get("spaces", {}).items():
+            print(f"  {name:15s} {sp['seconds']:7.1f} s")
+
+
+def _device() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def _faiss_side_by_side(queries, refs, t_idx, t_dist, t_torch, pairs) -> dict:
+    f_idx, t_faiss = timed(lambda: faiss_candidates(flatten(queries), flatten(refs), 1)[:, 0].numpy())
+    (s_idx, s_dist), t_sf_faiss = timed(lambda: nearest_neighbours(queries, refs, backend="faiss"))
+    agree = float((t_idx == f_idx).mean())
+    assert (t_idx == s_idx).all() and np.allclose(t_dist, s_dist)
     print(
         f"  faiss-cpu IndexFlatL2 (k=1, float32):                  {t_faiss:7.1f} s  {pairs / t_faiss:,.0f} pairs/s"
     )
@@ -65,24 +91,18 @@ def main() -> None:
     print(
         f"  ratio torch / faiss IndexFlatL2 time: {t_torch / t_faiss:.2f}; same nearest neighbour for {agree:.2%}"
     )
+    return {"faiss_flat_s": t_faiss, "pixel_l2_faiss_backend_s": t_sf_faiss, "same_neighbour": agree}
 
-    small_r = uint8_to_model_range(
-        rng.integers(0, 256, (args.space_n, args.space_size, args.space_size), dtype=np.uint8)
-    )
-    small_q = uint8_to_model_range(
-        rng.integers(0, 256, (args.space_n, args.space_size, args.space_size), dtype=np.uint8)
-    )
-    print(f"each space, {args.space_n} x {args.space_n} images of {args.space_size}x{args.space_size}:")
+
+def _each_space(rng, n: int, size: int):
+    small_r = uint8_to_model_range(rng.integers(0, 256, (n, size, size), dtype=np.uint8))
+    small_q = uint8_to_model_range(rng.integers(0, 256, (n, size, size), dtype=np.uint8))
+    print(f"each space, {n} x {n} images of {size}x{size}:")
     for name in SPACES:
         candidates = 64 if name == "shift_flip_ncc" else None
         _, t = timed(lambda name=name, c=candidates: search(name, small_q, small_r, 1024, 4, c))
-        print(f"  {name:15s} {t:7.2f} s  {args.space_n**2 / t:,.0f} pairs/s")
-
-    if args.run_dir:
-        audit = json.loads((args.run_dir / "audit" / "audit.json").read_text())
-        print(f"audit of {args.run_dir.name}: {audit.get('seconds')} s in all; per space:")
-        for name, sp in audit.get("spaces", {}).items():
-            print(f"  {name:15s} {sp['seconds']:7.1f} s")
+        print(f"  {name:15s} {t:7.2f} s  {n**2 / t:,.0f} pairs/s", flush=True)
+        yield name, t
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
     python benchmarks/train_throughput.py                      # the demo recipe's model, 32×32
     python benchmarks/train_throughput.py --recipe recipes/mri_brain_tumor.yaml --batch 64
+    python benchmarks/train_throughput.py --recipe recipes/mri_brain_tumor.yaml \
+        --set data.image_size=64 --set "model.block_out_channels=[64,128,128]" --json out.json
 
 Every configuration runs in its own subprocess (so its peak memory is its own) on the same
 model, the same images and the same logical batch: non-private, and DP with each per-example
@@ -29,11 +31,11 @@ def run_one(args: argparse.Namespace) -> dict:
     from synthfactory.model import build_noise_scheduler, build_unet, count_parameters
     from synthfactory.objective import Draws, make_row_loss
     from synthfactory.privacy import make_conv_inputs_contiguous, make_private
-    from synthfactory.recipe import load_recipe
+    from synthfactory.recipe import load_recipe, parse_override
     from synthfactory.steps import StepSettings, dp_step, plain_step
 
     torch.manual_seed(0)
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, dict(parse_override(item) for item in args.set))
     size, n_classes = recipe.data.image_size, len(recipe.data.classes)
     device = torch.device(args.device)
     model = build_unet(recipe.model, size, n_classes + 1).to(device)
@@ -156,6 +158,8 @@ def main() -> None:
     ap.add_argument("--modes", default="nonprivate,hooks,functorch,ghost,vmap")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward pass (CUDA)")
+    ap.add_argument("--set", action="append", default=[], help="recipe override KEY=VALUE (repeatable)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--mode", help=argparse.SUPPRESS)
     ap.add_argument("--k", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -184,14 +188,20 @@ def main() -> None:
                 str(args.steps),
                 "--warmup",
                 str(args.warmup),
+                "--windows",
+                str(args.windows),
                 "--device",
                 args.device,
             ]
             cmd += ["--physical", str(args.physical)] if args.physical else []
             cmd += ["--bf16"] if args.bf16 else []
+            cmd += [a for item in args.set for a in ("--set", item)]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
-                print(f"{mode} K={k}: failed: {out.stderr.strip().splitlines()[-1]}", flush=True)
+                print(
+                    f"{mode} K={k}: failed: {(out.stderr.strip().splitlines() or ['no message'])[-1]}",
+                    flush=True,
+                )
                 continue
             res = json.loads(out.stdout.strip().splitlines()[-1])
             results.append(res)
@@ -204,6 +214,15 @@ def main() -> None:
         torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     )
     params = results[0]["parameters"] if results else 0
+    if args.json:
+        meta = {
+            "device": device,
+            "recipe": args.recipe,
+            "set": args.set,
+            "batch": args.batch,
+            "bf16": args.bf16,
+        }
+        args.json.write_text(json.dumps({**meta, "results": results}, indent=1))
     print(
         f"\n{device}; recipe {Path(args.recipe).name}, {params / 1e6:.2f}M parameters, logical batch {args.batch}"
         f"{', bf16 autocast' if args.bf16 else ', fp32'}\n"
