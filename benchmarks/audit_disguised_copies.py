@@ -186,7 +186,11 @@ def show(r: dict) -> None:
         print(
             f"    {s} alone: {pct(v['caught'], r['planted'])}; false alarms {v['false_alarms']}; {v['seconds']:.1f} s; "
             f"AUC copies vs held-out {sep['auc_vs_heldout']:.3f}"
-            + (f", vs the 5 % held-out most like a training image (NCC) {hard:.3f}" if hard is not None else "")
+            + (
+                f", vs the 5 % held-out most like a training image (NCC) {hard:.3f}"
+                if hard is not None
+                else ""
+            )
         )
 
 
