@@ -31,26 +31,10 @@ from sklearn.metrics import roc_auc_score
 
 from synthfactory.audit.descriptor import embed
 from synthfactory.audit.disguises import KINDS, disguised_copies
-from synthfactory.audit.spaces import max_dot, warped
+from synthfactory.audit.spaces import EMBEDDING_WARPS, max_dot, reference_embeddings
 from synthfactory.sample import uint8_to_model_range
 
-REFERENCE_WARPS = (
-    (0.0, 1.0),
-    (0.0, 0.87),
-    (0.0, 1.1),
-    (0.0, 1.2),
-    (8.0, 1.0),
-    (-8.0, 1.0),
-    (15.0, 1.0),
-    (-15.0, 1.0),
-)
-
-
-def reference_embeddings(train: np.ndarray, warps) -> tuple[torch.Tensor, np.ndarray]:
-    """Unit embeddings of every training image under each warp, and each row's training index."""
-    x = torch.from_numpy(np.ascontiguousarray(train, dtype=np.float32).reshape(len(train), *train.shape[-2:]))
-    rows = [embed(warped(x, angle, zoom).clamp(-1, 1)[:, None]) for angle, zoom in warps]
-    return torch.cat(rows), np.tile(np.arange(len(train)), len(warps))
+REFERENCE_WARPS = EMBEDDING_WARPS  # the grid the copy_embedding space now uses (fixed before this ran)
 
 
 def scores(queries: np.ndarray, refs: torch.Tensor) -> np.ndarray:
