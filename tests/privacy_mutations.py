@@ -547,6 +547,20 @@ MUTATIONS = [
         (('EXTREMES = ("0", "100")', "EXTREMES = ()"),),
         ("tests/test_publish.py::test_public_reports_hold_aggregates_only",),
     ),
+    Mutation(
+        "embedding-references-unwarped",
+        "copy_embedding embeds the training images only as they are (no zoomed or rotated references)",
+        "audit/spaces.py",
+        (
+            (
+                "    (0.0, 1.0), (0.0, 0.87), (0.0, 1.1), (0.0, 1.2), (8.0, 1.0), (-8.0, 1.0), (15.0, 1.0), (-15.0, 1.0),",
+                "    (0.0, 1.0),",
+            ),
+        ),
+        (
+            "tests/test_descriptor.py::test_training_images_embedded_under_warps_lift_rotated_and_zoomed_copies_above_other_images",
+        ),
+    ),
 ]
 
 
