@@ -63,7 +63,7 @@ def _how(layer) -> str:
         return "instantiated (grouped weight-gradient kernel)"
     if isinstance(layer, ghost_clipping._Dense):
         t, d, p = layer.a.shape[1], layer.a.shape[2], layer.g.shape[2]
-        return f"{'ghost' if t * (d + p) < d * p else 'instantiated'} (T {t}, d {d}, p {p})"
+        return f"{'ghost' if ghost_clipping._ghost_is_cheaper(t, d, p) else 'instantiated'} (T {t}, d {d}, p {p})"
     return type(layer).__name__.strip("_") + " (per channel or per index)"
 
 

@@ -135,12 +135,16 @@ def _per_example(t: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return t.reshape(n, k * t.shape[1], *t.shape[2:])
 
 
+def _ghost_is_cheaper(t: int, d: int, p: int) -> bool:
+    """Ghost norm, T²(d + p) operations, against instantiation, T·d·p."""
+    return t * (d + p) < d * p
+
+
 def _conv_ghost_is_cheaper(c: _Calls, k: int) -> bool:
-    """Ghost norm, T²(d + p), against instantiation, T·d·p, with T = k × output positions."""
+    """`_ghost_is_cheaper` for a convolution, with T = k × its output positions."""
     m = c.module
     t = k * sum(g[0, 0].numel() for g in c.grads)
-    d, p = m.in_channels * m.kernel_size[0] * m.kernel_size[1], m.out_channels
-    return t * (d + p) < d * p
+    return _ghost_is_cheaper(t, m.in_channels * m.kernel_size[0] * m.kernel_size[1], m.out_channels)
 
 
 class _ConvInstantiated:
@@ -196,7 +200,7 @@ class _Dense:
 
     def norms_squared(self) -> torch.Tensor:
         t, d, p = self.a.shape[1], self.a.shape[2], self.g.shape[2]
-        if t * (d + p) < d * p:  # ghost norm: the T×T Gram matrices
+        if _ghost_is_cheaper(t, d, p):  # ghost norm: the T×T Gram matrices
             w = (self.a @ self.a.transpose(1, 2) * (self.g @ self.g.transpose(1, 2))).sum((1, 2))
         else:  # instantiate each example's weight gradient
             w = (self.g.transpose(1, 2) @ self.a).pow(2).sum((1, 2))

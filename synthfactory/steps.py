@@ -154,12 +154,16 @@ def plain_training(
                 _save_plain(state, run, step, model, optimizer, gen)
 
 
+def save_state(path: Path, state: dict) -> None:
+    """`torch.save` so that a reader never sees half a file (a killed run resumes from it)."""
+    tmp = atomic_path(path)
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 def _save_plain(path: Path, run: tuple, step: int, model, optimizer, gen: torch.Generator) -> None:
     saved = {"run": list(run), "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
-    saved["generator"] = gen.get_state()
-    tmp = atomic_path(path)
-    torch.save(saved, tmp)
-    os.replace(tmp, path)
+    save_state(path, {**saved, "generator": gen.get_state()})
 
 
 def _resume_plain(path: Path | None, run: tuple, model, optimizer, gen: torch.Generator) -> int:

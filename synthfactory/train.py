@@ -79,8 +79,8 @@ from .privacy_record import data_description, privacy_record
 from .progress import progress_bar
 from .recipe import Recipe
 from .records import PrivacyRecord
-from .rundir import RunDir, atomic_directory, atomic_path, read_json, write_json_atomic
-from .steps import StepSettings, dp_step, generator, plain_step, step_settings
+from .rundir import RunDir, atomic_directory, read_json, write_json_atomic
+from .steps import StepSettings, dp_step, generator, plain_step, save_state, step_settings
 
 log = logging.getLogger(__name__)
 
@@ -190,12 +190,6 @@ def _truncate_log(path: Path, step: int) -> None:
         return
     kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
     path.write_text("".join(ln + "\n" for ln in kept))
-
-
-def _save_state(path: Path, state: dict) -> None:
-    tmp = atomic_path(path)
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 def save_final(
@@ -354,7 +348,7 @@ class TrainState:
 
     def save(self, job: _Job, seconds: float) -> None:
         """Write checkpoints/train_state.pt atomically (it holds the DP secret)."""
-        _save_state(
+        save_state(
             job.run_dir.train_state,
             {
                 "step": self.step,
