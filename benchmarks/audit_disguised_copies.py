@@ -130,7 +130,16 @@ def run_set(args: argparse.Namespace, cfg: AuditConfig, key: str) -> dict:
         s: {"caught": int(f[:n].sum()), "false_alarms": int(f[n:].sum()), "seconds": round(g.seconds[s], 2)}
         for s, f in g.flags.items()
     }
+    recall = None
+    if "aligned_ncc" in cfg.spaces:  # is each copy's source among the candidates it registers?
+        from synthfactory.audit.registration import embedding_shortlist
+
+        u = lambda x: x.reshape(len(x), *x.shape[-2:]).astype(np.float32) / 127.5 - 1  # noqa: E731
+        cand = embedding_shortlist(u(copies), u(d["train"]), cfg.align_candidates, cfg.block_size)
+        hit = (cand == picks[:, None]).any(1)
+        recall = {k: int(hit[kinds == k].sum()) for k in KINDS}
     return {
+        "aligned_shortlist_recall": recall,
         "separation": separation(g, n),
         "name": SETS[key][0], "modality": MODALITY[key], "npz_keys": d["npz_keys"],
         "train": len(d["train"]), "heldout_split_rule": d["rule"], "calibration": len(cal),
@@ -180,6 +189,9 @@ def show(r: dict) -> None:
         f"    all kinds: {pct(r['caught'], r['planted'])}; false alarms {r['false_alarms']}/{r['shown']} "
         f"= {r['false_alarm_rate']:.1%}; {r['seconds']:.1f} s"
     )
+    if r.get("aligned_shortlist_recall"):
+        rec = r["aligned_shortlist_recall"]
+        print(f"    aligned_ncc shortlist holds the source: {sum(rec.values())}/{r['planted']}; per kind {rec}")
     for s, v in r["per_space"].items():  # what each space catches on its own, at the shared level
         sep = r["separation"][s]
         hard = sep.get("auc_vs_hardest_heldout")

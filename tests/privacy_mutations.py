@@ -561,6 +561,36 @@ MUTATIONS = [
             "tests/test_descriptor.py::test_training_images_embedded_under_warps_lift_rotated_and_zoomed_copies_above_other_images",
         ),
     ),
+    Mutation(
+        "registration-skipped",
+        "aligned_ncc scores each candidate at its starting warp only (no ECC registration)",
+        "audit/registration.py",
+        (
+            (
+                "                _, warp = cv2.findTransformECC(q, ref, warp, cv2.MOTION_AFFINE, criteria, None, 1)",
+                "                pass",
+            ),
+        ),
+        (
+            "tests/test_registration.py::test_the_registration_recovers_rotation_zoom_and_flip",
+            "tests/test_registration.py::test_registered_copies_stand_further_above_other_images_than_the_descriptor_alone",
+        ),
+    ),
+    Mutation(
+        "registration-no-flip",
+        "aligned_ncc registers candidates onto the query only, not onto its left-right flip",
+        "audit/registration.py",
+        (
+            (
+                "    for q in (query, np.ascontiguousarray(query[:, ::-1])):",
+                "    for q in (query,):",
+            ),
+        ),
+        (
+            "tests/test_registration.py::test_the_registration_recovers_rotation_zoom_and_flip",
+            "tests/test_registration.py::test_registered_copies_stand_further_above_other_images_than_the_descriptor_alone",
+        ),
+    ),
 ]
 
 

@@ -257,6 +257,7 @@ def test_audit_reports_layout_and_internal_marking(run_copy, tmp_path) -> None:
         "rank_thumbnail",
         "lowpass_l2",
         "warp_ncc",
+        "aligned_ncc",
     }
     assert audit["data"]["manifest_sha256"] == checked.images.manifest_sha256()
     priv = audit["privacy"]
@@ -268,7 +269,7 @@ def test_audit_reports_layout_and_internal_marking(run_copy, tmp_path) -> None:
     } <= set(priv)
     s0 = audit["samples"][0]
     assert s0["flagged_by"] == [
-        "pixel_l2", "ncc", "shift_flip_ncc", "rank_thumbnail", "lowpass_l2", "warp_ncc", "exact_copy"
+        "pixel_l2", "ncc", "shift_flip_ncc", "rank_thumbnail", "lowpass_l2", "warp_ncc", "aligned_ncc", "exact_copy"
     ]  # fmt: skip
     assert set(s0["scores"]) == set(audit["spaces"])
     assert "sha256" not in str(audit["samples"])  # training images are named by index only
@@ -364,16 +365,22 @@ def test_suspected_copies_say_none_when_nothing_was_flagged(run_copy, tmp_path) 
 
 def test_coverage_statement_names_the_spaces_an_audit_leaves_out() -> None:
     from synthfactory.audit import coverage
+    from synthfactory.audit.run import CT_RECIPE_SPACES
     from synthfactory.recipe import AuditConfig
 
-    full = coverage([*AuditConfig().spaces, "copy_embedding"], 4, 8)
-    assert "rotated (±10°)" in full and "±8 px" in full and "82 % to 100 %" in full
+    full = coverage(AuditConfig().spaces, 4, 8)
+    assert "rotated (±10°)" in full and "±8 px" in full and "99 % to 100 %" in full
     assert "leaves out" not in full
-    # The copies made with other libraries, kind by kind, and MRI's shortfall, are said, not hidden.
-    assert "Pillow, scikit-image" in full and "on MRI slices without patient ids almost none" in full
-    # The default audit runs without copy_embedding: its figures for other libraries do not apply as such.
-    default = coverage(AuditConfig().spaces, 4, 8)
-    assert default.startswith(full) and default.endswith("plus copy_embedding (other libraries).")
-    assert "leaves out copy_embedding:" in default
+    # The copies made with other libraries, the kinds below target, and MRI's shortfall are
+    # said, not hidden.
+    assert (
+        "Pillow, scikit-image" in full
+        and "aligned_ncc" in full
+        and "MRI slices without patient ids 22 %" in full
+    )
+    assert "65-80 %" in full
+    # The CT recipe's five spaces are the ones its figures were measured with.
+    assert coverage(list(CT_RECIPE_SPACES), 4, 8) == full
     part = coverage(["pixel_l2", "ncc"], 4, 8)
-    assert "leaves out shift_flip_ncc, rank_thumbnail, lowpass_l2, warp_ncc, copy_embedding" in part
+    assert part.startswith(full)
+    assert "leaves out shift_flip_ncc, rank_thumbnail, lowpass_l2, warp_ncc, aligned_ncc:" in part

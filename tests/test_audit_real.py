@@ -49,14 +49,12 @@ def test_gate_on_ct_catches_every_disguised_copy_at_2pct_false_alarms(shared_dat
         heldout, heldout_y = z["test_images"][:1200], z["test_labels"].ravel()[:1200]
     # as the CT recipe runs it: its spaces, warp_ncc on a half-resolution shortlist
     cfg = load_recipe(RECIPES / "ct_organamnist.yaml").audit
-    assert (
-        cfg.spaces == ["pixel_l2", "lowpass_l2", "warp_ncc", "copy_embedding"] and cfg.shift_candidates == 256
-    )
+    assert cfg.spaces == ["pixel_l2", "lowpass_l2", "warp_ncc", "copy_embedding", "aligned_ncc"]
+    assert cfg.shift_candidates == 64
     missed, false_alarm, g = run_gate(train, train_y, heldout, heldout_y, per_kind=20, cfg=cfg)
     assert {k: missed[k] for k in KINDS} == dict.fromkeys(KINDS, 0), missed
-    # this subset: 56 of 60 (all six spaces: 52); the benchmark on 5,000 training images: 58 of
-    # 60, and over 200 calibrations 93 % of rotations (the 95 % target is not met on CT)
-    assert sum(missed[k] for k in WARPED) <= 4, missed
+    # this subset: 60 of 60 (56 before aligned_ncc, all six default spaces then 52)
+    assert sum(missed[k] for k in WARPED) <= 2, missed
     assert false_alarm <= 0.02, false_alarm
     assert g.calibration.false_alarm_in_sample <= 1.0
 
@@ -102,3 +100,27 @@ def test_disguises_do_what_they_say(kind: str) -> None:
         assert np.allclose(y, ((x + 1) / 2) ** 0.7 * 2 - 1)
     else:
         assert 0 < np.abs(y - x).mean() < 0.2
+
+
+def test_ct_recipe_gate_catches_copies_made_by_other_libraries(shared_data) -> None:
+    """Copies made only with Pillow and scikit-image (`audit/disguises.py`: rotations up to 15°,
+    zooms 0.85-1.2, crops of 80-85 % resized back, elastic warps, compositions of several edits;
+    none of them the gate's own warps), 8 of each of the 16 kinds, against the CT recipe's
+    spaces as it runs them: nearly all caught, at most 2 % of unseen held-out images flagged."""
+    from synthfactory.audit.disguises import KINDS as OTHER_KINDS
+    from synthfactory.audit.disguises import disguised_copies
+
+    with np.load(shared_data / "ct_organamnist" / "organamnist_28_full.npz") as z:
+        train, train_y = z["train_images"][:2500], z["train_labels"].ravel()[:2500]
+        heldout, heldout_y = z["test_images"][:1200], z["test_labels"].ravel()[:1200]
+    cfg = load_recipe(RECIPES / "ct_organamnist.yaml").audit
+    order = np.random.default_rng(0).permutation(len(heldout))
+    cal, shown = order[:600], order[600:]
+    copies, picks, kinds = disguised_copies(train, 8, seed=1)
+    synth = np.concatenate([copies, heldout[shown]])
+    synth_y = np.concatenate([train_y[picks], heldout_y[shown]])
+    g = gate(cfg, train, heldout[cal], heldout_y[cal], synth, synth_y)
+    caught = g.flagged[: len(copies)]
+    per_kind = {k: int(caught[np.asarray(kinds) == k].sum()) for k in OTHER_KINDS}
+    assert caught.mean() >= 0.9 and min(per_kind.values()) >= 4, per_kind
+    assert g.flagged[len(copies) :].mean() <= 0.02

@@ -17,14 +17,20 @@ and a score, by exact search in blocks (torch matmul).
 | warp_ncc         | shift_flip_ncc over a grid   | higher      | rotated (±10°), zoomed (±10 %) and    |
 |                  | of rotations and zooms of    |             | further shifted (±8 px) copies        |
 |                  | the query; ±8 px unwarped    |             |                                       |
+| copy_embedding   | cosine of a learned copy     | higher      | JPEG, elastic, zoomed and rotated     |
+|                  | descriptor (public-trained)  |             | copies made by any library            |
+| aligned_ncc      | Pearson on the overlap after | higher      | rotated, zoomed, cropped-and-resized, |
+|                  | an affine registration (ECC) |             | shifted copies and compositions of    |
+|                  | of the descriptor's shortlist|             | these (registration.py)               |
 
 `rank_thumbnail` is a fixed, training-free descriptor: per-image histogram equalisation (pixel
-ranks), a 3×3 blur and average pooling to 8×8. It has no learned parameters, so it cannot carry
-information about the private set; no encoder is trained for the audit. `lowpass_l2` and
-`warp_ncc` are exact searches over fixed grids of edits (blur levels; rotations and zooms), with
-nothing learned either. Written here because the copy-detection libraries we know ship learned
-descriptors (trained on natural images, or needing training on the data they guard); these
-spaces are exact and need none.
+ranks), a 3×3 blur and average pooling to 8×8. `lowpass_l2` and `warp_ncc` are exact searches
+over fixed grids of edits (blur levels; rotations and zooms). None of these has learned
+parameters. `copy_embedding`'s descriptor is learned on public images only (`descriptor.py`), so
+its weights carry nothing of a private set either; `aligned_ncc` (`registration.py`) verifies its
+shortlist by registering each candidate onto the query. Written here because the copy-detection
+libraries we know ship descriptors trained on natural images, or need training on the data they
+guard.
 
 Images come in as float arrays [N, 1, H, W] or [N, H, W] on the [-1, 1] scale.
 """
@@ -93,6 +99,15 @@ SPACES: dict[str, Space] = {
             "weights SHA-256 {descriptor}); nearest training embedding by exact search, each training "
             "image also embedded zoomed by {embedding_zooms} and rotated by {embedding_angles}°",
         ),
+        Space(
+            "aligned_ncc",
+            True,
+            "maximum Pearson correlation, over the overlap, after registering each of the "
+            "{align_candidates} training images most similar by the copy descriptor (weights SHA-256 "
+            "{descriptor}) onto the query and onto its left-right flip: an affine warp found by "
+            "OpenCV's ECC from no motion and from the phase-correlation shift (any rotation, zoom, "
+            "crop-and-resize, shift or shear the shortlist reaches)",
+        ),
     )
 }
 
@@ -108,7 +123,9 @@ WARPS: tuple[tuple[float, float], ...] = (
 )  # fmt: skip
 
 
-def describe(name: str, shift: int, warp_shift: int, candidates: int | None) -> str:
+def describe(
+    name: str, shift: int, warp_shift: int, candidates: int | None, align_candidates: int = 16
+) -> str:
     """A space's description with this audit's settings filled in."""
     search_text = (
         f"exact for the {candidates} best candidates per query found at half resolution"
@@ -123,7 +140,8 @@ def describe(name: str, shift: int, warp_shift: int, candidates: int | None) -> 
         blurs=", ".join(f"{b:g}" for b in EXTRA_BLURS),
         angles=", ".join(f"{a:+g}" for a, z in WARPS if z == 1.0 and a),
         zooms=", ".join(f"{z:.3g}" for a, z in WARPS if z != 1.0),
-        descriptor=_descriptor_sha()[:12] if name == "copy_embedding" else "",
+        descriptor=_descriptor_sha()[:12] if name in ("copy_embedding", "aligned_ncc") else "",
+        align_candidates=align_candidates,
         embedding_zooms=", ".join(f"{z:g}" for a, z in EMBEDDING_WARPS if z != 1.0),
         embedding_angles=", ".join(f"{a:+g}" for a, z in EMBEDDING_WARPS if a),
     )
@@ -383,6 +401,7 @@ def search(
     candidates: int | None = None,
     backend: str = "torch",
     warp_shift: int = 8,
+    align_candidates: int = 16,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Nearest training image and score of every query in one space (`backend`, torch or faiss,
     for the pixel searches)."""
@@ -406,6 +425,12 @@ def search(
         return max_dot(rank_thumbnail(both), rank_thumbnail(train), block_size, variants=2)
     if name == "copy_embedding":
         return embedding_search(queries, train, block_size, backend)
+    if name == "aligned_ncc":
+        from .registration import aligned_search
+
+        return aligned_search(
+            _images2d(queries).numpy(), _images2d(train).numpy(), align_candidates, block_size
+        )
     raise ValueError(f"unknown similarity space {name!r}; known: {', '.join(SPACES)}")
 
 
@@ -428,9 +453,10 @@ def reference_embeddings(train: np.ndarray, warps=EMBEDDING_WARPS) -> tuple[torc
     from .descriptor import embed
 
     a = np.ascontiguousarray(train, dtype=np.float32)
+    a = a.reshape(len(a), *a.shape[-2:])  # [N, 1, H, W] and [N, H, W] share one cache entry
     key = hashlib.sha256(a.tobytes() + repr((a.shape, warps)).encode()).hexdigest()
     if key not in _REFERENCE_CACHE:
-        x = torch.from_numpy(a.reshape(len(a), *a.shape[-2:]))
+        x = torch.from_numpy(a)
         rows = torch.cat([embed(warped(x, angle, zoom).clamp(-1, 1)[:, None]) for angle, zoom in warps])
         _REFERENCE_CACHE.clear()
         _REFERENCE_CACHE[key] = rows, np.tile(np.arange(len(a)), len(warps))
@@ -470,15 +496,24 @@ def search_sharded(
     candidates: int | None = None,
     backend: str = "torch",
     warp_shift: int = 8,
+    align_candidates: int = 16,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`search` with the training images split across the ranks of a torchrun job: each rank
     searches its contiguous share, then the best score per query is reduced over the ranks (ties
     to the lowest index). Exact searches give the one-process answer; with a `candidates`
     shortlist (shift_flip_ncc, warp_ncc) the ranks first agree on one global shortlist per query (see
-    `_shortlist_sharded`), so the answer is the one-process answer there too. Every rank
-    returns the full result."""
+    `_shortlist_sharded`), so the answer is the one-process answer there too. `aligned_ncc`
+    splits the queries instead: every rank shortlists over all training images and registers its
+    share of the queries. Every rank returns the full result."""
     if not d.enabled:
-        return search(name, queries, train, block_size, shift, candidates, backend, warp_shift)
+        return search(
+            name, queries, train, block_size, shift, candidates, backend, warp_shift, align_candidates
+        )
+    if name == "aligned_ncc":
+        from .registration import aligned_search
+
+        q, t = _images2d(queries).numpy(), _images2d(train).numpy()
+        return _split_queries(len(q), d, lambda a, b: aligned_search(q[a:b], t, align_candidates, block_size))
     if name in ("shift_flip_ncc", "warp_ncc") and uses_shortlist(queries.shape, len(train), candidates):
         block = min(block_size, 256 if name == "shift_flip_ncc" else 64)
         far = shift if name == "shift_flip_ncc" else warp_shift
@@ -517,13 +552,19 @@ def _shortlist_sharded(
     all_idx = all_gather_array(idx, d).transpose(1, 0, 2).reshape(len(queries), -1)
     top = np.argsort(-all_vals, axis=1, kind="stable")[:, :k]  # ties: lower rank, then list order
     cand = torch.from_numpy(np.take_along_axis(all_idx, top, axis=1))
-    qa, qb = d.share(len(queries))
-    width = -(-len(queries) // d.world)  # the largest query share, for equal-sized gathers
+    return _split_queries(len(queries), d, lambda a, b: exact(queries[a:b], train, cand[a:b]))
+
+
+def _split_queries(n: int, d: Dist, score) -> tuple[np.ndarray, np.ndarray]:
+    """`score(a, b)` → (index, score) of queries a..b, run by each rank on its share of the `n`
+    queries and gathered, so that every rank holds all `n`."""
+    qa, qb = d.share(n)
+    width = -(-n // d.world)  # the largest query share, for equal-sized gathers
     mine = np.full((2, width), np.nan)
     if qb > qa:
-        i, v = exact(queries[qa:qb], train, cand[qa:qb])
+        i, v = score(qa, qb)
         mine[0, : qb - qa], mine[1, : qb - qa] = i, v
     parts = all_gather_array(mine, d)  # [world, 2, width]
-    sizes = [hi - lo for lo, hi in (d.share(len(queries), r) for r in range(d.world))]
+    sizes = [hi - lo for lo, hi in (d.share(n, r) for r in range(d.world))]
     out = np.concatenate([parts[r, :, :size] for r, size in enumerate(sizes)], axis=1)
     return out[0].astype(np.int64), out[1]
