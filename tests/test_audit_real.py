@@ -13,6 +13,7 @@ import pytest
 
 from synthfactory.audit import gate, quantize
 from synthfactory.audit.planted import COVERED, GEOMETRIC, KINDS, disguise, planted_copies
+from synthfactory.audit.run import CT_RECIPE_SPACES
 from synthfactory.data.common import pad_square_resize, uint_to_unit_range
 from synthfactory.recipe import AuditConfig, load_recipe
 
@@ -50,6 +51,7 @@ def test_gate_on_ct_catches_every_disguised_copy_at_2pct_false_alarms(shared_dat
     # as the CT recipe runs it: its spaces, warp_ncc on a half-resolution shortlist
     cfg = load_recipe(RECIPES / "ct_organamnist.yaml").audit
     assert cfg.spaces == ["pixel_l2", "lowpass_l2", "warp_ncc", "copy_embedding", "aligned_ncc"]
+    assert tuple(cfg.spaces) == CT_RECIPE_SPACES  # the spaces the report's coverage text names
     assert cfg.shift_candidates == 64
     missed, false_alarm, g = run_gate(train, train_y, heldout, heldout_y, per_kind=20, cfg=cfg)
     assert {k: missed[k] for k in KINDS} == dict.fromkeys(KINDS, 0), missed

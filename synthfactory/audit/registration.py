@@ -5,8 +5,9 @@ images: those whose embeddings (each training image also embedded under
 sixth of its side (far-shifted copies, whose embedding moved furthest). Each candidate is then
 registered onto the query, and onto its left-right flip, by OpenCV's ECC (enhanced correlation
 coefficient maximisation, Evangelidis & Psarakis 2008: an affine warp, invariant to linear
-changes of contrast), started from no motion and from the translation phase correlation finds. The score is the best Pearson correlation over the region
-where the registered candidate covers the query.
+changes of contrast), started from no motion and from the translation phase correlation finds.
+The score is the best Pearson correlation over the region where the registered candidate covers
+the query.
 
 Why: a fixed grid of edits (`warp_ncc`) misses the same edit made another way, and the
 descriptor's cosine cannot tell a copy from an adjacent slice as sharply as the pixels can. A
@@ -20,7 +21,6 @@ Images come in as float arrays [N, H, W] on the [-1, 1] scale.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -127,7 +127,7 @@ def aligned_search(
         best = int(np.argmax(scores))
         return int(cand[i, best]), scores[best]
 
-    workers = max(1, threads or torch.get_num_threads() or os.cpu_count() or 1)
+    workers = threads or torch.get_num_threads()
     with ThreadPoolExecutor(workers) as pool:
         found = list(pool.map(one, range(len(q))))
     idx = np.array([f[0] for f in found], dtype=np.int64)
